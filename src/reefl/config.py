@@ -1,0 +1,212 @@
+"""The run configuration: one typed, validated object built from Flower's flat run config.
+
+Flower hands every app a flat dict of kebab-case keys (``[tool.flwr.app.config]`` in
+pyproject.toml, overridden by ``--run-config``). ``RunConfig.from_flat`` turns it into one
+typed object and rejects a bad value with a one-line ``ConfigError`` naming the key and what
+is allowed, so a mistake stops the run before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("reefl",)
+DISTILLATIONS = ("none", "forward", "all", "dynamic_ma")
+OPTIMIZERS = ("sgd", "adamw")
+TIER_RULES = ("round-robin", "ratios")
+PRECISIONS = ("fp32", "bf16")
+MODELS = ("custom", "deit-tiny", "deit-small", "deit-base")
+
+# Named backbones fix width, depth, heads, patch and MLP ratio (DeiT, Touvron et al. 2021).
+DEIT_SIZES: dict[str, dict[str, Any]] = {
+    "deit-tiny": {"embed_dim": 192, "num_heads": 3},
+    "deit-small": {"embed_dim": 384, "num_heads": 6},
+    "deit-base": {"embed_dim": 768, "num_heads": 12},
+}
+DEIT_COMMON: dict[str, Any] = {"depth": 12, "patch_size": 16, "mlp_ratio": 4.0}
+
+
+class ConfigError(ValueError):
+    """A run-config value that is not allowed; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run, typed. Field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    method: str = "reefl"
+    dataset: str = "embedded-mnist"
+    num_clients: int = 20
+    num_exits: int = 4
+    exit_blocks: str = ""
+    tier_rule: str = "round-robin"
+    tier_ratios: str = ""
+    num_server_rounds: int = 30
+    fraction_train: float = 0.5
+    dirichlet_alpha: float = 1.0
+    seed: int = 0
+    model: str = "custom"
+    img_size: int = 28
+    patch_size: int = 7
+    embed_dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    ree_heads: int = 8
+    ree_attn_dim: int = 16
+    ree_mlp_ratio: float = 1.35
+    ree_depth: int = 1
+    ree_recurrent_steps: int = 1
+    modulation: bool = True
+    distillation: str = "dynamic_ma"
+    kd_temperature: float = 1.0
+    kd_rounds: int = 300
+    optimizer: str = "sgd"
+    lr_max: float = 0.05
+    lr_min: float = 0.001
+    weight_decay: float = 0.0
+    clip_value: float = 1.0
+    local_epochs: int = 1
+    batch_size: int = 32
+    test_fraction: float = 0.2
+    augment: bool = True
+    mixed_precision: str = "fp32"
+    eval_every: int = 5
+    eval_batch_size: int = 256
+    output_dir: str = "outputs"
+    run_name: str = ""
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
+        """Build from Flower's flat kebab-case dict; unknown keys and bad values raise."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in flat.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ConfigError(f"unknown run-config key '{key}'")
+            values[name] = _coerce(key, value, names[name].type)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_flat(self) -> dict[str, Any]:
+        """The kebab-case dict Flower uses (written to config.json)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    # -- derived settings -------------------------------------------------------------
+    @property
+    def backbone(self) -> dict[str, Any]:
+        """Width, depth, heads, patch and MLP ratio of the backbone after applying ``model``."""
+        own = {
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "patch_size": self.patch_size,
+            "mlp_ratio": self.mlp_ratio,
+        }
+        if self.model == "custom":
+            return own
+        return {**own, **DEIT_COMMON, **DEIT_SIZES[self.model]}
+
+    @property
+    def exit_block_list(self) -> list[int]:
+        """Block index of every exit: the explicit list, or METHOD §1's even spacing."""
+        if self.exit_blocks.strip():
+            return [int(b) for b in self.exit_blocks.split(",")]
+        depth = self.backbone["depth"]
+        return [(k + 1) * depth // self.num_exits - 1 for k in range(self.num_exits)]
+
+    @property
+    def tier_ratio_list(self) -> list[float]:
+        return [float(r) for r in self.tier_ratios.split(",")] if self.tier_ratios else []
+
+    # -- validation ------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError for the first value that is not allowed."""
+        from reefl.data import DATA_SOURCES  # deferred: data pulls in heavy imports
+
+        _choice("method", self.method, METHODS)
+        _choice("dataset", self.dataset, DATA_SOURCES)
+        _choice("distillation", self.distillation, DISTILLATIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("tier-rule", self.tier_rule, TIER_RULES)
+        _choice("mixed-precision", self.mixed_precision, PRECISIONS)
+        _choice("model", self.model, MODELS)
+        for key in ("num-clients", "num-server-rounds", "eval-every", "batch-size",
+                    "eval-batch-size", "local-epochs", "kd-rounds", "ree-depth",
+                    "ree-recurrent-steps", "ree-heads", "ree-attn-dim", "img-size",
+                    "patch-size", "embed-dim", "depth", "num-heads"):
+            _require(key, getattr(self, key.replace("-", "_")) >= 1, "an integer >= 1")
+        depth = self.backbone["depth"]
+        _require("num-exits", 1 <= self.num_exits <= depth,
+                 f"an integer from 1 to the number of blocks ({depth})")
+        _require("fraction-train", 0 < self.fraction_train <= 1, "a number in (0, 1]")
+        _require("dirichlet-alpha", self.dirichlet_alpha > 0, "a number > 0")
+        _require("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)")
+        _require("kd-temperature", self.kd_temperature > 0, "a number > 0")
+        _require("lr-min", 0 < self.lr_min <= self.lr_max, "a number in (0, lr-max]")
+        _require("clip-value", self.clip_value >= 0, "a number >= 0 (0 turns clipping off)")
+        _require("weight-decay", self.weight_decay >= 0, "a number >= 0")
+        self._validate_exits(depth)
+        self._validate_tiers()
+        bb = self.backbone
+        _require("embed-dim", bb["embed_dim"] % bb["num_heads"] == 0,
+                 "a multiple of num-heads")
+        _require("img-size", self.img_size % bb["patch_size"] == 0,
+                 "a multiple of patch-size")
+        _require("ree-attn-dim", self.ree_attn_dim % self.ree_heads == 0,
+                 "a multiple of ree-heads")
+
+    def _validate_exits(self, depth: int) -> None:
+        if not self.exit_blocks.strip():
+            return
+        allowed = f"{self.num_exits} comma-separated, increasing block indices in 0..{depth - 1}"
+        try:
+            blocks = [int(b) for b in self.exit_blocks.split(",")]
+        except ValueError:
+            raise ConfigError(f"exit-blocks must be {allowed}, got '{self.exit_blocks}'") from None
+        ok = (len(blocks) == self.num_exits and all(0 <= b < depth for b in blocks)
+              and all(a < b for a, b in zip(blocks, blocks[1:])))
+        _require("exit-blocks", ok, allowed, self.exit_blocks)
+
+    def _validate_tiers(self) -> None:
+        if self.tier_rule != "ratios":
+            return
+        allowed = f"{self.num_exits} comma-separated non-negative numbers with a positive sum"
+        try:
+            ratios = self.tier_ratio_list
+        except ValueError:
+            raise ConfigError(f"tier-ratios must be {allowed}, got '{self.tier_ratios}'") from None
+        ok = len(ratios) == self.num_exits and min(ratios) >= 0 and sum(ratios) > 0
+        _require("tier-ratios", ok, allowed, self.tier_ratios)
+
+
+def validate(flat: dict[str, Any]) -> None:
+    """Check a flat run config; raise ConfigError (one line) for the first bad value."""
+    RunConfig.from_flat(flat)
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Convert a TOML value to the field's type, rejecting what does not fit."""
+    kind = {"int": int, "float": float, "bool": bool, "str": str}[str(type_name)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def _require(key: str, ok: bool, allowed: str, value: Any = None) -> None:
+    if not ok:
+        shown = f"; got '{value}'" if value is not None else ""
+        raise ConfigError(f"{key} must be {allowed}{shown}")

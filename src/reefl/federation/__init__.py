@@ -1,0 +1,1 @@
+"""The federation on Flower: tiers, aggregation, strategy, ServerApp and ClientApp."""

@@ -1,0 +1,67 @@
+"""The Flower ClientApp: tell the server who it is, and train its tier's sub-model."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from reefl.config import RunConfig
+from reefl.data import FederatedData, build_federated_data, client_loader
+from reefl.federation.tiers import client_tier
+from reefl.methods import Method, TaskSpec, build_method
+from reefl.training import train_locally
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _setup(cfg: RunConfig) -> tuple[FederatedData, Method]:
+    """The run's data and method, built once per process (a simulated ClientApp serves
+    many partitions)."""
+    data = build_federated_data(cfg.dataset, cfg.num_clients, cfg.dirichlet_alpha,
+                                cfg.test_fraction, cfg.seed)
+    task = TaskSpec(num_classes=data.train.num_classes, in_chans=data.train.images.shape[1])
+    return data, build_method(cfg, task)
+
+
+def _identity(context: Context) -> tuple[RunConfig, int, int]:
+    cfg = RunConfig.from_flat(dict(context.run_config))
+    partition_id = int(context.node_config["partition-id"])
+    return cfg, partition_id, client_tier(partition_id, cfg, dict(context.node_config))
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Answer the server's roll call: partition id, tier and number of training examples."""
+    cfg, partition_id, tier = _identity(context)
+    data, _ = _setup(cfg)
+    record = ConfigRecord({"partition-id": partition_id, "tier": tier,
+                           "num-examples": len(data.client_indices[partition_id])})
+    return Message(RecordDict({"client": record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the tier's parameters, train one round locally, send the same parameters back."""
+    cfg, partition_id, tier = _identity(context)
+    data, method = _setup(cfg)
+    server_round = int(msg.content["config"]["server-round"])
+    lr = float(msg.content["config"]["lr"])
+    seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    model = method.build_model(tier)
+    keys = method.trainable_keys(tier)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    loader = client_loader(data, partition_id, cfg.batch_size, seed, cfg.augment)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = train_locally(model, loader, method, cfg, lr, server_round, device)
+    state = model.state_dict()
+    metrics.update({"partition-id": partition_id, "tier": tier,
+                    "num-examples": len(data.client_indices[partition_id])})
+    content = RecordDict({"arrays": ArrayRecord({k: state[k].cpu() for k in keys}),
+                          "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,117 @@
+"""The Flower strategy: seeded sampling over partition ids, per-tier sub-model messages,
+checked replies, and the method's server update."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from reefl.config import RunConfig
+from reefl.methods import ClientUpdate, Method
+from reefl.training import server_learning_rate
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What a client told the server when the run started."""
+
+    node_id: int
+    tier: int
+    num_examples: int
+
+
+def sample_clients(cfg: RunConfig, server_round: int, partition_ids: list[int]) -> list[int]:
+    """The partition ids trained in ``server_round``: a fraction of them, uniformly at
+    random whatever their tier, from a generator seeded by (seed, round)."""
+    count = max(1, round(cfg.fraction_train * len(partition_ids)))
+    rng = np.random.default_rng([cfg.seed, server_round])
+    return sorted(int(p) for p in rng.choice(sorted(partition_ids), size=count, replace=False))
+
+
+def weighted_metrics(updates: list[ClientUpdate]) -> dict[str, float]:
+    """Example-weighted mean of each training metric over the clients that report it."""
+    names = sorted({name for u in updates for name in u.metrics})
+    merged = {}
+    for name in names:
+        pairs = [(u.metrics[name], u.num_examples) for u in updates if name in u.metrics]
+        merged[name] = sum(v * n for v, n in pairs) / max(sum(n for _, n in pairs), 1)
+    return merged
+
+
+class TieredStrategy(Strategy):
+    """Each sampled client gets only its tier's trainable parameters and returns them with
+    its example count; the method merges the replies into the global model."""
+
+    def __init__(self, cfg: RunConfig, method: Method, roster: dict[int, ClientInfo]) -> None:
+        self.cfg = cfg
+        self.method = method
+        self.roster = roster
+        self.tier_keys = {t: method.trainable_keys(t) for t in range(method.num_exits)}
+        self.global_state: dict[str, torch.Tensor] = {}
+        self.last_train_metrics: dict[str, float] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.global_state = arrays.to_torch_state_dict()
+        lr = server_learning_rate(server_round - 1, self.cfg)
+        messages = []
+        for pid in sample_clients(self.cfg, server_round, list(self.roster)):
+            info = self.roster[pid]
+            sub = {k: self.global_state[k] for k in self.tier_keys[info.tier]}
+            content = RecordDict({
+                "arrays": ArrayRecord(sub),
+                "config": ConfigRecord({"lr": lr, "server-round": server_round, **config}),
+            })
+            messages.append(Message(content, dst_node_id=info.node_id, message_type="train"))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates = sorted((u for u in map(self._checked_update, replies) if u is not None),
+                         key=lambda u: u.partition_id)
+        if not updates:
+            log(WARNING, "round %s: no usable replies; the global model is unchanged",
+                server_round)
+            return None, None
+        self.global_state = self.method.aggregate(self.global_state, updates)
+        self.last_train_metrics = weighted_metrics(updates)
+        return ArrayRecord(self.global_state), MetricRecord(self.last_train_metrics)
+
+    def _checked_update(self, reply: Message) -> ClientUpdate | None:
+        """The reply as an update, or None (with a warning) if it failed or does not match
+        its tier's parameters."""
+        if reply.has_error():
+            log(WARNING, "a client failed: %s", reply.error.reason)
+            return None
+        metrics = reply.content["metrics"]
+        pid, tier = int(metrics["partition-id"]), int(metrics["tier"])
+        state = reply.content["arrays"].to_torch_state_dict()
+        expected = self.tier_keys.get(tier)
+        if expected is None or sorted(state) != sorted(expected) or any(
+                state[k].shape != self.global_state[k].shape for k in expected):
+            log(WARNING, "client %s sent parameters that do not match tier %s; ignored", pid, tier)
+            return None
+        train_metrics = {k: float(v) for k, v in metrics.items() if k.startswith("train-")}
+        return ClientUpdate(pid, tier, state, int(metrics["num-examples"]), train_metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # evaluation is centralised on the server (see server_app)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        tiers = [info.tier for info in self.roster.values()]
+        log(INFO, "TieredStrategy: %s clients, tiers %s, fraction-train %s",
+            len(self.roster), {t: tiers.count(t) for t in sorted(set(tiers))},
+            self.cfg.fraction_train)

@@ -1,0 +1,717 @@
+"""``reefl run``: a thin launcher over Flower's ``flwr run <app-dir>``.
+
+What it adds on top of ``flwr run``:
+
+* the run config is merged and checked *before* any Flower process starts (Flower's own
+  parser for ``--run-config``, unknown keys rejected like Flower does, then
+  ``reefl.config.validate``);
+* the local simulation matches the run config: one simulated SuperNode per client and one
+  CPU per ClientApp (``--federation-config``; the user's own settings win);
+* ``output-dir`` is made absolute and an empty ``run-name`` is filled in, so the run folder
+  ``<output-dir>/<run-name>/`` is known in advance;
+* every run gets its own short-lived SuperLink: a private ``FLWR_HOME`` (temporary
+  directory) whose ``config.toml`` points at a ``flower-superlink`` started here on a free
+  port, with runtime dependency installation disabled, and stopped again — together with
+  everything it spawned (SuperExec, flwr-simulation, Ray) — when the run ends, fails or is
+  interrupted.
+
+``run_app`` is the function behind ``reefl run``; tests and ``reefl compare`` call it too.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Environment every Flower process of a run gets.
+ENV_FORCED = {
+    # Run the apps in the user's environment: without this the SuperLink/SuperExec
+    # `uv`-installs the app's dependencies (CUDA torch, ...) into a fresh env per run.
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # `flwr run --stream` prints log chunks without flushing; unbuffered so lines are live.
+    "PYTHONUNBUFFERED": "1",
+}
+ENV_DEFAULTS = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    # Each flwr/flower-* process would otherwise POST an update check (cached in FLWR_HOME,
+    # which is fresh for every run here), in a non-daemon thread with a 3 s timeout.
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+CONNECTION = "reefl-local"
+SUPERLINK_START_TIMEOUT = 30.0
+STOP_GRACE = 5.0  # seconds a process gets between SIGTERM and SIGKILL
+CASCADE_GRACE = 2.0  # seconds SuperExec's children get to follow the SuperLink out
+
+
+class LaunchError(Exception):
+    """A one-line problem that ends ``reefl run``; ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class RunConfigError(LaunchError):
+    """The run config (or federation config) is not acceptable; nothing was started."""
+
+    exit_code = 2
+
+
+class RunFailed(LaunchError):
+    """Flower ran but the run did not produce ``final.json`` (or ``flwr run`` failed)."""
+
+    def __init__(self, message: str, run_dir: Path) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+# -- app discovery and config --------------------------------------------------------------
+
+
+def _read_pyproject(app_dir: Path) -> dict[str, Any] | None:
+    """The parsed pyproject.toml of ``app_dir`` if it declares a Flower app, else None."""
+    path = app_dir / "pyproject.toml"
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as stream:
+            data = tomllib.load(stream)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    app = data.get("tool", {}).get("flwr", {}).get("app")
+    return data if isinstance(app, dict) else None
+
+
+def find_app_dir(start: Path | None = None) -> Path:
+    """The Flower app to run when ``--app`` is not given.
+
+    The nearest directory from ``start`` (default: cwd) upwards whose pyproject.toml has
+    ``[tool.flwr.app]``; else the repository this module was installed from
+    (``src/reefl/launcher.py`` -> two levels above ``src/reefl``); else a LaunchError.
+    """
+    start = (start or Path.cwd()).resolve()
+    for directory in (start, *start.parents):
+        if _read_pyproject(directory) is not None:
+            return directory
+    repo = Path(__file__).resolve().parents[2]
+    if _read_pyproject(repo) is not None:
+        return repo
+    raise RunConfigError(
+        f"no Flower app found: no pyproject.toml with [tool.flwr.app] in {start} or its "
+        "parents; pass --app DIR"
+    )
+
+
+def resolve_app_dir(app_dir: Path | str | None, cwd: Path | None = None) -> Path:
+    """``app_dir`` made absolute and checked, or the discovered default."""
+    cwd = cwd or Path.cwd()
+    if app_dir is None:
+        return find_app_dir(cwd)
+    path = (cwd / Path(app_dir).expanduser()).resolve()
+    if _read_pyproject(path) is None:
+        raise RunConfigError(f"{path} is not a Flower app (no pyproject.toml with [tool.flwr.app])")
+    return path
+
+
+def app_defaults(app_dir: Path) -> dict[str, Any]:
+    """The app's flat ``[tool.flwr.app.config]``, as Flower flattens it."""
+    from flwr.common.config import flatten_dict
+
+    data = _read_pyproject(app_dir) or {}
+    return flatten_dict(data["tool"]["flwr"]["app"].get("config", {}))
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``--run-config`` values parsed exactly like ``flwr run --run-config`` does.
+
+    Either key=value strings (repeatable, later wins) or a single TOML file. Stricter than
+    Flower in one way: a string with no ``key=value`` pair in it is an error, not ignored.
+    """
+    from flwr.common.config import parse_config_args
+
+    items = [item for item in overrides if item]
+    for item in items:
+        if not item.endswith(".toml") and "=" not in item:
+            raise RunConfigError(f"--run-config '{item}' is neither key=value nor a .toml file")
+    try:
+        return dict(parse_config_args(items or None))
+    except FileNotFoundError as err:
+        raise RunConfigError(f"--run-config file not found: {err.filename}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise RunConfigError(f"--run-config file is not valid TOML: {err}") from None
+    except Exception as err:  # ValueError, click.ClickException: Flower's messages
+        message = getattr(err, "message", None) or str(err)
+        raise RunConfigError(f"--run-config: {_one_line(message)}") from None
+
+
+def merge_config(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Defaults updated with overrides; a key the app does not declare is an error."""
+    for key in overrides:
+        if key not in defaults:
+            raise RunConfigError(
+                f"unknown run-config key '{key}' (not in the app's [tool.flwr.app.config])"
+            )
+    return {**defaults, **overrides}
+
+
+def make_run_name(config: dict[str, Any], now: float | None = None) -> str:
+    """``<method>-s<seed>-<YYYYmmdd-HHMMSS>``, e.g. ``reefl-s0-20250101-120000``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return f"{config.get('method', 'run')}-s{config.get('seed', 0)}-{stamp}"
+
+
+def _unique_run_name(output_dir: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``... if that folder already exists."""
+    candidate, k = name, 1
+    while (output_dir / candidate).exists():
+        k += 1
+        candidate = f"{name}-{k}"
+    return candidate
+
+
+def _is_reefl_app(app_dir: Path) -> bool:
+    """Whether the app's components are reefl's (so reefl's validator/report apply)."""
+    data = _read_pyproject(app_dir) or {}
+    components = data["tool"]["flwr"]["app"].get("components", {})
+    return str(components.get("serverapp", "")).startswith("reefl.")
+
+
+def _validate(merged: dict[str, Any]) -> None:
+    """``reefl.config.validate``; skipped only while that module does not exist yet."""
+    try:
+        from reefl import config as reefl_config
+    except ModuleNotFoundError as err:
+        if err.name == "reefl.config":
+            return
+        raise
+    try:
+        reefl_config.validate(merged)
+    except reefl_config.ConfigError as err:
+        raise RunConfigError(_one_line(str(err))) from None
+
+
+@dataclass
+class PreparedRun:
+    """Everything decided before Flower starts."""
+
+    app_dir: Path
+    config: dict[str, Any]  # merged run config, as the ServerApp will see it
+    overrides: dict[str, Any]  # what is sent with `flwr run --run-config`
+    federation: dict[str, Any]  # what is sent with `flwr run --federation-config`
+    run_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_run(
+    overrides: Sequence[str],
+    app_dir: Path | str | None = None,
+    federation_overrides: Sequence[str] = (),
+    cwd: Path | None = None,
+    now: float | None = None,
+) -> PreparedRun:
+    """Merge, complete and validate the config; raises RunConfigError. Starts nothing."""
+    cwd = (cwd or Path.cwd()).resolve()
+    app = resolve_app_dir(app_dir, cwd)
+    defaults = app_defaults(app)
+    user = parse_overrides(overrides)
+    merged = merge_config(defaults, user)
+    sent = dict(user)
+    for key in ("output-dir", "run-name"):
+        if key not in merged:
+            raise RunConfigError(f"the app's [tool.flwr.app.config] has no '{key}' key")
+    output_dir = (cwd / Path(str(merged["output-dir"])).expanduser()).resolve()
+    run_name = str(merged["run-name"]).strip()
+    if not run_name:
+        run_name = _unique_run_name(output_dir, make_run_name(merged, now))
+    if "/" in run_name or run_name in (".", ".."):
+        raise RunConfigError(f"run-name must be a plain folder name, got '{run_name}'")
+    sent["output-dir"] = merged["output-dir"] = str(output_dir)
+    sent["run-name"] = merged["run-name"] = run_name
+    if _is_reefl_app(app):
+        _validate(merged)
+    federation = federation_config(merged, federation_overrides)
+    return PreparedRun(app, merged, sent, federation, output_dir / run_name)
+
+
+# -- federation (simulation) settings -------------------------------------------------------
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (affinity-aware where the OS tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def default_federation(config: dict[str, Any], cpus: int | None = None) -> dict[str, Any]:
+    """Simulation settings that match the run config.
+
+    * ``num-supernodes = num-clients``: one simulated SuperNode per client.
+    * ``client-resources-num-cpus``: CPUs per ClientApp (Flower's default is 2, i.e. one
+      ClientApp at a time on a 2-core machine). Ray runs ``cpus // n`` ClientApps in
+      parallel and sets ``OMP_NUM_THREADS=n`` in each, which is torch's thread count. We
+      give each of the clients of one round an equal share, at least 1 CPU: on 2 cores that
+      is 2 ClientApps with 1 thread each, measured ~2x the throughput of 1 x 2 threads for
+      the small ViT (Flower only accepts whole CPUs here).
+    """
+    cpus = cpus or available_cpus()
+    federation: dict[str, Any] = {}
+    clients = config.get("num-clients")
+    if isinstance(clients, int) and not isinstance(clients, bool) and clients > 0:
+        federation["num-supernodes"] = clients
+        fraction = config.get("fraction-train", 1.0)
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            fraction = 1.0
+        per_round = max(1, math.ceil(fraction * clients))
+        federation["client-resources-num-cpus"] = max(1, cpus // per_round)
+    else:
+        federation["client-resources-num-cpus"] = 1
+    return federation
+
+
+def federation_config(config: dict[str, Any], user: Sequence[str] = ()) -> dict[str, Any]:
+    """Default simulation settings, then the user's ``--federation-config`` on top."""
+    from flwr.common.config import parse_config_args
+    from flwr.supercore.utils import simulation_config_from_json
+
+    items = [item for item in user if item]
+    for item in items:
+        if "=" not in item:
+            raise RunConfigError(f"--federation-config '{item}' is not key=value")
+    try:
+        parsed = dict(parse_config_args(items or None))
+    except Exception as err:
+        message = getattr(err, "message", None) or str(err)
+        raise RunConfigError(f"--federation-config: {_one_line(message)}") from None
+    merged = {**default_federation(config), **parsed}
+    try:  # the same check `flwr run` makes, but before anything starts
+        simulation_config_from_json({k.replace("-", "_"): v for k, v in merged.items()})
+    except (ValueError, TypeError) as err:
+        raise RunConfigError(f"--federation-config: {_one_line(str(err))}") from None
+    return merged
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def federation_arg(federation: dict[str, Any]) -> str:
+    """The ``--federation-config`` value e.g. ``num-supernodes=20 client-resources-num-cpus=1``."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in federation.items())
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def flower_env(flwr_home: Path, bin_dir: Path | None = None) -> dict[str, str]:
+    """The environment of every Flower process of a run."""
+    env = os.environ.copy()
+    for key, value in ENV_DEFAULTS.items():
+        env.setdefault(key, value)
+    env.update(ENV_FORCED)
+    env["FLWR_HOME"] = str(flwr_home)
+    if bin_dir is not None:  # SuperLink/SuperExec find their children on PATH
+        env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+    return env
+
+
+def _flower_bin_dir() -> Path | None:
+    """The scripts folder of the Python running this (where flwr, flower-superlink live)."""
+    bin_dir = Path(sys.executable).parent
+    exe = "flower-superlink.exe" if os.name == "nt" else "flower-superlink"
+    return bin_dir if (bin_dir / exe).exists() else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_flower_config(flwr_home: Path, port: int) -> Path:
+    """A private ``$FLWR_HOME/config.toml`` whose default connection is our SuperLink."""
+    path = flwr_home / "config.toml"
+    path.write_text(
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        "insecure = true\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _linux_pdeathsig() -> None:
+    """In the SuperLink child: get SIGTERM if the launcher dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort only
+        pass
+
+
+class _ProcessTree:
+    """Remembers every process below ``root`` (and their process groups) on Linux.
+
+    The SuperLink starts SuperExec in a new session, which starts flwr-simulation, which
+    starts Ray (gcs_server, raylet, workers) in SuperExec's process group. When a parent
+    dies its children are re-parented, so the tree is recorded while it is intact and
+    the process groups are used to find whatever was started later.
+    """
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.known: dict[int, str] = {}  # pid -> start time (guards against pid reuse)
+        self.groups: set[int] = set()
+        self.enabled = sys.platform.startswith("linux") and Path("/proc/self/stat").exists()
+
+    @staticmethod
+    def _stat(pid: int) -> tuple[int, int, str, str] | None:
+        """(ppid, pgid, state, start time) of a live process, None if gone or a zombie."""
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = raw[raw.rfind(")") + 2 :].split()
+        state, ppid, pgid, start = fields[0], int(fields[1]), int(fields[2]), fields[19]
+        if state in ("Z", "X"):
+            return None
+        return ppid, pgid, state, start
+
+    def _table(self) -> dict[int, tuple[int, int, str, str]]:
+        table = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                stat = self._stat(int(entry))
+                if stat is not None:
+                    table[int(entry)] = stat
+        return table
+
+    def snapshot(self) -> None:
+        if not self.enabled:
+            return
+        table = self._table()
+        children: dict[int, list[int]] = collections.defaultdict(list)
+        for pid, (ppid, *_rest) in table.items():
+            children[ppid].append(pid)
+        stack = [self.root] if self.root in table else []
+        while stack:
+            pid = stack.pop()
+            self.known[pid] = table[pid][3]
+            self.groups.add(table[pid][1])
+            stack.extend(children.get(pid, ()))
+        self.groups.discard(os.getpgrp())  # never our own group (the flwr CLI lives there)
+
+    def alive(self) -> list[int]:
+        """Known processes still running, plus anything else in their process groups."""
+        if not self.enabled:
+            return []
+        found = []
+        for pid, (_ppid, pgid, _state, start) in self._table().items():
+            if pid == os.getpid():
+                continue
+            if self.known.get(pid) == start or pgid in self.groups:
+                found.append(pid)
+        return found
+
+
+def _signal_all(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _wait_gone(tree: _ProcessTree, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = tree.alive()
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
+class LocalSuperLink:
+    """A ``flower-superlink --simulation`` of our own, on a free port, with a private
+    FLWR_HOME; ``stop()`` ends it and every process it started."""
+
+    def __init__(self, flwr_home: Path, cwd: Path, log_path: Path) -> None:
+        self.flwr_home = flwr_home
+        self.cwd = cwd
+        self.log_path = log_path
+        self.bin_dir = _flower_bin_dir()
+        self.env = flower_env(flwr_home, self.bin_dir)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.tree: _ProcessTree | None = None
+        self.port = 0
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def command(self, port: int) -> list[str]:
+        return [
+            self._exe("flower-superlink"), "--insecure", "--simulation",
+            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+            "--disable-runtime-dependency-installation",
+        ]  # fmt: skip
+
+    def _exe(self, name: str) -> str:
+        found = shutil.which(name, path=self.env.get("PATH"))
+        if found is None:
+            raise LaunchError(f"'{name}' not found; install flwr[simulation] in this environment")
+        return found
+
+    def start(self, attempts: int = 3) -> None:
+        for attempt in range(attempts):
+            self.port = _free_port()
+            write_flower_config(self.flwr_home, self.port)
+            with self.log_path.open("ab") as log:
+                self.process = subprocess.Popen(  # noqa: S603
+                    self.command(self.port),
+                    cwd=self.cwd,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # Ctrl-C reaches only us; we stop it in order
+                    preexec_fn=_linux_pdeathsig if sys.platform.startswith("linux") else None,
+                )
+            self.tree = _ProcessTree(self.process.pid)
+            self._start_watcher()
+            if self._wait_healthy():
+                return
+            self.stop()
+            if attempt == attempts - 1:
+                raise LaunchError(
+                    f"flower-superlink did not start: {_tail(self.log_path, 1) or 'no output'}"
+                )
+
+    def _wait_healthy(self) -> bool:
+        import httpx
+
+        assert self.process is not None
+        url = f"http://127.0.0.1:{self.port}/health"
+        deadline = time.monotonic() + SUPERLINK_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=0.5).is_success:
+                    return True
+            time.sleep(0.1)
+        return False
+
+    def _start_watcher(self) -> None:
+        self._watch_stop.clear()
+
+        def watch() -> None:
+            while not self._watch_stop.wait(0.5):
+                if self.tree is not None:
+                    self.tree.snapshot()
+
+        self._watcher = threading.Thread(target=watch, name="reefl-superlink-watch", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """SIGTERM the SuperLink (it terminates SuperExec, whose children follow their
+        parent), then SIGTERM and finally SIGKILL whatever of the tree is left."""
+        process, tree = self.process, self.tree
+        if process is None or tree is None:
+            return
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        tree.snapshot()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        left = _wait_gone(tree, CASCADE_GRACE)  # flwr-simulation shuts Ray down
+        if left:  # e.g. Ray workers orphaned by an interrupted run
+            _signal_all(left, signal.SIGTERM)
+            left = _wait_gone(tree, STOP_GRACE)
+        if left:
+            _signal_all(left, signal.SIGKILL)
+            _wait_gone(tree, STOP_GRACE)
+        if not tree.enabled:  # no /proc: at least the groups we know
+            for pgid in {process.pid}:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+        self.process = None
+
+
+@contextlib.contextmanager
+def _no_sigint() -> Iterator[None]:
+    """Keep a second Ctrl-C from interrupting the cleanup (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -- the launch -----------------------------------------------------------------------------
+
+
+def flwr_run_command(
+    flwr: str, app_dir: Path, run_config_file: Path, federation: dict[str, Any]
+) -> list[str]:
+    """``flwr run <app> <connection> --stream --run-config <toml> --federation-config ...``."""
+    return [
+        flwr, "run", str(app_dir), CONNECTION, "--stream",
+        "--run-config", str(run_config_file),
+        "--federation-config", federation_arg(federation),
+    ]  # fmt: skip
+
+
+def _write_run_config(path: Path, overrides: dict[str, Any]) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(overrides), encoding="utf-8")
+    return path
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"reefl: {message}", flush=True)
+
+
+def run_app(
+    overrides: list[str],
+    app_dir: Path | None = None,
+    federation_overrides: Sequence[str] = (),
+    quiet: bool = False,
+) -> Path:
+    """Run the Flower app once in a local simulation; return the run folder.
+
+    Raises RunConfigError (before anything starts) for a bad config, RunFailed if the run
+    did not write ``final.json``, LaunchError if Flower could not be started. Ctrl-C
+    (KeyboardInterrupt) propagates after every started process has been stopped.
+    """
+    prepared = prepare_run(overrides, app_dir, federation_overrides)
+    run_dir = prepared.run_dir
+    _say(f"run folder {run_dir}", quiet)
+    _say(
+        f"app {prepared.app_dir}; simulation {federation_arg(prepared.federation)}",
+        quiet,
+    )
+    started = time.time()
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    with tempfile.TemporaryDirectory(prefix="reefl-flwr-") as tmp:
+        home = Path(tmp)
+        superlink = LocalSuperLink(home, Path.cwd(), home / "superlink.log")
+        flwr_process: subprocess.Popen[str] | None = None
+        try:
+            superlink.start()
+            command = flwr_run_command(
+                superlink._exe("flwr"),
+                prepared.app_dir,
+                _write_run_config(home / "run-config.toml", prepared.overrides),
+                prepared.federation,
+            )
+            flwr_process = subprocess.Popen(  # noqa: S603
+                command,
+                cwd=Path.cwd(),
+                env=superlink.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+            )
+            assert flwr_process.stdout is not None
+            for line in flwr_process.stdout:
+                tail.append(line)
+                if not quiet:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            returncode = flwr_process.wait()
+        except BaseException:
+            if not quiet:
+                print("reefl: stopping Flower processes...", file=sys.stderr, flush=True)
+            with _no_sigint():
+                _stop_process(flwr_process)
+                superlink.stop()
+            raise
+        with _no_sigint():
+            superlink.stop()
+            superlink_log = _tail(superlink.log_path, 40)
+    final = run_dir / "final.json"
+    if returncode != 0 or not final.is_file() or final.stat().st_mtime < started - 1:
+        if quiet:
+            sys.stderr.write("".join(tail))
+        if superlink_log and returncode != 0:
+            sys.stderr.write(f"--- flower-superlink output (last lines) ---\n{superlink_log}\n")
+        reason = f"flwr run exited with {returncode}" if returncode else "no final.json written"
+        raise RunFailed(f"run failed ({reason}); run folder {run_dir}", run_dir)
+    if not quiet:
+        print(_final_table(prepared.app_dir, final), flush=True)
+        _say(f"run folder {run_dir}", quiet)
+    return run_dir
+
+
+def _stop_process(process: subprocess.Popen[str] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _final_table(app_dir: Path, final_path: Path) -> str:
+    final = json.loads(final_path.read_text())
+    if _is_reefl_app(app_dir):
+        try:
+            from reefl.report import format_final_table
+        except ModuleNotFoundError as err:
+            if err.name != "reefl.report":
+                raise
+        else:
+            try:
+                return format_final_table(final)
+            except Exception as err:  # noqa: BLE001 - the run itself succeeded
+                print(f"reefl: warning: could not format final.json: {err!r}", file=sys.stderr)
+    return json.dumps(final, indent=2)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())

@@ -1,0 +1,54 @@
+"""The run folder (config, per-round metrics, final table, model) and the printed table."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+def default_run_name(method: str, seed: int) -> str:
+    """``<method>-s<seed>-<YYYYmmdd-HHMMSS>``: sortable and readable."""
+    return f"{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunFolder:
+    """``<output-dir>/<run-name>/`` holding config.json, metrics.jsonl, final.json and
+    model.safetensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "metrics.jsonl").write_text("")
+
+    def write_json(self, name: str, payload: dict[str, Any]) -> None:
+        (self.path / name).write_text(json.dumps(payload, indent=2) + "\n")
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with (self.path / "metrics.jsonl").open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+    def save_model(self, state: dict[str, torch.Tensor]) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                  str(self.path / "model.safetensors"))
+
+
+def format_final_table(final: dict[str, Any]) -> str:
+    """The per-exit accuracy table printed at the end of a run."""
+    blocks = final.get("exit_blocks") or [None] * len(final["exit_accuracy"])
+    losses = final.get("exit_loss") or [float("nan")] * len(final["exit_accuracy"])
+    lines = [
+        f"{final['method']} · seed {final['seed']} · {final.get('rounds', '?')} rounds · "
+        f"{final.get('wall_seconds', 0):.0f} s",
+        f"{'exit':<10}{'block':>6}{'accuracy %':>12}{'loss':>9}",
+    ]
+    for k, (acc, loss, block) in enumerate(zip(final["exit_accuracy"], losses, blocks)):
+        lines.append(f"{'exit ' + str(k):<10}{block if block is not None else '':>6}"
+                     f"{acc:>12.2f}{loss:>9.3f}")
+    lines.append(f"{'mean':<16}{final['mean_accuracy']:>12.2f}")
+    lines.append(f"{'ensemble':<16}{final['ensemble_accuracy']:>12.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Tests for reefl.data: the embedded source, splits, partitions, loaders and transforms."""
+
+import numpy as np
+import pytest
+import torch
+
+from reefl.data import (
+    DATA_SOURCES,
+    build_federated_data,
+    client_loader,
+    load_source,
+    normalize,
+    random_translate,
+)
+from reefl.data import (
+    test_loader as global_test_loader,  # renamed so pytest does not collect it
+)
+from reefl.data.federated import FederatedData
+from reefl.data.partition import dirichlet_partition
+from reefl.data.sources import ImageSet
+
+SOURCE = "embedded-mnist"
+NUM_CLIENTS = 20
+
+
+def build(alpha: float = 0.1, seed: int = 0) -> FederatedData:
+    """The embedded source over NUM_CLIENTS clients with a 20% test split (cached)."""
+    return build_federated_data(SOURCE, NUM_CLIENTS, alpha, 0.2, seed)
+
+
+def skew(alpha: float) -> tuple[float, float]:
+    """Mean total-variation distance of client label distributions from uniform, and the median
+    share of a client's most common label."""
+    data = build(alpha)
+    labels = data.train.labels.numpy()
+    counts = np.stack([np.bincount(labels[idx], minlength=10) for idx in data.client_indices])
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    return 0.5 * np.abs(shares - 0.1).sum(axis=1).mean(), np.median(shares.max(axis=1))
+
+
+def examples(images: ImageSet) -> list[bytes]:
+    """Each example (pixels and label) as bytes, sorted: a multiset that ignores order."""
+    rows = torch.cat([images.images.flatten(1), images.labels[:, None].to(torch.uint8)], dim=1)
+    return sorted(map(bytes, rows.numpy()))
+
+
+def one_epoch(data: FederatedData, seed: int) -> list[torch.Tensor]:
+    """All image and label batches of client 0's augmented loader, in order."""
+    return [tensor for batch in client_loader(data, 0, 16, seed, augment=True) for tensor in batch]
+
+
+def test_embedded_source_shapes_and_dtypes():
+    source = load_source(SOURCE)
+    assert SOURCE in DATA_SOURCES
+    assert source.images.shape == (5000, 1, 28, 28) and source.images.dtype == torch.uint8
+    assert source.labels.shape == (5000,) and source.labels.dtype == torch.int64
+    assert source.num_classes == 10
+    assert source.labels.unique().tolist() == list(range(10))
+    assert source.images.max() == 255
+
+
+def test_unknown_source_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=SOURCE):
+        load_source("no-such-data")
+
+
+def test_test_split_is_stratified_and_complements_the_train_pool():
+    data = build()
+    assert len(data.test.labels) == 1000 and len(data.train.labels) == 4000
+    assert torch.bincount(data.test.labels).tolist() == [100] * 10
+    # Every source example lands in exactly one of train/test: compare multisets of examples.
+    assert sorted(examples(data.train) + examples(data.test)) == examples(load_source(SOURCE))
+
+
+def test_client_partitions_are_disjoint_and_cover_the_pool():
+    data = build()
+    assert len(data.client_indices) == NUM_CLIENTS
+    merged = np.concatenate(data.client_indices)
+    assert np.array_equal(np.sort(merged), np.arange(len(data.train.labels)))
+    assert min(len(idx) for idx in data.client_indices) >= 10
+
+
+def test_small_alpha_skews_labels():
+    (skewed_distance, top_share), (iid_distance, _) = skew(0.1), skew(1000.0)
+    assert skewed_distance > 0.5 and iid_distance < 0.05
+    assert top_share > 0.4  # the typical client is dominated by one class
+
+
+def test_partition_is_determined_by_the_seed():
+    build_uncached = build_federated_data.__wrapped__
+    first, again, other = (build_uncached(SOURCE, NUM_CLIENTS, 0.5, 0.2, s) for s in (1, 1, 2))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(first.client_indices, again.client_indices, strict=True)
+    )
+    assert torch.equal(first.test.labels, again.test.labels)
+    assert torch.equal(first.test.images, again.test.images)
+    assert not torch.equal(first.test.images, other.test.images)
+    assert any(
+        len(a) != len(b) or not np.array_equal(a, b)
+        for a, b in zip(first.client_indices, other.client_indices, strict=True)
+    )
+
+
+def test_unsatisfiable_minimum_falls_back_then_fails_clearly():
+    labels = np.repeat(np.arange(10), 400)
+    with pytest.warns(UserWarning, match="falling back to a minimum of 1"):
+        shards = dirichlet_partition(labels, NUM_CLIENTS, alpha=0.05, seed=1)
+    assert min(map(len, shards)) >= 1 and sum(map(len, shards)) == len(labels)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="raise alpha"):
+        dirichlet_partition(labels, NUM_CLIENTS, alpha=0.001, seed=0)
+
+
+def test_normalisation_statistics_standardise_the_pool():
+    data = build()
+    pixels = normalize(data.train.images, data.mean, data.std)
+    assert pixels.dtype == torch.float32
+    assert abs(pixels.mean().item()) < 1e-4 and abs(pixels.std().item() - 1) < 1e-4
+
+
+def test_client_loader_yields_normalised_shard():
+    data = build()
+    shard_labels = data.train.labels[torch.from_numpy(data.client_indices[3])]
+    batches = list(client_loader(data, 3, batch_size=32, seed=0, augment=False))
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    assert images.dtype == torch.float32 and images.shape[1:] == (1, 28, 28)
+    assert batches[0][0].shape[0] == min(32, len(shard_labels))
+    assert sorted(labels.tolist()) == sorted(shard_labels.tolist())
+    background = (0 - data.mean[0] * 255) / (data.std[0] * 255)
+    assert images.min().item() == pytest.approx(background, abs=1e-5)
+
+
+def test_client_loader_is_reproducible_from_the_seed():
+    data = build()
+    first, again, other = one_epoch(data, 7), one_epoch(data, 7), one_epoch(data, 8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_test_loader_keeps_order_without_augmentation():
+    data = build()
+    batches = list(global_test_loader(data, batch_size=128))
+    assert torch.equal(torch.cat([b[1] for b in batches]), data.test.labels)
+    assert torch.equal(
+        torch.cat([b[0] for b in batches]), normalize(data.test.images, data.mean, data.std)
+    )
+
+
+def test_random_translate_moves_a_pixel_by_at_most_max_shift():
+    batch = torch.zeros(300, 1, 9, 9, dtype=torch.uint8)
+    batch[:, :, 4, 4] = 200
+    moved = random_translate(batch, 2, torch.Generator().manual_seed(0))
+    assert moved.dtype == torch.uint8 and moved.shape == batch.shape
+    # Mass is kept: a centred pixel shifted by at most 2 cannot leave a 9x9 frame.
+    assert torch.equal(moved.flatten(1).sum(1), batch.flatten(1).sum(1))
+    positions = (moved[:, 0] == 200).flatten(1).nonzero()[:, 1]
+    rows, cols = positions // 9, positions % 9
+    assert len(positions) == 300 and (rows - 4).abs().max() <= 2 and (cols - 4).abs().max() <= 2
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == 25  # all of [-2, 2]^2 occur
+
+
+def test_random_translate_is_reproducible_and_zero_shift_is_identity():
+    batch = torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8)
+    shifted = [random_translate(batch, 1, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(*shifted)
+    assert torch.equal(random_translate(batch, 0, torch.Generator()), batch)
