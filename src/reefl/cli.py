@@ -16,7 +16,8 @@ RUN_CONFIG_HELP = (
 )
 FEDERATION_CONFIG_HELP = (
     "override simulation settings, e.g. 'num-supernodes=10 client-resources-num-cpus=2' "
-    "(defaults: num-supernodes = num-clients, one CPU per ClientApp)"
+    "(defaults: num-supernodes = num-clients; the CPUs shared among the ClientApps of a "
+    "round, at least one each)"
 )
 
 

@@ -5,8 +5,9 @@ What it adds on top of ``flwr run``:
 * the run config is merged and checked *before* any Flower process starts (Flower's own
   parser for ``--run-config``, unknown keys rejected like Flower does, then
   ``reefl.config.validate``);
-* the local simulation matches the run config: one simulated SuperNode per client and one
-  CPU per ClientApp (``--federation-config``; the user's own settings win);
+* the local simulation matches the run config: one simulated SuperNode per client, and
+  the CPUs shared among the ClientApps of a round, at least one each
+  (``--federation-config``; the user's own settings win);
 * ``output-dir`` is made absolute and an empty ``run-name`` is filled in, so the run folder
   ``<output-dir>/<run-name>/`` is known in advance;
 * every run gets its own short-lived SuperLink: a private ``FLWR_HOME`` (temporary
@@ -35,7 +36,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,12 @@ def _read_pyproject(app_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(app, dict) else None
 
 
+def _installed_repo_root() -> Path | None:
+    """The checkout this module comes from (``<repo>/src/reefl/launcher.py``), if any."""
+    here = Path(__file__).resolve()
+    return here.parents[2] if here.parent.parent.name == "src" else None
+
+
 def find_app_dir(start: Path | None = None) -> Path:
     """The Flower app to run when ``--app`` is not given.
 
@@ -107,8 +114,8 @@ def find_app_dir(start: Path | None = None) -> Path:
     for directory in (start, *start.parents):
         if _read_pyproject(directory) is not None:
             return directory
-    repo = Path(__file__).resolve().parents[2]
-    if _read_pyproject(repo) is not None:
+    repo = _installed_repo_root()
+    if repo is not None and _read_pyproject(repo) is not None:
         return repo
     raise RunConfigError(
         f"no Flower app found: no pyproject.toml with [tool.flwr.app] in {start} or its "
@@ -170,8 +177,9 @@ def merge_config(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[st
 
 def make_run_name(config: dict[str, Any], now: float | None = None) -> str:
     """``<method>-s<seed>-<YYYYmmdd-HHMMSS>``, e.g. ``reefl-s0-20250101-120000``."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return f"{config.get('method', 'run')}-s{config.get('seed', 0)}-{stamp}"
+    from reefl.report import default_run_name
+
+    return default_run_name(config.get("method", "run"), config.get("seed", 0), now)
 
 
 def _unique_run_name(output_dir: Path, name: str) -> str:
@@ -191,13 +199,9 @@ def _is_reefl_app(app_dir: Path) -> bool:
 
 
 def _validate(merged: dict[str, Any]) -> None:
-    """``reefl.config.validate``; skipped only while that module does not exist yet."""
-    try:
-        from reefl import config as reefl_config
-    except ModuleNotFoundError as err:
-        if err.name == "reefl.config":
-            return
-        raise
+    """``reefl.config.validate``, turned into the launcher's one-line error."""
+    from reefl import config as reefl_config
+
     try:
         reefl_config.validate(merged)
     except reefl_config.ConfigError as err:
@@ -213,7 +217,6 @@ class PreparedRun:
     overrides: dict[str, Any]  # what is sent with `flwr run --run-config`
     federation: dict[str, Any]  # what is sent with `flwr run --federation-config`
     run_dir: Path
-    notes: list[str] = field(default_factory=list)
 
 
 def prepare_run(
@@ -361,80 +364,83 @@ def write_flower_config(flwr_home: Path, port: int) -> Path:
     return path
 
 
-def _linux_pdeathsig() -> None:
-    """In the SuperLink child: get SIGTERM if the launcher dies (even by SIGKILL)."""
+def _proc_stat(pid: int) -> tuple[int, int, str] | None:
+    """(ppid, pgid, start time) of a live process from /proc; None if gone or a zombie."""
     try:
-        import ctypes
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[1]), int(fields[2]), fields[19]
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort only
-        pass
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
+            table[int(entry)] = stat
+    return table
 
 
 class _ProcessTree:
-    """Remembers every process below ``root`` (and their process groups) on Linux.
+    """Remembers every process below some roots (and their process groups), on Linux.
 
-    The SuperLink starts SuperExec in a new session, which starts flwr-simulation, which
-    starts Ray (gcs_server, raylet, workers) in SuperExec's process group. When a parent
-    dies its children are re-parented, so the tree is recorded while it is intact and
-    the process groups are used to find whatever was started later.
+    The SuperLink starts SuperExec in a new session, SuperExec starts flwr-simulation,
+    which starts Ray (gcs_server, raylet, agents, workers) in SuperExec's process group.
+    A dead parent's children are re-parented, so the tree is recorded while it is intact
+    (``snapshot`` every 0.5 s) and the process groups catch what was started in between.
+    The launcher's own process group is never included.
     """
 
-    def __init__(self, root: int) -> None:
-        self.root = root
+    def __init__(self) -> None:
+        self.roots: list[int] = []
         self.known: dict[int, str] = {}  # pid -> start time (guards against pid reuse)
         self.groups: set[int] = set()
         self.enabled = sys.platform.startswith("linux") and Path("/proc/self/stat").exists()
+        self._lock = threading.Lock()
 
-    @staticmethod
-    def _stat(pid: int) -> tuple[int, int, str, str] | None:
-        """(ppid, pgid, state, start time) of a live process, None if gone or a zombie."""
-        try:
-            raw = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = raw[raw.rfind(")") + 2 :].split()
-        state, ppid, pgid, start = fields[0], int(fields[1]), int(fields[2]), fields[19]
-        if state in ("Z", "X"):
-            return None
-        return ppid, pgid, state, start
+    def add_root(self, pid: int) -> None:
+        with self._lock:
+            self.roots.append(pid)
+        self.snapshot()
 
-    def _table(self) -> dict[int, tuple[int, int, str, str]]:
-        table = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                stat = self._stat(int(entry))
-                if stat is not None:
-                    table[int(entry)] = stat
-        return table
-
-    def snapshot(self) -> None:
+    def snapshot(self) -> bool:
+        """Record the current tree; True if something new was seen."""
         if not self.enabled:
-            return
-        table = self._table()
+            return False
+        table = _proc_table()
         children: dict[int, list[int]] = collections.defaultdict(list)
-        for pid, (ppid, *_rest) in table.items():
+        for pid, (ppid, _pgid, _start) in table.items():
             children[ppid].append(pid)
-        stack = [self.root] if self.root in table else []
-        while stack:
-            pid = stack.pop()
-            self.known[pid] = table[pid][3]
-            self.groups.add(table[pid][1])
-            stack.extend(children.get(pid, ()))
-        self.groups.discard(os.getpgrp())  # never our own group (the flwr CLI lives there)
+        with self._lock:
+            before = (len(self.known), len(self.groups))
+            stack = [pid for pid in self.roots if pid in table]
+            while stack:
+                pid = stack.pop()
+                self.known[pid] = table[pid][2]
+                self.groups.add(table[pid][1])
+                stack.extend(children.get(pid, ()))
+            self.groups.discard(os.getpgrp())
+            return (len(self.known), len(self.groups)) != before
+
+    def state(self) -> str:
+        with self._lock:
+            return json.dumps({"pids": {str(k): v for k, v in self.known.items()},
+                               "groups": sorted(self.groups)})  # fmt: skip
 
     def alive(self) -> list[int]:
         """Known processes still running, plus anything else in their process groups."""
         if not self.enabled:
             return []
-        found = []
-        for pid, (_ppid, pgid, _state, start) in self._table().items():
-            if pid == os.getpid():
-                continue
-            if self.known.get(pid) == start or pgid in self.groups:
-                found.append(pid)
-        return found
+        with self._lock:
+            known, groups = dict(self.known), set(self.groups)
+        return [
+            pid
+            for pid, (_ppid, pgid, start) in _proc_table().items()
+            if pid != os.getpid() and (known.get(pid) == start or pgid in groups)
+        ]
 
 
 def _signal_all(pids: Sequence[int], sig: int) -> None:
@@ -452,21 +458,85 @@ def _wait_gone(tree: _ProcessTree, timeout: float) -> list[int]:
         time.sleep(0.1)
 
 
+def _terminate_tree(tree: _ProcessTree, grace: float = STOP_GRACE) -> None:
+    """SIGTERM what is left of the tree, then SIGKILL (Ray's agents ignore SIGTERM)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = tree.alive()
+        if not left:
+            return
+        _signal_all(left, sig)
+        _wait_gone(tree, grace)
+
+
+# Runs in its own session and reads the tree's state from a pipe. If the pipe closes
+# without "done" (the launcher was killed, e.g. SIGKILL by a test timeout), it stops the
+# processes the launcher last reported (and removes the private FLWR_HOME), so nothing
+# of the run is left behind.
+_WATCHDOG = r"""
+import json, os, shutil, signal, sys, time
+def stat(pid):
+    try:
+        raw = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    f = raw[raw.rfind(")") + 2:].split()
+    return None if f[0] in ("Z", "X") else (int(f[2]), f[19])
+def alive(state):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            s = stat(int(entry))
+            if s and (state["pids"].get(entry) == s[1] or s[0] in state["groups"]):
+                found.append(int(entry))
+    return found
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+state = {"pids": {}, "groups": []}
+for line in sys.stdin:
+    if line.strip() == "done":
+        sys.exit(0)
+    state = json.loads(line)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for pid in alive(state):
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5
+    while alive(state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+if len(sys.argv) > 1:
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
 class LocalSuperLink:
     """A ``flower-superlink --simulation`` of our own, on a free port, with a private
-    FLWR_HOME; ``stop()`` ends it and every process it started."""
+    FLWR_HOME; ``stop()`` ends it and every process it started.
 
-    def __init__(self, flwr_home: Path, cwd: Path, log_path: Path) -> None:
+    Use as a context manager. ``adopt(pid)`` adds another process (the ``flwr run``
+    client) to what is watched and stopped.
+    """
+
+    def __init__(self, flwr_home: Path, cwd: Path, log_path: Path, owns_home: bool = True) -> None:
         self.flwr_home = flwr_home
+        self.owns_home = owns_home  # the watchdog deletes it if the launcher is killed
         self.cwd = cwd
         self.log_path = log_path
         self.bin_dir = _flower_bin_dir()
         self.env = flower_env(flwr_home, self.bin_dir)
         self.process: subprocess.Popen[bytes] | None = None
-        self.tree: _ProcessTree | None = None
+        self.tree = _ProcessTree()
         self.port = 0
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._watchdog: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> LocalSuperLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def command(self, port: int) -> list[str]:
         return [
@@ -483,20 +553,21 @@ class LocalSuperLink:
 
     def start(self, attempts: int = 3) -> None:
         for attempt in range(attempts):
+            self._start_watchdog()
             self.port = _free_port()
+            command = self.command(self.port)
             write_flower_config(self.flwr_home, self.port)
             with self.log_path.open("ab") as log:
                 self.process = subprocess.Popen(  # noqa: S603
-                    self.command(self.port),
+                    command,
                     cwd=self.cwd,
                     env=self.env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # Ctrl-C reaches only us; we stop it in order
-                    preexec_fn=_linux_pdeathsig if sys.platform.startswith("linux") else None,
                 )
-            self.tree = _ProcessTree(self.process.pid)
+            self.adopt(self.process.pid)
             self._start_watcher()
             if self._wait_healthy():
                 return
@@ -505,6 +576,30 @@ class LocalSuperLink:
                 raise LaunchError(
                     f"flower-superlink did not start: {_tail(self.log_path, 1) or 'no output'}"
                 )
+
+    def adopt(self, pid: int) -> None:
+        self.tree.add_root(pid)
+        self._report()
+
+    def _start_watchdog(self) -> None:
+        if not self.tree.enabled or self._watchdog is not None:
+            return
+        self._watchdog = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-c", _WATCHDOG, *([str(self.flwr_home)] if self.owns_home else [])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+
+    def _report(self, message: str | None = None) -> None:
+        """Send the tree's state (or "done") to the watchdog."""
+        if self._watchdog is None or self._watchdog.stdin is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self._watchdog.stdin.write((message or self.tree.state()) + "\n")
+            self._watchdog.stdin.flush()
 
     def _wait_healthy(self) -> bool:
         import httpx
@@ -522,12 +617,14 @@ class LocalSuperLink:
         return False
 
     def _start_watcher(self) -> None:
+        if self._watcher is not None:
+            return
         self._watch_stop.clear()
 
         def watch() -> None:
             while not self._watch_stop.wait(0.5):
-                if self.tree is not None:
-                    self.tree.snapshot()
+                if self.tree.snapshot():
+                    self._report()
 
         self._watcher = threading.Thread(target=watch, name="reefl-superlink-watch", daemon=True)
         self._watcher.start()
@@ -535,32 +632,38 @@ class LocalSuperLink:
     def stop(self) -> None:
         """SIGTERM the SuperLink (it terminates SuperExec, whose children follow their
         parent), then SIGTERM and finally SIGKILL whatever of the tree is left."""
-        process, tree = self.process, self.tree
-        if process is None or tree is None:
-            return
         self._watch_stop.set()
         if self._watcher is not None:
             self._watcher.join()
-        tree.snapshot()
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        left = _wait_gone(tree, CASCADE_GRACE)  # flwr-simulation shuts Ray down
-        if left:  # e.g. Ray workers orphaned by an interrupted run
-            _signal_all(left, signal.SIGTERM)
-            left = _wait_gone(tree, STOP_GRACE)
-        if left:
-            _signal_all(left, signal.SIGKILL)
-            _wait_gone(tree, STOP_GRACE)
-        if not tree.enabled:  # no /proc: at least the groups we know
-            for pgid in {process.pid}:
+            self._watcher = None
+        if self.tree.snapshot():
+            self._report()
+        process = self.process
+        if process is not None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            _wait_gone(self.tree, CASCADE_GRACE)  # flwr-simulation shuts Ray down
+            _terminate_tree(self.tree)  # e.g. Ray processes of an interrupted run
+            if not self.tree.enabled:  # no /proc: at least the SuperLink's group
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-        self.process = None
+                    os.killpg(process.pid, signal.SIGKILL)
+            self.process = None
+        if self._watchdog is not None:
+            self._report("done")
+            with contextlib.suppress(OSError, ValueError):
+                assert self._watchdog.stdin is not None
+                self._watchdog.stdin.close()
+            try:
+                self._watchdog.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait()
+            self._watchdog = None
 
 
 @contextlib.contextmanager
@@ -647,6 +750,7 @@ def run_app(
                 errors="replace",
                 bufsize=1,
             )
+            superlink.adopt(flwr_process.pid)
             assert flwr_process.stdout is not None
             for line in flwr_process.stdout:
                 tail.append(line)
@@ -690,18 +794,12 @@ def _stop_process(process: subprocess.Popen[str] | None) -> None:
 
 
 def _final_table(app_dir: Path, final_path: Path) -> str:
+    """reefl's per-exit table, or the raw JSON for another app."""
     final = json.loads(final_path.read_text())
     if _is_reefl_app(app_dir):
-        try:
-            from reefl.report import format_final_table
-        except ModuleNotFoundError as err:
-            if err.name != "reefl.report":
-                raise
-        else:
-            try:
-                return format_final_table(final)
-            except Exception as err:  # noqa: BLE001 - the run itself succeeded
-                print(f"reefl: warning: could not format final.json: {err!r}", file=sys.stderr)
+        from reefl.report import format_final_table
+
+        return format_final_table(final)
     return json.dumps(final, indent=2)
 
 

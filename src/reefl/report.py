@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
-def default_run_name(method: str, seed: int) -> str:
+def default_run_name(method: str, seed: int, now: float | None = None) -> str:
     """``<method>-s<seed>-<YYYYmmdd-HHMMSS>``: sortable and readable."""
-    return f"{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
 
 
 class RunFolder:
@@ -33,6 +33,8 @@ class RunFolder:
             stream.write(json.dumps(record) + "\n")
 
     def save_model(self, state: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                   str(self.path / "model.safetensors"))
 

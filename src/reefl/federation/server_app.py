@@ -17,7 +17,7 @@ from reefl.data import build_federated_data, test_loader
 from reefl.evaluation import evaluate_exits
 from reefl.federation.strategy import ClientInfo, TieredStrategy
 from reefl.methods import TaskSpec, build_method
-from reefl.report import RunFolder, default_run_name, format_final_table
+from reefl.report import RunFolder, default_run_name
 from reefl.training import server_learning_rate
 
 app = ServerApp()
@@ -107,7 +107,8 @@ def main(grid: Grid, context: Context) -> None:
         "exit_blocks": method.exit_blocks, "wall_seconds": time.monotonic() - started,
     }
     folder.write_json("final.json", final)
-    log(INFO, "reefl: final per-exit accuracy\n%s", format_final_table(final))
+    log(INFO, "reefl: final mean accuracy over exits %.2f%%, ensemble %.2f%%",
+        final.get("mean_accuracy", float("nan")), final.get("ensemble_accuracy", float("nan")))
     log(INFO, "reefl: run folder %s", folder.path)
 
 

@@ -1,0 +1,406 @@
+"""reefl run: config merge, app discovery, run names, the error path, process cleanup.
+
+Only the smoke test (marked slow) starts Flower; every test stops what it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+
+from reefl import cli, launcher  # noqa: E402
+from reefl.launcher import RunConfigError  # noqa: E402
+
+LINUX = sys.platform.startswith("linux")
+
+TOY_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "toyapp"
+version = "0.1.0"
+description = "toy"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "test"
+
+[tool.flwr.app.components]
+serverapp = "{package}.server_app:app"
+clientapp = "{package}.client_app:app"
+
+[tool.flwr.app.config]
+method = "{method}"
+num-clients = 4
+fraction-train = 0.5
+seed = 0
+num-server-rounds = 2
+output-dir = "outputs"
+run-name = ""
+"""
+
+TOY_SERVER = """\
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    nodes = []
+    while len(nodes) < int(cfg["num-clients"]):
+        nodes = list(grid.get_node_ids())
+    for rnd in range(1, int(cfg["num-server-rounds"]) + 1):
+        msgs = [Message(content=RecordDict({"c": ConfigRecord({"r": rnd})}), dst_node_id=n,
+                        message_type="train") for n in nodes]
+        replies = list(grid.send_and_receive(msgs))
+        print(f"round {rnd}: {sum(r.has_content() for r in replies)} replies", flush=True)
+    run_dir = Path(cfg["output-dir"]) / cfg["run-name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "final.json").write_text(json.dumps({"rounds": cfg["num-server-rounds"]}))
+"""
+
+TOY_CLIENT = """\
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(content=RecordDict({"m": MetricRecord({"ok": 1})}), reply_to=msg)
+"""
+
+
+def make_app(root: Path, method: str = "toy", package: str = "toyapp") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pyproject.toml").write_text(TOY_PYPROJECT.format(method=method, package=package))
+    if package == "toyapp":
+        (root / "toyapp").mkdir(exist_ok=True)
+        (root / "toyapp" / "__init__.py").write_text("")
+        (root / "toyapp" / "server_app.py").write_text(TOY_SERVER)
+        (root / "toyapp" / "client_app.py").write_text(TOY_CLIENT)
+    return root
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Path:
+    return make_app(tmp_path / "app")
+
+
+@pytest.fixture
+def no_flower(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fail loudly (and record) if anything tries to start a process."""
+    started: list[str] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        started.append(repr(args))
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(launcher.LocalSuperLink, "start", refuse)
+    monkeypatch.setattr(launcher.subprocess, "Popen", refuse)
+    return started
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+def test_overrides_parse_like_flwr_run(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    items = ["num-clients=8 method='a b'", "seed=3", "num-clients=9 fraction-train=1.0"]
+    parsed = launcher.parse_overrides(items)
+    assert parsed == parse_config_args(items)
+    assert parsed == {"num-clients": 9, "method": "a b", "seed": 3, "fraction-train": 1.0}
+
+    toml = tmp_path / "over.toml"
+    toml.write_text('num-clients = 6\nrun-name = "x"\n')
+    assert launcher.parse_overrides([str(toml)]) == {"num-clients": 6, "run-name": "x"}
+
+
+@pytest.mark.parametrize(
+    ("items", "fragment"),
+    [
+        (["seed:3"], "seed:3"),  # no key=value at all: Flower would silently ignore it
+        (["missing.toml"], "missing.toml"),
+        (["seed=3", "other.toml"], "TOML files cannot be passed alongside"),
+        (["seed=[1"], "invalid format"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(items: list[str], fragment: str) -> None:
+    with pytest.raises(RunConfigError) as error:
+        launcher.parse_overrides(items)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_key_is_rejected(app: Path) -> None:
+    with pytest.raises(RunConfigError, match="unknown run-config key 'num-client'"):
+        launcher.prepare_run(["num-client=3"], app_dir=app)
+
+
+def test_prepare_run_merges_and_completes(app: Path, tmp_path: Path) -> None:
+    cwd = tmp_path / "somewhere"
+    cwd.mkdir()
+    toml = tmp_path / "over.toml"
+    toml.write_text("num-clients = 10\nseed = 7\n")
+    now = time.mktime((2025, 1, 2, 3, 4, 5, 0, 0, -1))
+    run = launcher.prepare_run([str(toml)], app_dir=app, cwd=cwd, now=now)
+
+    assert run.app_dir == app.resolve()
+    assert run.config["num-clients"] == 10 and run.config["fraction-train"] == 0.5
+    assert run.config["output-dir"] == str(cwd / "outputs")  # absolute, against the cwd
+    assert run.config["run-name"] == "toy-s7-20250102-030405"
+    assert run.run_dir == cwd / "outputs" / "toy-s7-20250102-030405"
+    # Sent to Flower: the user's overrides plus the two completed keys, nothing else.
+    assert run.overrides == {
+        "num-clients": 10,
+        "seed": 7,
+        "output-dir": str(cwd / "outputs"),
+        "run-name": "toy-s7-20250102-030405",
+    }
+    assert run.federation["num-supernodes"] == 10
+
+
+def test_explicit_run_name_and_absolute_output_dir_are_kept(app: Path, tmp_path: Path) -> None:
+    run = launcher.prepare_run(
+        [f"run-name='mine' output-dir='{tmp_path / 'out'}'"], app_dir=app, cwd=tmp_path
+    )
+    assert run.run_dir == tmp_path / "out" / "mine"
+
+
+def test_run_name_format_and_uniqueness(tmp_path: Path) -> None:
+    name = launcher.make_run_name({"method": "reefl", "seed": 3})
+    assert re.fullmatch(r"reefl-s3-\d{8}-\d{6}", name)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a-2").mkdir()
+    assert launcher._unique_run_name(tmp_path, "a") == "a-3"
+    assert launcher._unique_run_name(tmp_path, "b") == "b"
+
+
+# -- simulation settings --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cpus", "clients", "fraction", "per_client"),
+    [(2, 20, 0.5, 1), (2, 1, 1.0, 2), (16, 4, 1.0, 4), (16, 20, 0.5, 1), (8, 8, 0.25, 4)],
+)
+def test_default_federation(cpus: int, clients: int, fraction: float, per_client: int) -> None:
+    config = {"num-clients": clients, "fraction-train": fraction}
+    federation = launcher.default_federation(config, cpus=cpus)
+    assert federation == {"num-supernodes": clients, "client-resources-num-cpus": per_client}
+
+
+def test_user_federation_config_wins(app: Path) -> None:
+    run = launcher.prepare_run(
+        [], app_dir=app, federation_overrides=["num-supernodes=3", "init-args-num-cpus=2"]
+    )
+    assert run.federation["num-supernodes"] == 3
+    assert run.federation["init-args-num-cpus"] == 2
+    assert "client-resources-num-cpus" in run.federation
+    arg = launcher.federation_arg(run.federation)
+    assert "num-supernodes=3" in arg and "init-args-num-cpus=2" in arg
+
+
+def test_bad_federation_key_is_rejected_before_start(app: Path) -> None:
+    with pytest.raises(RunConfigError, match="num_supernode"):
+        launcher.prepare_run([], app_dir=app, federation_overrides=["num-supernode=3"])
+
+
+def test_flwr_run_command(tmp_path: Path) -> None:
+    command = launcher.flwr_run_command(
+        "flwr", tmp_path, tmp_path / "rc.toml", {"num-supernodes": 4, "verbose": True}
+    )
+    assert command == [
+        "flwr", "run", str(tmp_path), launcher.CONNECTION, "--stream",
+        "--run-config", str(tmp_path / "rc.toml"),
+        "--federation-config", "num-supernodes=4 verbose=true",
+    ]  # fmt: skip
+
+
+def test_flower_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")  # the user's choice is kept
+    monkeypatch.delenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", raising=False)
+    env = launcher.flower_env(tmp_path, Path("/opt/bin"))
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["FLWR_TELEMETRY_ENABLED"] == "1"
+    assert env["FLWR_HOME"] == str(tmp_path)
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["PATH"].startswith("/opt/bin" + os.pathsep)
+
+
+def test_private_flower_config_is_read_by_flwr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.cli.flower_config import read_superlink_connection
+
+    launcher.write_flower_config(tmp_path, 40123)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    connection = read_superlink_connection(None)
+    assert connection.name == launcher.CONNECTION
+    assert connection.address == "127.0.0.1:40123" and connection.insecure
+
+
+# -- app discovery ----------------------------------------------------------------------------
+
+
+def test_app_dir_is_found_upwards(app: Path) -> None:
+    deep = app / "a" / "b"
+    deep.mkdir(parents=True)
+    assert launcher.find_app_dir(deep) == app.resolve()
+
+
+def test_app_dir_falls_back_to_the_installed_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_app(tmp_path / "repo")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(launcher, "_installed_repo_root", lambda: repo)
+    assert launcher.find_app_dir(elsewhere) == repo
+
+
+def test_no_app_dir_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "_installed_repo_root", lambda: None)
+    with pytest.raises(RunConfigError, match="no Flower app found"):
+        launcher.find_app_dir(tmp_path)
+    with pytest.raises(RunConfigError, match="is not a Flower app"):
+        launcher.resolve_app_dir(tmp_path)
+
+
+def test_installed_repo_root_is_this_checkout() -> None:
+    root = launcher._installed_repo_root()
+    assert root is not None and (root / "src" / "reefl" / "launcher.py").is_file()
+
+
+# -- the CLI error path ---------------------------------------------------------------------
+
+
+def test_validation_error_exits_2_before_flower_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_flower: list[str]
+) -> None:
+    app = make_app(tmp_path / "reefl-app", method="reefl", package="reefl.federation")
+    code = cli.main(["run", "--app", str(app), "--run-config", "num-clients=0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("reefl: error: ") and err.count("\n") == 1
+    assert "num-clients" in err
+    assert no_flower == []
+
+
+def test_unknown_key_exits_2_before_flower_starts(
+    app: Path, capsys: pytest.CaptureFixture[str], no_flower: list[str]
+) -> None:
+    code = cli.main(["run", "--app", str(app), "-c", "no-such-key=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "reefl: error: " + (
+        "unknown run-config key 'no-such-key' (not in the app's [tool.flwr.app.config])\n"
+    )
+    assert no_flower == []
+
+
+def test_validation_runs_on_the_merged_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[dict] = []
+    monkeypatch.setattr(launcher, "_validate", seen.append)
+    app = make_app(tmp_path / "reefl-app", method="reefl", package="reefl.federation")
+    launcher.prepare_run(["seed=4"], app_dir=app, cwd=tmp_path)
+    assert seen and seen[0]["seed"] == 4 and seen[0]["run-name"].startswith("reefl-s4-")
+    assert seen[0]["output-dir"] == str(tmp_path / "outputs")
+
+
+# -- process cleanup --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not LINUX, reason="process tree via /proc")
+def test_process_tree_stops_children_in_other_sessions() -> None:
+    # A parent whose child starts its own session and ignores SIGTERM, like Ray's agents.
+    code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'], "
+        "start_new_session=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    tree = launcher._ProcessTree()
+    tree.add_root(parent.pid)
+    deadline = time.monotonic() + 10
+    while len(tree.known) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        tree.snapshot()
+    assert len(tree.known) == 2
+    try:
+        launcher._terminate_tree(tree, grace=2.0)
+        assert tree.alive() == []
+    finally:
+        parent.kill()
+        parent.wait()
+        launcher._signal_all(tree.alive(), 9)
+
+
+@pytest.mark.skipif(not LINUX, reason="process tree via /proc")
+def test_watchdog_stops_everything_when_the_launcher_dies(tmp_path: Path) -> None:
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    link = launcher.LocalSuperLink(home, tmp_path, tmp_path / "log")
+    try:
+        link._start_watchdog()
+        link.adopt(victim.pid)
+        assert link._watchdog is not None and link._watchdog.stdin is not None
+        link._watchdog.stdin.close()  # as if the launcher was SIGKILLed
+        link._watchdog.wait(15)
+        assert victim.wait(5) is not None
+        assert not home.exists()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+
+
+# -- one real run (toy app) -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_toy_app_smoke(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = make_app(tmp_path / "app")
+    monkeypatch.chdir(tmp_path)
+    trees: list[launcher._ProcessTree] = []
+    stop = launcher.LocalSuperLink.stop
+
+    def recording_stop(self: launcher.LocalSuperLink) -> None:
+        trees.append(self.tree)
+        stop(self)
+
+    monkeypatch.setattr(launcher.LocalSuperLink, "stop", recording_stop)
+    run_dir = launcher.run_app(["num-clients=2 num-server-rounds=2"], app_dir=app)
+    out = capsys.readouterr().out
+
+    assert run_dir.parent == tmp_path / "outputs"
+    assert json.loads((run_dir / "final.json").read_text()) == {"rounds": 2}
+    assert "round 2: 2 replies" in out  # the ServerApp's log was streamed
+    assert out.count(f"reefl: run folder {run_dir}") == 2
+    assert trees and all(tree.alive() == [] for tree in trees)  # nothing left running
