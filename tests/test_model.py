@@ -17,8 +17,12 @@ def _images(cfg: RunConfig, n: int = 3) -> torch.Tensor:
 
 
 def test_exit_blocks_follow_the_rule_or_an_explicit_list() -> None:
-    assert RunConfig.from_flat({"model": "deit-small", "img-size": 224, "num-exits": 4}).exit_block_list == [2, 5, 8, 11]
-    assert RunConfig.from_flat({"model": "deit-small", "img-size": 224, "num-exits": 12}).exit_block_list == list(range(12))
+    def blocks(num_exits: int) -> list[int]:
+        flat = {"model": "deit-small", "img-size": 224, "num-exits": num_exits}
+        return RunConfig.from_flat(flat).exit_block_list
+
+    assert blocks(4) == [2, 5, 8, 11]
+    assert blocks(12) == list(range(12))
     explicit = RunConfig.from_flat({"depth": 4, "num-exits": 2, "exit-blocks": "1,3"})
     assert explicit.exit_block_list == [1, 3]
 

@@ -169,7 +169,7 @@ class RunConfig:
         except ValueError:
             raise ConfigError(f"exit-blocks must be {allowed}, got '{self.exit_blocks}'") from None
         ok = (len(blocks) == self.num_exits and all(0 <= b < depth for b in blocks)
-              and all(a < b for a, b in zip(blocks, blocks[1:])))
+              and all(a < b for a, b in zip(blocks, blocks[1:], strict=False)))
         _require("exit-blocks", ok, allowed, self.exit_blocks)
 
     def _validate_tiers(self) -> None:

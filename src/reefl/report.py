@@ -41,16 +41,14 @@ class RunFolder:
 
 def format_final_table(final: dict[str, Any]) -> str:
     """The per-exit accuracy table printed at the end of a run."""
-    blocks = final.get("exit_blocks") or [None] * len(final["exit_accuracy"])
-    losses = final.get("exit_loss") or [float("nan")] * len(final["exit_accuracy"])
     lines = [
-        f"{final['method']} · seed {final['seed']} · {final.get('rounds', '?')} rounds · "
-        f"{final.get('wall_seconds', 0):.0f} s",
+        f"{final['method']} · seed {final['seed']} · {final['rounds']} rounds · "
+        f"{final['wall_seconds']:.0f} s",
         f"{'exit':<10}{'block':>6}{'accuracy %':>12}{'loss':>9}",
     ]
-    for k, (acc, loss, block) in enumerate(zip(final["exit_accuracy"], losses, blocks)):
-        lines.append(f"{'exit ' + str(k):<10}{block if block is not None else '':>6}"
-                     f"{acc:>12.2f}{loss:>9.3f}")
+    rows = zip(final["exit_blocks"], final["exit_accuracy"], final["exit_loss"], strict=True)
+    for k, (block, accuracy, loss) in enumerate(rows):
+        lines.append(f"{'exit ' + str(k):<10}{block:>6}{accuracy:>12.2f}{loss:>9.3f}")
     lines.append(f"{'mean':<16}{final['mean_accuracy']:>12.2f}")
     lines.append(f"{'ensemble':<16}{final['ensemble_accuracy']:>12.2f}")
     return "\n".join(lines)

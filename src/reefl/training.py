@@ -54,7 +54,7 @@ def train_locally(model: nn.Module, loader: DataLoader, method: Method, cfg: Run
             optimizer.step()
             total_loss += loss.item()
             exit_ce_sums = exit_ces if exit_ce_sums is None else [
-                a + b for a, b in zip(exit_ce_sums, exit_ces)]
+                a + b for a, b in zip(exit_ce_sums, exit_ces, strict=True)]
             steps += 1
     metrics = {"train-loss": total_loss / max(steps, 1)}
     for k, value in enumerate(exit_ce_sums or []):

@@ -55,7 +55,8 @@ def roll_call(grid: Grid, num_clients: int) -> dict[int, ClientInfo]:
 def main(grid: Grid, context: Context) -> None:
     started = time.monotonic()
     cfg = RunConfig.from_flat(dict(context.run_config))
-    run_dir = Path(cfg.output_dir).expanduser() / (cfg.run_name or default_run_name(cfg.method, cfg.seed))
+    run_name = cfg.run_name or default_run_name(cfg.method, cfg.seed)
+    run_dir = Path(cfg.output_dir).expanduser() / run_name
     folder = RunFolder(run_dir.resolve())
     log(INFO, "reefl: run folder %s", folder.path)
     folder.write_json("config.json", cfg.to_flat())

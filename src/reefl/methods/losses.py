@@ -56,5 +56,5 @@ class TeacherTracker:
         """Fold in this step's per-exit CE; return the index of the teacher exit."""
         self.averages = self.averages or [0.0] * len(losses)
         self.averages = [self.decay * m + (1 - self.decay) * loss
-                         for m, loss in zip(self.averages, losses)]
+                         for m, loss in zip(self.averages, losses, strict=True)]
         return min(range(len(self.averages)), key=self.averages.__getitem__)
