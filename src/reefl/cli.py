@@ -44,7 +44,49 @@ def build_parser() -> argparse.ArgumentParser:
         help=FEDERATION_CONFIG_HELP,
     )  # fmt: skip
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the logs")
+    _add_compare(commands)
     return parser
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    from reefl.compare import ENTRY_SYNTAX_HELP
+
+    compare = commands.add_parser(
+        "compare",
+        help="run several methods/ablations x seeds and write one comparison table",
+        description=(
+            "Run every entry of --methods with every seed of --seeds (one `reefl run` each, "
+            "seed by seed; all configs are checked first), then print and write "
+            "DIR/comparison.md (per-exit accuracy, mean, ensemble, mean ± sample std over "
+            "seeds, and the parameters each tier sends per round), DIR/comparison.json and "
+            "DIR/comparison.png. Run folders go to DIR/runs/<entry>-s<seed>. For one seed every "
+            "entry gets the same data, partition, tiers and client sampling. A failed run is "
+            "reported and the others go on; the exit code is then 1."
+        ),
+    )
+    compare.add_argument("--methods", "-m", required=True, action="append", metavar="ENTRIES",
+                         help=ENTRY_SYNTAX_HELP + " (repeatable: joined with commas)")
+    compare.add_argument("--seeds", "-s", default="0", metavar="SEEDS",
+                         help="comma-separated seeds, e.g. 0,1,2 (default: 0)")
+    compare.add_argument("--output-dir", "-o", required=True, type=Path, metavar="DIR",
+                         help="where the table, JSON, plot and run folders (DIR/runs) go")
+    compare.add_argument(
+        "--run-config", "-c", action="append", default=[], metavar="CONFIG",
+        help=RUN_CONFIG_HELP + "; applied to every run, before the entry's own overrides "
+        "(method, seed, output-dir and run-name are set by compare)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--federation-config", action="append", default=[], metavar="CONFIG",
+        help=FEDERATION_CONFIG_HELP,
+    )  # fmt: skip
+    compare.add_argument(
+        "--app", type=Path, default=None, metavar="DIR",
+        help="Flower app directory (default: nearest pyproject.toml with [tool.flwr.app])",
+    )  # fmt: skip
+    compare.add_argument(
+        "--resume", action="store_true",
+        help="reuse a run folder that already holds a finished run with the same config",
+    )  # fmt: skip
 
 
 def _error(message: str, code: int) -> int:
@@ -86,11 +128,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from reefl.compare import main_compare
+    from reefl.launcher import LaunchError
+
+    try:
+        return main_compare(
+            args.methods, args.seeds, args.output_dir, args.run_config,
+            args.federation_config, app_dir=args.app, resume=args.resume,
+        )  # fmt: skip
+    except LaunchError as err:
+        return _error(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        return _error("interrupted; all Flower processes stopped (finished runs are in the "
+                      "comparison files)", 130)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with _sigterm_as_exit():
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "compare":
+            return cmd_compare(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -46,7 +46,7 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the tier's parameters, train one round locally, send the same parameters back."""
+    """Load what the server sent, train one round locally, send the same tensors back."""
     cfg, partition_id, tier = _identity(context)
     data, method = _setup(cfg)
     server_round = int(msg.content["config"]["server-round"])
@@ -54,14 +54,13 @@ def train(msg: Message, context: Context) -> Message:
     seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
     torch.manual_seed(seed)
     model = method.build_model(tier)
-    keys = method.trainable_keys(tier)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    payload = msg.content["arrays"].to_torch_state_dict()
+    model.load_state_dict(payload, strict=True)
     loader = client_loader(data, partition_id, cfg.batch_size, seed, cfg.augment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = train_locally(model, loader, method, cfg, lr, server_round, device)
     state = model.state_dict()
-    metrics.update({"partition-id": partition_id, "tier": tier,
-                    "num-examples": len(data.client_indices[partition_id])})
-    content = RecordDict({"arrays": ArrayRecord({k: state[k].cpu() for k in keys}),
+    metrics["num-examples"] = len(data.client_indices[partition_id])
+    content = RecordDict({"arrays": ArrayRecord({k: state[k].cpu() for k in payload}),
                           "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
     task = TaskSpec(num_classes=data.train.num_classes, in_chans=data.train.images.shape[1])
     method = build_method(cfg, task)
     torch.manual_seed(cfg.seed)
-    model = method.build_global_model()
+    initial = {k: v.detach() for k, v in method.build_global_model().state_dict().items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = test_loader(data, cfg.eval_batch_size)
 
@@ -85,9 +85,9 @@ def main(grid: Grid, context: Context) -> None:
             **strategy.last_train_metrics,
         }
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds:
-            model.load_state_dict(arrays.to_torch_state_dict())
+            evaluator = method.exit_evaluator(arrays.to_torch_state_dict())
             last_eval.clear()
-            last_eval.update(evaluate_exits(model, loader, cfg, device))
+            last_eval.update(evaluate_exits(evaluator, loader, cfg, device))
             record.update(last_eval)
         record["round_seconds"] = time.monotonic() - round_started
         record["elapsed_seconds"] = time.monotonic() - started
@@ -99,7 +99,6 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"mean-accuracy": record["mean_accuracy"],
                              "ensemble-accuracy": record["ensemble_accuracy"]})
 
-    initial = {k: v.detach() for k, v in model.state_dict().items()}
     result = strategy.start(grid, ArrayRecord(initial), num_rounds=cfg.num_server_rounds,
                             evaluate_fn=evaluate)
     folder.save_model(result.arrays.to_torch_state_dict() if len(result.arrays) else initial)

@@ -54,8 +54,9 @@ class TieredStrategy(Strategy):
         self.cfg = cfg
         self.method = method
         self.roster = roster
-        self.tier_keys = {t: method.trainable_keys(t) for t in range(method.num_exits)}
+        self.partition_of_node = {info.node_id: pid for pid, info in roster.items()}
         self.global_state: dict[str, torch.Tensor] = {}
+        self.sent_shapes: dict[int, dict[str, torch.Size]] = {}
         self.last_train_metrics: dict[str, float] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -65,9 +66,10 @@ class TieredStrategy(Strategy):
         messages = []
         for pid in sample_clients(self.cfg, server_round, list(self.roster)):
             info = self.roster[pid]
-            sub = {k: self.global_state[k] for k in self.tier_keys[info.tier]}
+            payload = self.method.client_payload(self.global_state, info.tier)
+            self.sent_shapes[pid] = {k: v.shape for k, v in payload.items()}
             content = RecordDict({
-                "arrays": ArrayRecord(sub),
+                "arrays": ArrayRecord(payload),
                 "config": ConfigRecord({"lr": lr, "server-round": server_round, **config}),
             })
             messages.append(Message(content, dst_node_id=info.node_id, message_type="train"))
@@ -86,17 +88,16 @@ class TieredStrategy(Strategy):
         return ArrayRecord(self.global_state), MetricRecord(self.last_train_metrics)
 
     def _checked_update(self, reply: Message) -> ClientUpdate | None:
-        """The reply as an update, or None (with a warning) if it failed or does not match
-        its tier's parameters."""
+        """The reply as an update, or None (with a warning) if it failed or does not return
+        exactly the names and shapes it was sent."""
         if reply.has_error():
             log(WARNING, "a client failed: %s", reply.error.reason)
             return None
+        pid = self.partition_of_node[reply.metadata.src_node_id]
+        tier = self.roster[pid].tier
         metrics = reply.content["metrics"]
-        pid, tier = int(metrics["partition-id"]), int(metrics["tier"])
         state = reply.content["arrays"].to_torch_state_dict()
-        expected = self.tier_keys.get(tier)
-        if expected is None or sorted(state) != sorted(expected) or any(
-                state[k].shape != self.global_state[k].shape for k in expected):
+        if {k: v.shape for k, v in state.items()} != self.sent_shapes[pid]:
             log(WARNING, "client %s sent parameters that do not match tier %s; ignored", pid, tier)
             return None
         train_metrics = {k: float(v) for k, v in metrics.items() if k.startswith("train-")}

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from reefl.config import RunConfig
 from reefl.federation.aggregate import weighted_mean_per_key
@@ -44,6 +45,7 @@ class Method(ABC):
         self.cfg = cfg
         self.task = task
         self.exit_blocks = cfg.exit_block_list
+        self._trainable_keys: dict[int, list[str]] = {}
 
     @property
     def num_exits(self) -> int:
@@ -59,9 +61,26 @@ class Method(ABC):
 
     def trainable_keys(self, tier: int) -> list[str]:
         """Names of the parameters a tier trains, receives and sends back."""
-        with torch.device("meta"):
-            model = self.build_model(tier)
-        return [name for name, p in model.named_parameters() if p.requires_grad]
+        if tier not in self._trainable_keys:
+            with torch.device("meta"):
+                model = self.build_model(tier)
+            self._trainable_keys[tier] = [
+                name for name, p in model.named_parameters() if p.requires_grad]
+        return self._trainable_keys[tier]
+
+    def client_payload(self, global_state: dict[str, torch.Tensor], tier: int
+                       ) -> dict[str, torch.Tensor]:
+        """What the server sends a client of ``tier``, named as in that tier's model; the
+        client returns the same names and shapes. By default: the tier's trainable
+        parameters, taken as they are from the global model."""
+        return {k: global_state[k] for k in self.trainable_keys(tier)}
+
+    def exit_evaluator(self, global_state: dict[str, torch.Tensor]) -> nn.Module:
+        """A module whose forward returns the logits of every exit of the global model. By
+        default the global model itself: depth is causal, so one pass serves every exit."""
+        model = self.build_global_model()
+        model.load_state_dict(global_state)
+        return model
 
     @abstractmethod
     def new_loss_state(self) -> object:

@@ -1,0 +1,172 @@
+"""Communication and compute per tier, for any method behind the ``Method`` interface.
+
+For every tier ``t`` (the client sub-model with exits 0..t):
+
+* ``params_down`` / ``params_up``: elements of the parameters the server sends to a client of
+  the tier each round and the client sends back (``Method.trainable_keys(t)``). Equal for every
+  method today; kept apart because a method or regime may send back less than it receives.
+* ``bytes_down`` / ``bytes_up``: the same in bytes, with each tensor's own element size
+  (4 for fp32). Payload only: message framing and metadata are not counted.
+* ``params_model``: every parameter of the tier's model, trained or frozen.
+* ``forward_flops``: FLOPs of one forward pass of **one image** through the tier's sub-model,
+  i.e. the cost of reaching exit ``t`` (with early-exit inference, exits 0..t-1 are computed
+  on the way). Counted by ``torch.utils.flop_counter.FlopCounterMode``: matrix products
+  (``mm``/``addmm``/``bmm``, so every Linear), convolutions and attention, 2 FLOPs per
+  multiply-add. Element-wise work (LayerNorm, GELU, softmax, additions, the attention scaling)
+  is **not** counted. ``forward_flops_by_op`` splits the total by aten op.
+
+The models are built on the ``meta`` device (no memory, no weights, no RNG use), where
+``scaled_dot_product_attention`` runs as its math decomposition, so attention is counted as
+its two batched products (2·heads·n²·d_head each). If a model cannot run on ``meta`` it is
+run on the CPU with the math attention kernel, which counts the same ops (CPU's fused
+attention kernel would otherwise not be counted at all).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from reefl.methods import Method
+
+ACCOUNTING_FILE = "accounting.json"
+FLOPS_NOTE = (
+    "forward_flops: one image, one forward pass of the tier's sub-model (cost of reaching exit "
+    "= tier), counted by torch.utils.flop_counter.FlopCounterMode: matmul, conv and attention "
+    "products at 2 FLOPs per multiply-add; element-wise ops (norms, activations, softmax, "
+    "additions) are not counted"
+)
+
+
+def _forward_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+    return int(counter.get_total_flops()), dict(sorted(by_op.items()))
+
+
+def _tier_cost(method: Method, tier: int, img_size: int, device: str) -> dict[str, Any]:
+    with torch.device(device):
+        model = method.build_model(tier)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                     torch.get_default_dtype())
+        x = torch.zeros(1, method.task.in_chans, img_size, img_size, dtype=dtype)
+    tensors = model.state_dict(keep_vars=True)
+    keys = list(method.trainable_keys(tier))
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise KeyError(f"tier {tier}: trainable keys not in the tier's model: {missing[:5]}")
+    numel = sum(tensors[k].numel() for k in keys)
+    nbytes = sum(tensors[k].numel() * tensors[k].dtype.itemsize for k in keys)
+    if device == "cpu":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            flops, by_op = _forward_flops(model, x)
+    else:
+        flops, by_op = _forward_flops(model, x)
+    return {
+        "tier": tier,
+        "exit_block": method.exit_blocks[tier],
+        "params_down": numel,
+        "params_up": numel,
+        "bytes_down": nbytes,
+        "bytes_up": nbytes,
+        "params_model": sum(p.numel() for p in model.parameters()),
+        "forward_flops": flops,
+        "forward_flops_by_op": by_op,
+    }
+
+
+def tier_costs(method: Method, img_size: int | None = None) -> list[dict[str, Any]]:
+    """One dict per tier (shallowest first): ``tier``, ``exit_block``, ``params_down``,
+    ``params_up``, ``bytes_down``, ``bytes_up``, ``params_model``, ``forward_flops`` and
+    ``forward_flops_by_op`` (see the module docstring for what is and is not counted).
+
+    ``img_size`` defaults to the method's run config. The global torch RNG is left untouched.
+    """
+    size = int(img_size if img_size is not None else method.cfg.img_size)
+    costs = []
+    with torch.random.fork_rng(devices=[]):
+        for tier in range(method.num_exits):
+            try:
+                costs.append(_tier_cost(method, tier, size, "meta"))
+            except (NotImplementedError, RuntimeError):  # e.g. .item() in a forward
+                costs.append(_tier_cost(method, tier, size, "cpu"))
+    return costs
+
+
+def exit_flops(method: Method, img_size: int | None = None) -> list[int]:
+    """FLOPs of one image to reach each exit (= ``forward_flops`` of tier k)."""
+    return [c["forward_flops"] for c in tier_costs(method, img_size)]
+
+
+def accounting_record(method: Method, img_size: int | None = None) -> dict[str, Any]:
+    """What ``accounting.json`` holds: the tiers plus what the numbers mean."""
+    size = int(img_size if img_size is not None else method.cfg.img_size)
+    return {
+        "method": method.cfg.method,
+        "img_size": size,
+        "in_chans": method.task.in_chans,
+        "num_classes": method.task.num_classes,
+        "exit_blocks": list(method.exit_blocks),
+        "note": FLOPS_NOTE,
+        "tiers": tier_costs(method, size),
+    }
+
+
+def write_accounting(folder_path: Path, method: Method, img_size: int | None = None
+                     ) -> list[dict[str, Any]]:
+    """Write ``<folder_path>/accounting.json`` (see ``accounting_record``); return the tiers."""
+    record = accounting_record(method, img_size)
+    Path(folder_path, ACCOUNTING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record["tiers"]
+
+
+def read_accounting(folder_path: Path) -> list[dict[str, Any]] | None:
+    """The tiers of ``<folder_path>/accounting.json``, or None if there is none."""
+    path = Path(folder_path, ACCOUNTING_FILE)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data["tiers"] if isinstance(data, dict) else data
+
+
+def costs_from_config(flat: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tier costs of a run from its flat config (e.g. a run folder's ``config.json``)."""
+    from reefl.config import RunConfig
+    from reefl.data import load_source
+    from reefl.methods import TaskSpec, build_method
+
+    cfg = RunConfig.from_flat(flat)
+    source = load_source(cfg.dataset)
+    task = TaskSpec(num_classes=source.num_classes, in_chans=int(source.images.shape[1]))
+    return tier_costs(build_method(cfg, task), cfg.img_size)
+
+
+def human(n: float) -> str:
+    """A count in 3–4 significant digits: 950, 52.3k, 1.21M, 4.98G."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:.3g}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_tier_table(costs: list[dict[str, Any]]) -> str:
+    """A plain-text table of ``tier_costs``: one line per tier."""
+    lines = [f"{'tier':<6}{'block':>6}{'params up':>12}{'params down':>13}{'MB up':>9}"
+             f"{'MFLOPs/img':>12}"]
+    for c in costs:
+        lines.append(
+            f"{c['tier']:<6}{c.get('exit_block', ''):>6}{c['params_up']:>12,}"
+            f"{c['params_down']:>13,}{c['bytes_up'] / 1e6:>9.3f}"
+            f"{c['forward_flops'] / 1e6:>12.3f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""Communication and compute accounting per tier, against hand counts on a tiny ViT."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from reefl.accounting import (
+    _tier_cost,
+    costs_from_config,
+    exit_flops,
+    format_tier_table,
+    read_accounting,
+    tier_costs,
+    write_accounting,
+)
+from reefl.config import RunConfig
+from reefl.methods import TaskSpec, build_method
+from reefl.methods.reefl import ReeFL
+
+# 4x4 one-channel images in 2x2 patches -> 4 patches + class token = 5 tokens of width 4;
+# 2 blocks (1 head, MLP hidden 4), an exit after each; Ree with 1 head of width 2, hidden 4.
+MICRO = {
+    "img-size": 4, "patch-size": 2, "embed-dim": 4, "depth": 2, "num-heads": 1,
+    "mlp-ratio": 1.0, "num-exits": 2, "ree-heads": 1, "ree-attn-dim": 2, "ree-mlp-ratio": 1.0,
+}
+TASK = TaskSpec(num_classes=3, in_chans=1)
+
+
+def _micro() -> ReeFL:
+    return build_method(RunConfig.from_flat(MICRO), TASK)
+
+
+def _linear(i: int, o: int) -> int:
+    return i * o + o
+
+
+def test_params_per_tier_match_a_hand_count() -> None:
+    d, a, c = 4, 2, 3
+    embed = (1 * 2 * 2 * d + d) + d + 5 * d  # patch conv, class token, position embedding
+    block = 2 * d + 4 * _linear(d, d) + 2 * d + 2 * _linear(d, d)  # norms, q k v proj, MLP
+    ree = (d + 3 * d  # meta token, depth position embedding (L + 1 rows)
+           + 2 * d + 3 * _linear(d, a) + _linear(a, d) + 2 * d + 2 * _linear(d, d)  # its layer
+           + 2 * d + _linear(d, c))  # exit head: LayerNorm + Linear
+    costs = tier_costs(_micro())
+    assert [x["tier"] for x in costs] == [0, 1]
+    assert [x["exit_block"] for x in costs] == [0, 1]
+    assert [x["params_down"] for x in costs] == [embed + block + ree, embed + 2 * block + ree]
+    assert [x["params_down"] for x in costs] == [317, 453]
+    for x in costs:
+        assert x["params_up"] == x["params_down"] == x["params_model"]
+        assert x["bytes_up"] == x["bytes_down"] == 4 * x["params_down"]  # fp32
+
+
+def test_forward_flops_match_a_hand_count_of_products() -> None:
+    """2 FLOPs per multiply-add of every Linear, the patch conv and both attention products."""
+    n, d, a, c = 5, 4, 2, 3
+
+    def linear(tokens: int, i: int, o: int) -> int:
+        return 2 * tokens * i * o
+
+    conv = 2 * 4 * d * (1 * 2 * 2)  # 4 patches, d outputs, each a 1x2x2 dot product
+    block = 4 * linear(n, d, d) + 2 * (2 * n * n * d) + 2 * linear(n, d, d)
+
+    def ree(m: int) -> int:  # m tokens: meta, history, current class token
+        return (3 * linear(m, d, a) + linear(m, a, d) + 2 * (2 * m * m * a)
+                + 2 * linear(m, d, d) + linear(1, d, c))
+
+    tier0 = conv + block + ree(2)
+    tier1 = tier0 + block + ree(3)
+    costs = tier_costs(_micro())
+    assert [x["forward_flops"] for x in costs] == [tier0, tier1] == [1800, 3640]
+    assert costs[0]["forward_flops_by_op"]["aten.convolution"] == conv
+    assert sum(costs[1]["forward_flops_by_op"].values()) == tier1
+    assert exit_flops(_micro()) == [tier0, tier1]
+
+
+def test_single_linear_is_two_in_out_tokens() -> None:
+    from reefl.accounting import _forward_flops
+
+    flops, by_op = _forward_flops(nn.Linear(6, 5), torch.zeros(1, 7, 6))
+    assert flops == 2 * 6 * 5 * 7
+    assert by_op == {"aten.addmm": 2 * 6 * 5 * 7}
+
+
+def test_cpu_fallback_counts_the_same_as_meta() -> None:
+    method = _micro()
+    for tier in range(method.num_exits):
+        assert _tier_cost(method, tier, 4, "cpu") == _tier_cost(method, tier, 4, "meta")
+
+
+def test_costs_grow_with_tier_and_leave_the_rng_alone(tiny_cfg: RunConfig) -> None:
+    method = build_method(tiny_cfg, TaskSpec(num_classes=10, in_chans=1))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    costs = tier_costs(method)
+    assert torch.equal(torch.get_rng_state(), state)
+    flops = [x["forward_flops"] for x in costs]
+    params = [x["params_up"] for x in costs]
+    assert len(costs) == 4
+    assert all(a < b for a, b in zip(flops, flops[1:], strict=False))
+    assert all(a < b for a, b in zip(params, params[1:], strict=False))
+    assert "aten.bmm" in costs[0]["forward_flops_by_op"]  # attention is counted
+
+
+def test_only_the_trainable_keys_are_communicated() -> None:
+    class HeadOnly(ReeFL):
+        def trainable_keys(self, tier: int) -> list[str]:
+            return [k for k in super().trainable_keys(tier) if k.startswith("exits.head.")]
+
+    method = HeadOnly(RunConfig.from_flat(MICRO), TASK)
+    for x in tier_costs(method):
+        assert x["params_up"] == x["params_down"] == 2 * 4 + _linear(4, 3)
+        assert x["params_model"] > x["params_up"]
+
+
+def test_bytes_follow_the_parameter_dtype() -> None:
+    class Half(ReeFL):
+        def build_model(self, tier: int):  # noqa: ANN202
+            return super().build_model(tier).to(torch.float16)
+
+    method = Half(RunConfig.from_flat(MICRO), TASK)
+    costs = tier_costs(method)
+    assert [x["bytes_up"] for x in costs] == [2 * 317, 2 * 453]
+
+
+def test_write_and_read_accounting(tmp_path) -> None:  # noqa: ANN001
+    tiers = write_accounting(tmp_path, _micro(), 4)
+    data = json.loads((tmp_path / "accounting.json").read_text())
+    assert data["tiers"] == tiers == read_accounting(tmp_path)
+    assert data["img_size"] == 4 and data["exit_blocks"] == [0, 1]
+    assert "not counted" in data["note"]
+    assert read_accounting(tmp_path / "nowhere") is None
+    table = format_tier_table(tiers)
+    assert "317" in table and "453" in table
+
+
+def test_costs_from_a_run_config_use_the_data_source() -> None:
+    costs = costs_from_config({**MICRO, "img-size": 28, "patch-size": 14})  # embedded MNIST
+    method = build_method(RunConfig.from_flat({**MICRO, "img-size": 28, "patch-size": 14}),
+                          TaskSpec(num_classes=10, in_chans=1))
+    assert costs == tier_costs(method)
