@@ -570,13 +570,15 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     num_exits = 0
-    for entry in comparison.entries:
+    count = len(comparison.entries)
+    for index, entry in enumerate(comparison.entries):
+        dodge = (index - (count - 1) / 2) * min(0.05, 0.3 / max(count, 1))  # bars apart
         stats = entry_summary(comparison.results.get(entry.label, {}))["exit_accuracy"]
         points = [(k, s) for k, s in enumerate(stats) if s is not None]
         if not points:
             continue
         num_exits = max(num_exits, len(stats))
-        xs = [k for k, _ in points]
+        xs = [k + dodge for k, _ in points]
         ys = [s.mean for _, s in points]
         errors = [s.std or 0.0 for _, s in points]
         n = max(s.n for _, s in points)

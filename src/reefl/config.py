@@ -12,12 +12,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("reefl",)
-DISTILLATIONS = ("none", "forward", "all", "dynamic_ma")
+METHODS = ("reefl", "scalefl", "depthfl", "exclusivefl", "inclusivefl")
+DISTILLATIONS = ("none", "forward", "all", "dynamic_ma", "dynamic")
+EXIT_MODULES = ("ree", "heads")
 OPTIMIZERS = ("sgd", "adamw")
 TIER_RULES = ("round-robin", "ratios")
 PRECISIONS = ("fp32", "bf16")
 MODELS = ("custom", "deit-tiny", "deit-small", "deit-base")
+# Server updates each method implements; a method not listed has only "fedavg".
+SERVER_UPDATES: dict[str, tuple[str, ...]] = {"depthfl": ("fedavg", "feddyn"),
+                                              "inclusivefl": ("fedavg", "fedadam")}
 
 # Named backbones fix width, depth, heads, patch and MLP ratio (DeiT, Touvron et al. 2021).
 DEIT_SIZES: dict[str, dict[str, Any]] = {
@@ -60,9 +64,18 @@ class RunConfig:
     ree_depth: int = 1
     ree_recurrent_steps: int = 1
     modulation: bool = True
+    exit_module: str = "ree"
+    maximum: bool = False
     distillation: str = "dynamic_ma"
     kd_temperature: float = 1.0
     kd_rounds: int = 300
+    server_update: str = "fedavg"
+    feddyn_alpha: float = 0.1
+    inclusivefl_beta: float = 0.2
+    fedadam_lr: float = 0.001
+    scalefl_widths: str = "0.4,0.55,0.75,1.0"
+    scalefl_kd_weight: float = 0.05
+    scalefl_kd_temperature: float = 3.0
     optimizer: str = "adamw"
     lr_max: float = 0.002
     lr_min: float = 0.0001
@@ -120,6 +133,11 @@ class RunConfig:
         return [(k + 1) * depth // self.num_exits - 1 for k in range(self.num_exits)]
 
     @property
+    def scalefl_width_list(self) -> list[float]:
+        """ScaleFL's width of every tier, shallowest first (validated for ``scalefl`` only)."""
+        return [float(w) for w in self.scalefl_widths.split(",")]
+
+    @property
     def tier_ratio_list(self) -> list[float]:
         return [float(r) for r in self.tier_ratios.split(",")] if self.tier_ratios else []
 
@@ -131,6 +149,9 @@ class RunConfig:
         _choice("method", self.method, METHODS)
         _choice("dataset", self.dataset, DATA_SOURCES)
         _choice("distillation", self.distillation, DISTILLATIONS)
+        _choice("exit-module", self.exit_module, EXIT_MODULES)
+        _choice("server-update", self.server_update,
+                SERVER_UPDATES.get(self.method, ("fedavg",)), f" for method {self.method}")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("tier-rule", self.tier_rule, TIER_RULES)
         _choice("mixed-precision", self.mixed_precision, PRECISIONS)
@@ -147,11 +168,15 @@ class RunConfig:
         _require("dirichlet-alpha", self.dirichlet_alpha > 0, "a number > 0")
         _require("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)")
         _require("kd-temperature", self.kd_temperature > 0, "a number > 0")
+        _require("feddyn-alpha", self.feddyn_alpha > 0, "a number > 0")
+        _require("inclusivefl-beta", 0 <= self.inclusivefl_beta <= 1, "a number in [0, 1]")
+        _require("fedadam-lr", self.fedadam_lr > 0, "a number > 0")
         _require("lr-min", 0 < self.lr_min <= self.lr_max, "a number in (0, lr-max]")
         _require("clip-value", self.clip_value >= 0, "a number >= 0 (0 turns clipping off)")
         _require("weight-decay", self.weight_decay >= 0, "a number >= 0")
         self._validate_exits(depth)
         self._validate_tiers()
+        self._validate_scalefl()
         bb = self.backbone
         _require("embed-dim", bb["embed_dim"] % bb["num_heads"] == 0,
                  "a multiple of num-heads")
@@ -171,6 +196,28 @@ class RunConfig:
         ok = (len(blocks) == self.num_exits and all(0 <= b < depth for b in blocks)
               and all(a < b for a, b in zip(blocks, blocks[1:], strict=False)))
         _require("exit-blocks", ok, allowed, self.exit_blocks)
+
+    def _validate_scalefl(self) -> None:
+        """ScaleFL's keys, checked only when it runs (its 4 default widths fit K = 4 only)."""
+        if self.method != "scalefl":
+            return
+        allowed = (f"{self.num_exits} comma-separated, non-decreasing numbers in (0, 1] "
+                   "ending with 1.0, each leaving at least one channel")
+        try:
+            widths = self.scalefl_width_list
+        except ValueError:
+            raise ConfigError(
+                f"scalefl-widths must be {allowed}, got '{self.scalefl_widths}'") from None
+        from reefl.methods.scalefl import scaled_channels  # deferred: it imports torch
+
+        bb = self.backbone
+        narrowest = min(bb["embed_dim"], int(bb["embed_dim"] * bb["mlp_ratio"]))
+        ok = (len(widths) == self.num_exits and all(0 < w <= 1 for w in widths)
+              and all(a <= b for a, b in zip(widths, widths[1:], strict=False))
+              and widths[-1] == 1.0 and scaled_channels(widths[0], narrowest) >= 1)
+        _require("scalefl-widths", ok, allowed, self.scalefl_widths)
+        _require("scalefl-kd-weight", self.scalefl_kd_weight >= 0, "a number >= 0")
+        _require("scalefl-kd-temperature", self.scalefl_kd_temperature > 0, "a number > 0")
 
     def _validate_tiers(self) -> None:
         if self.tier_rule != "ratios":
@@ -201,9 +248,10 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     return value
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choice(key: str, value: str, allowed: tuple[str, ...], where: str = "") -> None:
+    """Reject a value outside ``allowed``; ``where`` qualifies the rule (e.g. per method)."""
     if value not in allowed:
-        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}{where}; got '{value}'")
 
 
 def _require(key: str, ok: bool, allowed: str, value: Any = None) -> None:

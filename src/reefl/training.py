@@ -1,8 +1,10 @@
-"""One client's local training: a fresh optimiser each round, the method's loss, clipping."""
+"""One client's local training: a fresh optimiser each round, the method's loss (plus its
+optional penalty), clipping; and the held-out CE a method may ask for."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 import torch
@@ -11,6 +13,8 @@ from torch.utils.data import DataLoader
 
 from reefl.config import RunConfig
 from reefl.methods import Method
+from reefl.methods.base import HeldOutCE
+from reefl.methods.losses import exit_cross_entropies
 
 
 def server_learning_rate(server_round: int, cfg: RunConfig) -> float:
@@ -33,13 +37,53 @@ def make_optimizer(params: list[nn.Parameter], cfg: RunConfig, lr: float) -> tor
     return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=cfg.weight_decay)
 
 
+def held_out_exit_ce(model: nn.Module, loader: DataLoader, cfg: RunConfig,
+                     device: torch.device) -> HeldOutCE:
+    """A callable giving the per-exit CE of ``model``, as it is when called, on the next batch
+    of ``loader`` (cycling through it); in eval mode and without gradients, so the held-out
+    data is only looked at, never trained on."""
+    batches = _cycle(loader)
+
+    def next_batch_ce() -> list[float]:
+        images, labels = next(batches)
+        model.eval()
+        with torch.no_grad(), autocast(cfg, device):
+            logits = model(images.to(device))
+        model.train()
+        return [ce.item() for ce in exit_cross_entropies(logits, labels.to(device))]
+
+    return next_batch_ce
+
+
+def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches, over and over (without keeping them all in memory)."""
+    while True:
+        yield from loader
+
+
 def train_locally(model: nn.Module, loader: DataLoader, method: Method, cfg: RunConfig,
-                  lr: float, server_round: int, device: torch.device) -> dict[str, float]:
-    """Train ``model`` in place for ``local-epochs`` epochs; return mean loss and exit CEs."""
+                  lr: float, server_round: int, device: torch.device,
+                  client_state: dict[str, torch.Tensor] | None = None,
+                  held_out: DataLoader | None = None,
+                  exit_ids: list[int] | None = None) -> dict[str, float]:
+    """Train ``model`` in place for ``local-epochs`` epochs; return mean loss and exit CEs.
+
+    ``client_state`` is this client's state kept across rounds: the method's penalty reads
+    it, and its ``finish_local`` entries are written into it (in place) after training.
+    ``held_out`` is the client's held-out data, given when the method asks for a split.
+    ``exit_ids`` names the per-exit CEs (``train-ce-exit{id}``): the global index of each
+    exit the model returns (``Method.exit_ids``); by default their positions 0, 1, ...
+    The reported ``train-loss`` is the method's loss, without the penalty.
+    """
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    sent = {name: p.detach().clone() for name, p in named.items()}
+    client_state = {} if client_state is None else client_state
+    client_state.update({k: v.to(device) for k, v in client_state.items()})
     optimizer = make_optimizer(params, cfg, lr)
-    state = method.new_loss_state()
+    state = method.new_loss_state(
+        None if held_out is None else held_out_exit_ce(model, held_out, cfg, device))
     total_loss, exit_ce_sums, steps = 0.0, None, 0
     for _ in range(cfg.local_epochs):
         for images, labels in loader:
@@ -47,8 +91,9 @@ def train_locally(model: nn.Module, loader: DataLoader, method: Method, cfg: Run
             with autocast(cfg, device):
                 logits = model(images)
             loss, exit_ces = method.local_loss(logits, labels, server_round, state)
+            penalty = method.local_penalty(named, sent, client_state)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if penalty is None else loss + penalty).backward()
             if cfg.clip_value > 0:
                 nn.utils.clip_grad_value_(params, cfg.clip_value)
             optimizer.step()
@@ -56,7 +101,8 @@ def train_locally(model: nn.Module, loader: DataLoader, method: Method, cfg: Run
             exit_ce_sums = exit_ces if exit_ce_sums is None else [
                 a + b for a, b in zip(exit_ce_sums, exit_ces, strict=True)]
             steps += 1
+    client_state.update(method.finish_local(named, sent, client_state))
     metrics = {"train-loss": total_loss / max(steps, 1)}
-    for k, value in enumerate(exit_ce_sums or []):
-        metrics[f"train-ce-exit{k}"] = value / steps
+    for position, value in enumerate(exit_ce_sums or []):
+        metrics[f"train-ce-exit{exit_ids[position] if exit_ids else position}"] = value / steps
     return metrics

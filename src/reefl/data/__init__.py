@@ -4,6 +4,8 @@ from reefl.data.federated import (
     FederatedData,
     build_federated_data,
     client_loader,
+    held_out_loader,
+    held_out_split,
     test_loader,
 )
 from reefl.data.sources import DATA_SOURCES, ImageSet, load_source
@@ -15,6 +17,8 @@ __all__ = [
     "ImageSet",
     "build_federated_data",
     "client_loader",
+    "held_out_loader",
+    "held_out_split",
     "load_source",
     "normalize",
     "random_translate",

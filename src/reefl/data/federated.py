@@ -49,17 +49,39 @@ def build_federated_data(
     )
 
 
+def held_out_split(
+    data: FederatedData, partition_id: int, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices of one client's shard: round(fraction·n) examples held out,
+    at least one, leaving at least one to train on.
+
+    Seeded by (seed, partition_id) only, so a client holds out the same examples in every
+    round. ``fraction`` 0 holds out nothing; a one-example shard cannot be split and is
+    returned as both parts.
+    """
+    shard = data.client_indices[partition_id]
+    if fraction == 0:
+        return shard, shard[:0]
+    if len(shard) < 2:
+        return shard, shard
+    count = min(max(1, round(fraction * len(shard))), len(shard) - 1)
+    order = np.random.default_rng([seed, partition_id]).permutation(len(shard))
+    return np.sort(shard[order[count:]]), np.sort(shard[order[:count]])
+
+
 def client_loader(
-    data: FederatedData, partition_id: int, batch_size: int, seed: int, augment: bool
+    data: FederatedData, partition_id: int, batch_size: int, seed: int, augment: bool,
+    indices: np.ndarray | None = None,
 ) -> DataLoader:
-    """Shuffled, normalised batches of one client's shard.
+    """Shuffled, normalised batches of one client's shard (or of ``indices`` of the training
+    pool, e.g. the shard without its held-out part).
 
     Order and augmentation are drawn from one generator seeded from (seed, partition_id), so a run
     is reproducible while clients still differ from each other.
     """
     client_seed = int(np.random.SeedSequence([seed, partition_id]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(client_seed)
-    shard = _subset(data.train, data.client_indices[partition_id])
+    shard = _subset(data.train, data.client_indices[partition_id] if indices is None else indices)
     collate = partial(
         _collate, mean=data.mean, std=data.std, augment_with=generator if augment else None
     )
@@ -76,9 +98,20 @@ def client_loader(
 
 def test_loader(data: FederatedData, batch_size: int) -> DataLoader:
     """Normalised batches of the global test set, in a fixed order and without augmentation."""
+    return _ordered_loader(data, data.test, batch_size)
+
+
+def held_out_loader(data: FederatedData, indices: np.ndarray, batch_size: int) -> DataLoader:
+    """Normalised batches of ``indices`` of the training pool (a client's held-out part), in a
+    fixed order and without augmentation."""
+    return _ordered_loader(data, _subset(data.train, indices), batch_size)
+
+
+def _ordered_loader(data: FederatedData, images: ImageSet, batch_size: int) -> DataLoader:
+    """Normalised batches of ``images`` in their order, without augmentation."""
     collate = partial(_collate, mean=data.mean, std=data.std, augment_with=None)
     return DataLoader(
-        TensorDataset(data.test.images, data.test.labels), batch_size=batch_size, collate_fn=collate
+        TensorDataset(images.images, images.labels), batch_size=batch_size, collate_fn=collate
     )
 
 

@@ -10,7 +10,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from reefl.config import RunConfig
-from reefl.data import FederatedData, build_federated_data, client_loader
+from reefl.data import (
+    FederatedData,
+    build_federated_data,
+    client_loader,
+    held_out_loader,
+    held_out_split,
+)
 from reefl.federation.tiers import client_tier
 from reefl.methods import Method, TaskSpec, build_method
 from reefl.training import train_locally
@@ -32,6 +38,18 @@ def _identity(context: Context) -> tuple[RunConfig, int, int]:
     cfg = RunConfig.from_flat(dict(context.run_config))
     partition_id = int(context.node_config["partition-id"])
     return cfg, partition_id, client_tier(partition_id, cfg, dict(context.node_config))
+
+
+def _state_key(cfg: RunConfig) -> str:
+    """Where this client's method state lives in ``context.state``, which Flower keeps per
+    node across rounds (in simulation and on the Deployment Engine alike)."""
+    return f"{cfg.method}-client-state"
+
+
+def _load_client_state(context: Context, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """This client's state from earlier rounds (empty in its first round)."""
+    key = _state_key(cfg)
+    return context.state[key].to_torch_state_dict() if key in context.state else {}
 
 
 @app.query()
@@ -56,11 +74,18 @@ def train(msg: Message, context: Context) -> Message:
     model = method.build_model(tier)
     payload = msg.content["arrays"].to_torch_state_dict()
     model.load_state_dict(payload, strict=True)
-    loader = client_loader(data, partition_id, cfg.batch_size, seed, cfg.augment)
+    train_idx, held_idx = held_out_split(data, partition_id, method.held_out_fraction, cfg.seed)
+    loader = client_loader(data, partition_id, cfg.batch_size, seed, cfg.augment, train_idx)
+    held_out = held_out_loader(data, held_idx, cfg.batch_size) if len(held_idx) else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = train_locally(model, loader, method, cfg, lr, server_round, device)
+    client_state = _load_client_state(context, cfg)
+    metrics = train_locally(model, loader, method, cfg, lr, server_round, device,
+                            client_state, held_out, method.exit_ids(tier))
+    if client_state:
+        context.state[_state_key(cfg)] = ArrayRecord(
+            {k: v.cpu() for k, v in client_state.items()})
     state = model.state_dict()
-    metrics["num-examples"] = len(data.client_indices[partition_id])
+    metrics["num-examples"] = len(train_idx)
     content = RecordDict({"arrays": ArrayRecord({k: state[k].cpu() for k in payload}),
                           "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

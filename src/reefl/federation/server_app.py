@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from reefl.accounting import write_accounting
 from reefl.config import RunConfig
 from reefl.data import build_federated_data, test_loader
 from reefl.evaluation import evaluate_exits
@@ -65,6 +66,7 @@ def main(grid: Grid, context: Context) -> None:
                                 cfg.test_fraction, cfg.seed)
     task = TaskSpec(num_classes=data.train.num_classes, in_chans=data.train.images.shape[1])
     method = build_method(cfg, task)
+    write_accounting(folder.path, method, cfg.img_size)
     torch.manual_seed(cfg.seed)
     initial = {k: v.detach() for k, v in method.build_global_model().state_dict().items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,7 @@ checked replies, and the method's server update."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -36,6 +36,15 @@ def sample_clients(cfg: RunConfig, server_round: int, partition_ids: list[int]) 
     return sorted(int(p) for p in rng.choice(sorted(partition_ids), size=count, replace=False))
 
 
+def round_participants(cfg: RunConfig, server_round: int, tiers: dict[int, int],
+                       takes_part: Callable[[int], bool]) -> list[int]:
+    """The partition ids that train in ``server_round``: the seeded sample over all of
+    ``tiers`` (partition id -> tier), then only those whose tier ``takes_part``. Filtering
+    after sampling keeps the draw the same for every method."""
+    sampled = sample_clients(cfg, server_round, list(tiers))
+    return [pid for pid in sampled if takes_part(tiers[pid])]
+
+
 def weighted_metrics(updates: list[ClientUpdate]) -> dict[str, float]:
     """Example-weighted mean of each training metric over the clients that report it."""
     names = sorted({name for u in updates for name in u.metrics})
@@ -62,9 +71,16 @@ class TieredStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.global_state = arrays.to_torch_state_dict()
+        self.sent_shapes = {}
+        self.last_train_metrics = {}
         lr = server_learning_rate(server_round - 1, self.cfg)
+        tiers = {pid: info.tier for pid, info in self.roster.items()}
+        participants = round_participants(self.cfg, server_round, tiers, self.method.takes_part)
+        if not participants:
+            log(INFO, "round %s: no sampled client takes part in %s; round skipped, the "
+                "global model is unchanged", server_round, self.cfg.method)
         messages = []
-        for pid in sample_clients(self.cfg, server_round, list(self.roster)):
+        for pid in participants:
             info = self.roster[pid]
             payload = self.method.client_payload(self.global_state, info.tier)
             self.sent_shapes[pid] = {k: v.shape for k, v in payload.items()}
@@ -80,8 +96,9 @@ class TieredStrategy(Strategy):
         updates = sorted((u for u in map(self._checked_update, replies) if u is not None),
                          key=lambda u: u.partition_id)
         if not updates:
-            log(WARNING, "round %s: no usable replies; the global model is unchanged",
-                server_round)
+            if self.sent_shapes:  # clients were asked (a skipped round was logged already)
+                log(WARNING, "round %s: no usable replies; the global model is unchanged",
+                    server_round)
             return None, None
         self.global_state = self.method.aggregate(self.global_state, updates)
         self.last_train_metrics = weighted_metrics(updates)

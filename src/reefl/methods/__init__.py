@@ -2,9 +2,15 @@
 
 from reefl.config import RunConfig
 from reefl.methods.base import ClientUpdate, Method, TaskSpec
+from reefl.methods.depthfl import DepthFL
+from reefl.methods.exclusivefl import ExclusiveFL
+from reefl.methods.inclusivefl import InclusiveFL
 from reefl.methods.reefl import ReeFL
+from reefl.methods.scalefl import ScaleFL
 
-METHOD_CLASSES: dict[str, type[Method]] = {"reefl": ReeFL}
+METHOD_CLASSES: dict[str, type[Method]] = {
+    "reefl": ReeFL, "scalefl": ScaleFL, "depthfl": DepthFL, "exclusivefl": ExclusiveFL,
+    "inclusivefl": InclusiveFL}
 
 
 def build_method(cfg: RunConfig, task: TaskSpec) -> Method:

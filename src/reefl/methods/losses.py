@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,14 @@ def distill_all_pairs(logits: list[torch.Tensor], tau: float) -> torch.Tensor:
     return torch.stack([distill_from(logits, j, tau) for j in range(len(logits))]).sum()
 
 
+def mutual_distillation(logits: list[torch.Tensor], tau: float) -> torch.Tensor:
+    """All-pairs KL divided by (number of exits − 1), so each exit's KL terms are averaged
+    over its teachers (DepthFL; ReeFL's ``all`` variant); zero with a single exit."""
+    if len(logits) < 2:
+        return logits[0].new_zeros(())
+    return distill_all_pairs(logits, tau) / (len(logits) - 1)
+
+
 class TeacherTracker:
     """ReeFL's dynamic teacher: an EMA of each exit's training CE; the teacher is its argmin.
 
@@ -58,3 +67,17 @@ class TeacherTracker:
         self.averages = [self.decay * m + (1 - self.decay) * loss
                          for m, loss in zip(self.averages, losses, strict=True)]
         return min(range(len(self.averages)), key=self.averages.__getitem__)
+
+
+class HeldOutTeacher:
+    """ReeFL's ``dynamic`` variant: the teacher is the exit with the lowest CE on a held-out
+    batch, asked for afresh at every step (``held_out`` yields the next batch's per-exit CE).
+    Same ``update`` interface as ``TeacherTracker``; the training CEs are not used."""
+
+    def __init__(self, held_out: Callable[[], list[float]]) -> None:
+        self.held_out = held_out
+
+    def update(self, losses: list[float]) -> int:
+        """The exit with the lowest held-out CE (ties go to the shallower exit)."""
+        ces = self.held_out()
+        return min(range(len(ces)), key=ces.__getitem__)

@@ -39,3 +39,16 @@ class EarlyExitModel(nn.Module):
             if out is not None:
                 logits.append(out)
         return logits
+
+
+class TierExits(nn.Module):
+    """Exit k read from its own tier's model: ``forward`` returns ``[models[k](x)[k]]`` for
+    every k, shallowest first (for methods whose tiers do not share one global forward pass,
+    e.g. ScaleFL's narrower tiers). ``models[k]`` must have exits 0..k."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        super().__init__()
+        self.tiers = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [model(x)[-1] for model in self.tiers]

@@ -93,18 +93,25 @@ class VisionTransformer(nn.Module):
 
     A tier's sub-model is simply a VisionTransformer with fewer blocks: its parameter names
     are a prefix-subset of the full model's, and the full model is never built.
+
+    ``attn_dim`` (q/k/v width, a multiple of ``num_heads``; default ``embed_dim``) and
+    ``mlp_hidden`` (default ``int(embed_dim · mlp_ratio)``) let a width-scaled model (ScaleFL)
+    be built with the same parameter names; its attention scale follows its own head size,
+    ``(attn_dim / num_heads) ** -0.5``.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
-                 mlp_ratio: float = 4.0) -> None:
+                 mlp_ratio: float = 4.0, attn_dim: int | None = None,
+                 mlp_hidden: int | None = None) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        hidden = mlp_hidden or int(embed_dim * mlp_ratio)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, int(embed_dim * mlp_ratio)) for _ in range(depth)
+            Block(embed_dim, num_heads, hidden, attn_dim=attn_dim) for _ in range(depth)
         )
         self._init_weights()
 
