@@ -71,8 +71,9 @@ class Entry:
         return f"{self.slug or self.label}-s{seed}"
 
 
-def _split_top_level(text: str, what: str) -> list[str]:
-    """``text`` split at commas outside brackets and quotes."""
+def _split_top_level(text: str, what: str, early_close: str = "") -> list[str]:
+    """``text`` split at commas outside brackets and quotes; a ']' with no '[' raises
+    ``early_close`` (default: an "unmatched ']'" message)."""
     parts, current, depth, quote = [], [], 0, ""
     for char in text:
         if quote:
@@ -84,7 +85,7 @@ def _split_top_level(text: str, what: str) -> list[str]:
         elif char == "]":
             depth -= 1
             if depth < 0:
-                raise RunConfigError(f"{what}: unmatched ']' in '{text}'")
+                raise RunConfigError(early_close or f"{what}: unmatched ']' in '{text}'")
         elif char == "," and depth == 0:
             parts.append("".join(current))
             current = []
@@ -131,10 +132,9 @@ def parse_entries(spec: str | Sequence[str]) -> list[Entry]:
         if bracket:
             if not rest.endswith("]"):
                 raise RunConfigError(f"{what}: nothing may follow the closing ']'")
-            inner = rest[:-1]
-            if _unbracketed_close(inner):
-                raise RunConfigError(f"{what}: nothing may follow the closing ']'")
-            inner = " ".join(p.strip() for p in _split_top_level(inner, what) if p.strip())
+            pairs = _split_top_level(rest[:-1], what,
+                                     early_close=f"{what}: nothing may follow the closing ']'")
+            inner = " ".join(p.strip() for p in pairs if p.strip())
         values = _check_pairs(inner, what)
         for key in values:
             if key in SET_BY_COMPARE and key != "method":
@@ -147,23 +147,6 @@ def parse_entries(spec: str | Sequence[str]) -> list[Entry]:
             raise RunConfigError(f"--methods: entry '{piece}' is given twice")
         entries.append(Entry(piece, method, inner))
     return _with_slugs(entries)
-
-
-def _unbracketed_close(inner: str) -> bool:
-    """Whether ``inner`` closes the entry's bracket early (``a[x=1]y[z=2]``)."""
-    depth, quote = 0, ""
-    for char in inner:
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                return True
-    return False
 
 
 def _with_slugs(entries: list[Entry]) -> list[Entry]:
