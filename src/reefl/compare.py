@@ -183,22 +183,9 @@ def parse_seeds(spec: str | Sequence[int]) -> list[int]:
 # -- overrides ------------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    text = str(value)
-    if '"' not in text and "\\" not in text:
-        return f'"{text}"'
-    if "'" not in text:
-        return f"'{text}'"  # TOML literal string
-    raise RunConfigError(f"--run-config: a value with both quote kinds is not supported: {text}")
-
-
 def pairs_string(values: dict[str, Any]) -> str:
     """A dict as one ``k=v k2=v2`` string that ``flwr run --run-config`` parses back."""
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+    return " ".join(f"{k}={launcher.toml_value(v)}" for k, v in values.items())
 
 
 def common_overrides(run_config: Sequence[str]) -> list[str]:

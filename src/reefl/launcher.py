@@ -309,17 +309,24 @@ def federation_config(config: dict[str, Any], user: Sequence[str] = ()) -> dict[
     return merged
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A value as Flower's ``k=v`` parser reads it back (it knows no escapes, so a string
+    takes whichever quote kind it does not contain)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value))
+    text = str(value)
+    if '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    if "'" not in text:
+        return f"'{text}'"  # TOML literal string
+    raise RunConfigError(f"--run-config: a value with both quote kinds is not supported: {text}")
 
 
 def federation_arg(federation: dict[str, Any]) -> str:
     """The ``--federation-config`` value e.g. ``num-supernodes=20 client-resources-num-cpus=1``."""
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in federation.items())
+    return " ".join(f"{k}={toml_value(v)}" for k, v in federation.items())
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -640,13 +647,7 @@ class LocalSuperLink:
             self._report()
         process = self.process
         if process is not None:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            _stop_process(process)
             _wait_gone(self.tree, CASCADE_GRACE)  # flwr-simulation shuts Ray down
             _terminate_tree(self.tree)  # e.g. Ray processes of an interrupted run
             if not self.tree.enabled:  # no /proc: at least the SuperLink's group
