@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -20,3 +21,16 @@ TINY = {
 def tiny_cfg() -> RunConfig:
     """A 4-block, 4-exit backbone small enough for exact comparisons in milliseconds."""
     return RunConfig.from_flat(TINY)
+
+
+def timm_checkpoint(backbone: torch.nn.Module, num_classes: int = 10) -> dict[str, torch.Tensor]:
+    """``backbone``'s weights as a timm/DeiT checkpoint: q, k and v fused into ``attn.qkv``,
+    plus the final ``norm`` and ``head`` that a DeiT file carries (and the loader drops)."""
+    state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    for key in [k for k in state if ".attn.q." in k]:
+        parts = [state.pop(key.replace(".attn.q.", f".attn.{n}.")) for n in "qkv"]
+        state[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat(parts)
+    dim = state["cls_token"].shape[-1]
+    state |= {"norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim),
+              "head.weight": torch.randn(num_classes, dim), "head.bias": torch.zeros(num_classes)}
+    return state

@@ -3,38 +3,70 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from conftest import timm_checkpoint
 from reefl.cli import main
-from reefl.config import RunConfig
+from reefl.config import REGIMES, RunConfig
 from reefl.launcher import run_app
 from reefl.methods import TaskSpec, build_method
+from reefl.models import VisionTransformer
 
 TINY_RUN = ('num-clients=4 num-exits=2 depth=2 embed-dim=16 num-heads=2 num-server-rounds=2 '
             'eval-every=1 fraction-train=1.0 local-epochs=1 seed=3')
 
-# One row per method (and per variant whose wiring differs), added to TINY_RUN.
+# One row per method (and per variant whose wiring differs), added to TINY_RUN; every
+# fine-tuning regime appears at least once. {checkpoint} is a DeiT-format file written by the
+# test (RGB, half the image size: the patch embedding and position embedding are adapted).
+LORA = "lora-rank=4 lora-alpha=8.0"
 E2E_RUNS = [
-    pytest.param("", id="reefl"),
+    pytest.param("", id="reefl-full"),
+    pytest.param('regime="frozen" pretrained="{checkpoint}"', id="reefl-frozen-pretrained"),
     pytest.param('distillation="dynamic" exit-module="heads" maximum=true', id="reefl-ablations"),
-    pytest.param('method="depthfl"', id="depthfl"),
+    pytest.param(f'method="depthfl" regime="lora" {LORA}', id="depthfl-lora"),
     pytest.param('method="depthfl" server-update="feddyn"', id="depthfl-feddyn"),
-    pytest.param('method="exclusivefl"', id="exclusivefl"),
-    pytest.param('method="scalefl" scalefl-widths="0.5,1.0"', id="scalefl"),
-    pytest.param('method="inclusivefl"', id="inclusivefl"),
-    pytest.param('method="inclusivefl" server-update="fedadam" fedadam-lr=0.01',
-                 id="inclusivefl-fedadam"),
+    pytest.param('method="exclusivefl" regime="ssf"', id="exclusivefl-ssf"),
+    pytest.param('method="scalefl" scalefl-widths="0.5,1.0" regime="pa" adapter-dim=4',
+                 id="scalefl-pa"),
+    pytest.param('method="inclusivefl" regime="sa" adapter-dim=4', id="inclusivefl-sa"),
+    pytest.param(f'method="inclusivefl" server-update="fedadam" fedadam-lr=0.01 regime="lora" '
+                 f'{LORA} pretrained="{{checkpoint}}"', id="inclusivefl-fedadam-lora-pretrained"),
 ]
+
+
+def _write_checkpoint(path: Path) -> Path:
+    """A random DeiT-format checkpoint (``model`` key, fused qkv) for TINY_RUN's backbone,
+    made for 3-channel 14-px images (the run uses 1-channel 28-px ones)."""
+    backbone = VisionTransformer(img_size=14, patch_size=7, in_chans=3, embed_dim=16, depth=2,
+                                 num_heads=2, mlp_ratio=2.0)
+    torch.save({"model": timm_checkpoint(backbone)}, path)
+    return path
+
+
+def _assert_only_trainable_parameters_moved(cfg: RunConfig, state: dict[str, torch.Tensor]
+                                            ) -> None:
+    """Every parameter no tier trains still equals the run's initial state (the pretrained
+    backbone, where there is one); some trained parameter moved."""
+    method = build_method(cfg, TaskSpec(num_classes=10, in_chans=1))
+    initial = method.initial_state()
+    trained = {method.global_name(k, t) for t in range(method.num_exits)
+               for k in method.trainable_keys(t)}
+    assert set(state) == set(initial)
+    assert all(torch.equal(state[k], initial[k]) for k in set(state) - trained)
+    assert any(not torch.equal(state[k], initial[k]) for k in trained)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", E2E_RUNS)
 def test_two_rounds_write_the_run_folder(extra: str, tmp_path: Path) -> None:
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    extra = extra.replace("{checkpoint}", str(_write_checkpoint(tmp_path / "deit.pth")))
     run_dir = run_app([f'{TINY_RUN} {extra} output-dir="{tmp_path}" run-name="e2e"'],
                       quiet=True)
     assert run_dir == tmp_path / "e2e"
@@ -55,12 +87,20 @@ def test_two_rounds_write_the_run_folder(extra: str, tmp_path: Path) -> None:
     assert final["exit_accuracy"] == rounds[-1]["exit_accuracy"]
     assert final["method"] == config["method"] and final["seed"] == 3 and final["wall_seconds"] > 0
     assert 0 <= final["ensemble_accuracy"] <= 100
-    assert final["mean_accuracy"] > 10.0  # ten classes: two rounds already beat chance
+    if config["regime"] == "full":  # ten classes: two rounds already beat chance
+        assert final["mean_accuracy"] > 10.0
+    else:  # a frozen random backbone may not in two rounds, but the clients learn
+        assert all(rounds[-1][f"train-ce-exit{k}"] < math.log(10) for k in (0, 1))
 
     state = load_file(str(run_dir / "model.safetensors"))
     cfg = RunConfig.from_flat(config)
     model = build_method(cfg, TaskSpec(num_classes=10, in_chans=1)).build_global_model()
     model.load_state_dict(state, strict=True)
+    _assert_only_trainable_parameters_moved(cfg, state)
+    accounting = json.loads((run_dir / "accounting.json").read_text())
+    assert accounting["regime"] == cfg.regime
+    assert {r["regime"] for r in accounting["regimes"]} == set(REGIMES)
+    assert f"**{cfg.regime}** (this run)" in (run_dir / "costs.md").read_text()
 
 
 @pytest.mark.parametrize(

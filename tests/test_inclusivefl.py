@@ -96,12 +96,13 @@ def test_payload_maps_the_tier_s_own_copies_to_its_model_s_names() -> None:
     state = _global_state(method)
     payload = method.client_payload(state, 0)
     assert set(payload) == set(method.build_model(0).state_dict())
-    assert payload["backbone.blocks.1.mlp.fc1.weight"] is state["tiers.0.block.mlp.fc1.weight"]
-    assert payload["exits.heads.0.fc.bias"] is state["tiers.0.exits.heads.0.fc.bias"]
-    assert payload["backbone.blocks.0.norm1.weight"] is state["backbone.blocks.0.norm1.weight"]
-    deep = method.client_payload(state, 1)
-    assert deep["backbone.blocks.1.attn.q.bias"] is state["backbone.blocks.1.attn.q.bias"]
-    assert deep["backbone.blocks.3.attn.q.bias"] is state["tiers.1.block.attn.q.bias"]
+    pairs = [(0, "backbone.blocks.1.mlp.fc1.weight", "tiers.0.block.mlp.fc1.weight"),
+             (0, "exits.heads.0.fc.bias", "tiers.0.exits.heads.0.fc.bias"),
+             (0, "backbone.blocks.0.norm1.weight", "backbone.blocks.0.norm1.weight"),
+             (1, "backbone.blocks.1.attn.q.bias", "backbone.blocks.1.attn.q.bias"),
+             (1, "backbone.blocks.3.attn.q.bias", "tiers.1.block.attn.q.bias")]
+    for tier, name, global_name in pairs:
+        assert torch.equal(method.client_payload(state, tier)[name], state[global_name])
 
 
 def _shifted(method: InclusiveFL, state: dict[str, torch.Tensor], pid: int, tier: int,

@@ -7,7 +7,10 @@ For every tier ``t`` (the client sub-model with exits 0..t):
   method today; kept apart because a method or regime may send back less than it receives.
 * ``bytes_down`` / ``bytes_up``: the same in bytes, with each tensor's own element size
   (4 for fp32). Payload only: message framing and metadata are not counted.
-* ``params_model``: every parameter of the tier's model, trained or frozen.
+* ``params_model``: every parameter of the tier's model, trained or frozen (the run's regime
+  included: LoRA, adapter and SSF parameters count).
+* ``share_of_full_model``: ``params_up`` over ``params_model`` of the deepest tier, i.e. the
+  share of the full model (all blocks, all exits, in the run's regime) the tier trains.
 * ``forward_flops``: FLOPs of one forward pass of **one image** through the tier's sub-model,
   i.e. the cost of reaching exit ``t`` (with early-exit inference, exits 0..t-1 are computed
   on the way). Counted by ``torch.utils.flop_counter.FlopCounterMode``: matrix products
@@ -24,6 +27,7 @@ attention kernel would otherwise not be counted at all).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
     from reefl.methods import Method
 
 ACCOUNTING_FILE = "accounting.json"
+REGIME_TABLE_FILE = "costs.md"
 FLOPS_NOTE = (
     "forward_flops: one image, one forward pass of the tier's sub-model (cost of reaching exit "
     "= tier), counted by torch.utils.flop_counter.FlopCounterMode: matmul, conv and attention "
@@ -79,6 +84,7 @@ def _tier_cost(method: Method, tier: int, img_size: int, device: str) -> dict[st
         "bytes_down": nbytes,
         "bytes_up": nbytes,
         "params_model": sum(p.numel() for p in model.parameters()),
+        "share_of_full_model": 0.0,  # set by tier_costs, which knows the deepest tier
         "forward_flops": flops,
         "forward_flops_by_op": by_op,
     }
@@ -99,7 +105,53 @@ def tier_costs(method: Method, img_size: int | None = None) -> list[dict[str, An
                 costs.append(_tier_cost(method, tier, size, "meta"))
             except (NotImplementedError, RuntimeError):  # e.g. .item() in a forward
                 costs.append(_tier_cost(method, tier, size, "cpu"))
+    for cost in costs:
+        cost["share_of_full_model"] = cost["params_up"] / costs[-1]["params_model"]
     return costs
+
+
+def regime_costs(method: Method) -> list[dict[str, Any]]:
+    """What every fine-tuning regime would cost ``method``'s run, per tier: one dict per
+    (regime, tier) with ``regime``, ``tier``, ``params_trained`` (= sent each way per round),
+    ``bytes_per_round_each_way``, ``params_model`` and ``share_of_full_model`` (trained over
+    every parameter of the deepest tier's model in that regime). Parameter counts only: the
+    models are built on the meta device, nothing runs."""
+    from reefl.config import REGIMES
+    from reefl.methods import build_method
+
+    rows = []
+    for regime in REGIMES:
+        other = build_method(dataclasses.replace(method.cfg, regime=regime), method.task)
+        full = sum(s.numel() for s in other.tier_shapes(other.num_exits - 1).values())
+        for tier in range(other.num_exits):
+            shapes = other.tier_shapes(tier)
+            trained = sum(shapes[k].numel() for k in other.trainable_keys(tier))
+            rows.append({
+                "regime": regime, "tier": tier, "params_trained": trained,
+                "bytes_per_round_each_way": 4 * trained,  # fp32 payload
+                "params_model": sum(s.numel() for s in shapes.values()),
+                "share_of_full_model": trained / full,
+            })
+    return rows
+
+
+def format_regime_table(rows: list[dict[str, Any]], current: str | None = None) -> str:
+    """A markdown table of ``regime_costs``: one line per regime, one column per tier with
+    the parameters trained (and sent each way) per round, MB, and the share of the full
+    model; ``current`` marks the run's own regime."""
+    tiers = sorted({r["tier"] for r in rows})
+    head = "| regime | " + " | ".join(
+        f"tier {t}: params · MB/round each way · share" for t in tiers) + " |"
+    lines = [head, "|---|" + "---|" * len(tiers)]
+    for regime in dict.fromkeys(r["regime"] for r in rows):
+        cells = [
+            f"{r['params_trained']:,} · {r['bytes_per_round_each_way'] / 1e6:.2f} · "
+            f"{100 * r['share_of_full_model']:.2f}%"
+            for r in sorted((r for r in rows if r["regime"] == regime), key=lambda r: r["tier"])
+        ]
+        name = f"**{regime}** (this run)" if regime == current else regime
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def exit_flops(method: Method, img_size: int | None = None) -> list[int]:
@@ -112,20 +164,30 @@ def accounting_record(method: Method, img_size: int | None = None) -> dict[str, 
     size = int(img_size if img_size is not None else method.cfg.img_size)
     return {
         "method": method.cfg.method,
+        "regime": method.cfg.regime,
         "img_size": size,
         "in_chans": method.task.in_chans,
         "num_classes": method.task.num_classes,
         "exit_blocks": list(method.exit_blocks),
         "note": FLOPS_NOTE,
         "tiers": tier_costs(method, size),
+        "regimes": regime_costs(method),
     }
 
 
 def write_accounting(folder_path: Path, method: Method, img_size: int | None = None
                      ) -> list[dict[str, Any]]:
-    """Write ``<folder_path>/accounting.json`` (see ``accounting_record``); return the tiers."""
+    """Write ``<folder_path>/accounting.json`` (see ``accounting_record``) and the regime
+    cost table ``costs.md``; return the tiers."""
     record = accounting_record(method, img_size)
     Path(folder_path, ACCOUNTING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    table = format_regime_table(record["regimes"], current=method.cfg.regime)
+    Path(folder_path, REGIME_TABLE_FILE).write_text(
+        f"# Cost per round of every fine-tuning regime: {method.cfg.method}, "
+        f"{method.num_exits} exits, {method.task.num_classes} classes\n\n"
+        "Parameters a client of each tier trains and sends each way per round (fp32), and "
+        "their share of the full model (every block and exit, in that regime).\n\n"
+        f"{table}\n")
     return record["tiers"]
 
 

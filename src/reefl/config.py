@@ -19,6 +19,8 @@ OPTIMIZERS = ("sgd", "adamw")
 TIER_RULES = ("round-robin", "ratios")
 PRECISIONS = ("fp32", "bf16")
 MODELS = ("custom", "deit-tiny", "deit-small", "deit-base")
+REGIMES = ("frozen", "full", "lora", "sa", "pa", "ssf")  # METHOD §5; models/finetune.py
+PRETRAINED_SOURCES = ("official", "timm")  # by name, downloaded; else "" or a local file
 # Server updates each method implements; a method not listed has only "fedavg".
 SERVER_UPDATES: dict[str, tuple[str, ...]] = {"depthfl": ("fedavg", "feddyn"),
                                               "inclusivefl": ("fedavg", "fedadam")}
@@ -58,6 +60,11 @@ class RunConfig:
     depth: int = 4
     num_heads: int = 4
     mlp_ratio: float = 2.0
+    pretrained: str = ""
+    regime: str = "full"
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    adapter_dim: int = 32
     ree_heads: int = 8
     ree_attn_dim: int = 16
     ree_mlp_ratio: float = 1.35
@@ -156,10 +163,12 @@ class RunConfig:
         _choice("tier-rule", self.tier_rule, TIER_RULES)
         _choice("mixed-precision", self.mixed_precision, PRECISIONS)
         _choice("model", self.model, MODELS)
+        _choice("regime", self.regime, REGIMES)
+        self._validate_pretrained()
         for key in ("num-clients", "num-server-rounds", "eval-every", "batch-size",
                     "eval-batch-size", "local-epochs", "kd-rounds", "ree-depth",
                     "ree-recurrent-steps", "ree-heads", "ree-attn-dim", "img-size",
-                    "patch-size", "embed-dim", "depth", "num-heads"):
+                    "patch-size", "embed-dim", "depth", "num-heads", "lora-rank", "adapter-dim"):
             _require(key, getattr(self, key.replace("-", "_")) >= 1, "an integer >= 1")
         depth = self.backbone["depth"]
         _require("num-exits", 1 <= self.num_exits <= depth,
@@ -168,6 +177,7 @@ class RunConfig:
         _require("dirichlet-alpha", self.dirichlet_alpha > 0, "a number > 0")
         _require("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)")
         _require("kd-temperature", self.kd_temperature > 0, "a number > 0")
+        _require("lora-alpha", self.lora_alpha > 0, "a number > 0")
         _require("feddyn-alpha", self.feddyn_alpha > 0, "a number > 0")
         _require("inclusivefl-beta", 0 <= self.inclusivefl_beta <= 1, "a number in [0, 1]")
         _require("fedadam-lr", self.fedadam_lr > 0, "a number > 0")
@@ -196,6 +206,22 @@ class RunConfig:
         ok = (len(blocks) == self.num_exits and all(0 <= b < depth for b in blocks)
               and all(a < b for a, b in zip(blocks, blocks[1:], strict=False)))
         _require("exit-blocks", ok, allowed, self.exit_blocks)
+
+    def _validate_pretrained(self) -> None:
+        """``pretrained``: nothing, a DeiT by name (needs a ``deit-*`` model), or a file."""
+        if not self.pretrained:
+            return
+        if self.pretrained in PRETRAINED_SOURCES:
+            _require("model", self.model != "custom",
+                     f"one of {', '.join(MODELS[1:])} when pretrained='{self.pretrained}'",
+                     self.model)
+            return
+        from pathlib import Path
+
+        _require("pretrained", Path(self.pretrained).expanduser().is_file(),
+                 f"'', {', '.join(repr(s) for s in PRETRAINED_SOURCES)} (download by model "
+                 "name) or the path of a .pth/.pt/.bin/.safetensors checkpoint file",
+                 self.pretrained)
 
     def _validate_scalefl(self) -> None:
         """ScaleFL's keys, checked only when it runs (its 4 default widths fit K = 4 only)."""

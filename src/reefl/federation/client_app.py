@@ -34,6 +34,25 @@ def _setup(cfg: RunConfig) -> tuple[FederatedData, Method]:
     return data, build_method(cfg, task)
 
 
+@lru_cache(maxsize=1)
+def _initial_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The run's initial global model (seeded, pretrained backbone loaded), computed once
+    per process: the source of every frozen parameter, which the server never sends."""
+    return _setup(cfg)[1].initial_state()
+
+
+def _tier_model(cfg: RunConfig, method: Method, tier: int,
+                payload: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The tier's model: trainable parameters from the server, frozen ones from the initial
+    state. Built on the meta device and filled by assignment: nothing is initialised twice."""
+    state = method.tier_state(_initial_state(cfg), tier)
+    state.update(payload)
+    with torch.device("meta"):
+        model = method.build_model(tier)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
 def _identity(context: Context) -> tuple[RunConfig, int, int]:
     cfg = RunConfig.from_flat(dict(context.run_config))
     partition_id = int(context.node_config["partition-id"])
@@ -71,9 +90,8 @@ def train(msg: Message, context: Context) -> Message:
     lr = float(msg.content["config"]["lr"])
     seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
     torch.manual_seed(seed)
-    model = method.build_model(tier)
     payload = msg.content["arrays"].to_torch_state_dict()
-    model.load_state_dict(payload, strict=True)
+    model = _tier_model(cfg, method, tier, payload)
     train_idx, held_idx = held_out_split(data, partition_id, method.held_out_fraction, cfg.seed)
     loader = client_loader(data, partition_id, cfg.batch_size, seed, cfg.augment, train_idx)
     held_out = held_out_loader(data, held_idx, cfg.batch_size) if len(held_idx) else None

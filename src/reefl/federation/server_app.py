@@ -67,8 +67,7 @@ def main(grid: Grid, context: Context) -> None:
     task = TaskSpec(num_classes=data.train.num_classes, in_chans=data.train.images.shape[1])
     method = build_method(cfg, task)
     write_accounting(folder.path, method, cfg.img_size)
-    torch.manual_seed(cfg.seed)
-    initial = {k: v.detach() for k, v in method.build_global_model().state_dict().items()}
+    initial = method.initial_state()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = test_loader(data, cfg.eval_batch_size)
 

@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from reefl.config import RunConfig
-from reefl.federation.aggregate import weighted_mean_per_key
+from reefl.federation.aggregate import slice_to, weighted_mean_per_key
 from reefl.models import EarlyExitModel, PerExitHeads, VisionTransformer
+from reefl.models.finetune import Regime, apply_regime
+from reefl.models.pretrained import backbone_weights, fit_to
 
 HeldOutCE = Callable[[], list[float]]
 """Per-exit CE of the model being trained on the next batch of the client's held-out data."""
@@ -31,6 +33,14 @@ class TaskSpec:
 
     num_classes: int
     in_chans: int
+
+
+@dataclass(frozen=True)
+class TierLayout:
+    """Every parameter of a tier's model (name -> shape) and the names it trains."""
+
+    shapes: dict[str, torch.Size]
+    trainable: list[str]
 
 
 @dataclass(frozen=True)
@@ -56,15 +66,37 @@ class Method(ABC):
         self.cfg = cfg
         self.task = task
         self.exit_blocks = cfg.exit_block_list
-        self._trainable_keys: dict[int, list[str]] = {}
+        self._layouts: dict[int, TierLayout] = {}
 
     @property
     def num_exits(self) -> int:
         return len(self.exit_blocks)
 
+    @property
+    def regime(self) -> Regime:
+        """The run's fine-tuning regime (``regime``, ``lora-rank``, ``lora-alpha``,
+        ``adapter-dim``)."""
+        cfg = self.cfg
+        return Regime(cfg.regime, cfg.lora_rank, cfg.lora_alpha, cfg.adapter_dim)
+
     @abstractmethod
+    def build_architecture(self, tier: int) -> EarlyExitModel:
+        """The sub-model of ``tier`` as the method defines it, before the fine-tuning regime:
+        blocks up to exit ``tier``'s block, exits 0..tier."""
+
     def build_model(self, tier: int) -> EarlyExitModel:
-        """The sub-model of ``tier``: blocks up to exit ``tier``'s block, exits 0..tier."""
+        """The sub-model a client of ``tier`` trains: the architecture in the run's regime
+        (its adapters added, only the regime's parameters trainable)."""
+        return apply_regime(self.build_architecture(tier), self.regime)
+
+    def build_global_architecture(self) -> nn.Module:
+        """The model the server holds, before the regime: by default the deepest tier's (a
+        method whose tiers keep parameters apart, like InclusiveFL, builds one of its own)."""
+        return self.build_architecture(self.num_exits - 1)
+
+    def build_global_model(self) -> nn.Module:
+        """The model the server holds and evaluates, in the run's regime."""
+        return apply_regime(self.build_global_architecture(), self.regime)
 
     def build_backbone(self, tier: int, **widths: int) -> VisionTransformer:
         """The backbone cut after the block of exit ``tier``: full width, unless ``widths``
@@ -84,19 +116,67 @@ class Method(ABC):
                              self.exit_blocks[: tier + 1])
         return EarlyExitModel(self.build_backbone(tier), heads)
 
-    def build_global_model(self) -> nn.Module:
-        """The model the server holds and evaluates: by default the deepest tier's (a method
-        whose tiers keep parameters apart, like InclusiveFL, holds a module of its own)."""
-        return self.build_model(self.num_exits - 1)
+    def _layout(self, tier: int) -> TierLayout:
+        """Names and shapes of ``tier``'s model, built once on the meta device."""
+        if tier not in self._layouts:
+            with torch.device("meta"):
+                model = self.build_model(tier)
+            params = dict(model.named_parameters())
+            self._layouts[tier] = TierLayout(
+                shapes={name: p.shape for name, p in params.items()},
+                trainable=[name for name, p in params.items() if p.requires_grad],
+            )
+        return self._layouts[tier]
 
     def trainable_keys(self, tier: int) -> list[str]:
         """Names of the parameters a tier trains, receives and sends back."""
-        if tier not in self._trainable_keys:
+        return self._layout(tier).trainable
+
+    def tier_shapes(self, tier: int) -> dict[str, torch.Size]:
+        """Name and shape of every parameter of ``tier``'s model, trained or frozen."""
+        return self._layout(tier).shapes
+
+    def global_name(self, name: str, tier: int) -> str:
+        """Name in the global state of parameter ``name`` of ``tier``'s model (the same
+        name, unless the method keeps per-tier copies, like InclusiveFL)."""
+        return name
+
+    def tier_state(self, global_state: dict[str, torch.Tensor], tier: int,
+                   keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Parameters ``keys`` (default: all) of ``tier``'s model, taken from the global
+        state: renamed by ``global_name`` and cut to the tier's shape (``slice_to``: the
+        leading block, which is the whole tensor unless the tier is narrower, as in
+        ScaleFL)."""
+        shapes = self.tier_shapes(tier)
+        return {name: slice_to(global_state[self.global_name(name, tier)],
+                               shapes[name]).contiguous()
+                for name in (keys if keys is not None else shapes)}
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The global model every run starts from: initialised from ``seed`` alone, then the
+        pretrained backbone when ``pretrained`` is set. The server and every client compute
+        the same tensors, so frozen parameters never travel: a client takes them from here."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            state = {k: v.detach() for k, v in self.build_global_model().state_dict().items()}
+        if self.cfg.pretrained:
+            state.update(self.pretrained_state(state))
+        return state
+
+    def pretrained_state(self, global_state: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+        """The global tensors that come from the pretrained checkpoint: every backbone
+        parameter of every tier's architecture (at the global model's width), under its
+        global name; the position embedding is interpolated if the image size differs."""
+        targets: dict[str, str] = {}  # global name -> backbone name in the checkpoint
+        for tier in range(self.num_exits):
             with torch.device("meta"):
-                model = self.build_model(tier)
-            self._trainable_keys[tier] = [
-                name for name, p in model.named_parameters() if p.requires_grad]
-        return self._trainable_keys[tier]
+                names = [n for n, _ in self.build_architecture(tier).named_parameters()]
+            targets.update({self.global_name(n, tier): n.removeprefix("backbone.")
+                            for n in names if n.startswith("backbone.")})
+        shapes = {source: global_state[name].shape for name, source in targets.items()}
+        weights = fit_to(backbone_weights(self.cfg.pretrained, self.cfg.model), shapes)
+        return {name: weights[source] for name, source in targets.items()}
 
     def exit_ids(self, tier: int) -> list[int]:
         """The global index of every exit the tier's model returns, in order (names its
@@ -111,9 +191,8 @@ class Method(ABC):
     def client_payload(self, global_state: dict[str, torch.Tensor], tier: int
                        ) -> dict[str, torch.Tensor]:
         """What the server sends a client of ``tier``, named as in that tier's model; the
-        client returns the same names and shapes. By default: the tier's trainable
-        parameters, taken as they are from the global model."""
-        return {k: global_state[k] for k in self.trainable_keys(tier)}
+        client returns the same names and shapes: the tier's trainable parameters."""
+        return self.tier_state(global_state, tier, self.trainable_keys(tier))
 
     def exit_evaluator(self, global_state: dict[str, torch.Tensor]) -> nn.Module:
         """A module whose forward returns the logits of every exit of the global model. By

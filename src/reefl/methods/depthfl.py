@@ -83,7 +83,7 @@ class DepthFL(Method):
         self.feddyn = self.cfg.server_update == "feddyn"
         self.server_h: Tensors = {}
 
-    def build_model(self, tier: int) -> EarlyExitModel:
+    def build_architecture(self, tier: int) -> EarlyExitModel:
         return self.build_heads_model(tier)
 
     def new_loss_state(self, held_out: HeldOutCE | None = None) -> None:

@@ -20,7 +20,7 @@ class ExclusiveFL(Method):
 
     name = "exclusivefl"
 
-    def build_model(self, tier: int) -> EarlyExitModel:
+    def build_architecture(self, tier: int) -> EarlyExitModel:
         return self.build_heads_model(tier)
 
     def takes_part(self, tier: int) -> bool:

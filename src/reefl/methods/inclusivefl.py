@@ -13,7 +13,8 @@ for itself (``InclusiveGlobalModel``):
 * ``tiers.{t}.exits.heads.0.*``: tier t's head (a one-exit ``PerExitHeads``).
 
 A tier-t client's model names its top block ``backbone.blocks.{e_t}`` and its head
-``exits.heads.0``; ``client_payload`` and ``aggregate`` rename between the two. Block e_t thus
+``exits.heads.0``; ``global_name`` maps one to the other for ``Method.tier_state``
+(what a client is sent) and ``aggregate``. Block e_t thus
 exists twice when t < K−1: tier t's copy and the shared ``backbone.blocks.{e_t}`` that the
 deeper tiers run through. All copies start equal (deep copies of one freshly built block),
 as they would from a pretrained checkpoint.
@@ -133,11 +134,11 @@ class InclusiveFL(Method):
         return PerExitHeads(self.cfg.backbone["embed_dim"], self.task.num_classes,
                             [self.exit_blocks[tier]])
 
-    def build_model(self, tier: int) -> EarlyExitModel:
+    def build_architecture(self, tier: int) -> EarlyExitModel:
         """The client's model: backbone cut after e_t, one head on block e_t."""
         return EarlyExitModel(self.build_backbone(tier), self._head(tier))
 
-    def build_global_model(self) -> InclusiveGlobalModel:
+    def build_global_architecture(self) -> InclusiveGlobalModel:
         """Shared trunk plus, per tier, a copy of block e_t (all copies start equal) and a
         head; the deepest block e_{K−1} exists only as the deepest tier's copy."""
         trunk = self.build_backbone(self.num_exits - 1)
@@ -158,12 +159,6 @@ class InclusiveFL(Method):
         if name.startswith("exits."):
             return f"tiers.{tier}.{name}"
         return name
-
-    def client_payload(self, global_state: dict[str, torch.Tensor], tier: int
-                       ) -> dict[str, torch.Tensor]:
-        """The tier's trainable parameters, its own top block and head included, under the
-        names of the tier's model."""
-        return {k: global_state[self.global_name(k, tier)] for k in self.trainable_keys(tier)}
 
     def new_loss_state(self, held_out: HeldOutCE | None = None) -> None:
         return None

@@ -42,7 +42,7 @@ class ReeFL(Method):
     def held_out_fraction(self) -> float:
         return HELD_OUT_FRACTION if self.cfg.distillation == "dynamic" else 0.0
 
-    def build_model(self, tier: int) -> EarlyExitModel:
+    def build_architecture(self, tier: int) -> EarlyExitModel:
         if self.cfg.exit_module == "heads":
             return self.build_heads_model(tier)
         cfg, bb = self.cfg, self.cfg.backbone

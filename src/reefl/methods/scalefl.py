@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from reefl.config import RunConfig
-from reefl.federation.aggregate import slice_to, sliced_mean
+from reefl.federation.aggregate import sliced_mean
 from reefl.methods.base import ClientUpdate, HeldOutCE, Method, TaskSpec
 from reefl.methods.losses import distill_from, exit_cross_entropies
 from reefl.models import EarlyExitModel, PerExitHeads, TierExits
@@ -82,7 +82,6 @@ class ScaleFL(Method):
     def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
         super().__init__(cfg, task)
         self.widths = cfg.scalefl_width_list
-        self._shapes: dict[int, dict[str, torch.Size]] = {}
 
     def tier_width(self, tier: int) -> TierWidth:
         """Channel counts of ``tier``'s backbone."""
@@ -90,31 +89,11 @@ class ScaleFL(Method):
         return scaled_width(self.widths[tier], bb["embed_dim"], bb["num_heads"],
                             int(bb["embed_dim"] * bb["mlp_ratio"]))
 
-    def build_model(self, tier: int) -> EarlyExitModel:
+    def build_architecture(self, tier: int) -> EarlyExitModel:
         """Blocks 0..e_t at tier t's width, one head per exit 0..t."""
         dims = self.tier_width(tier)
         heads = PerExitHeads(dims.embed_dim, self.task.num_classes, self.exit_blocks[: tier + 1])
         return EarlyExitModel(self.build_backbone(tier, **asdict(dims)), heads)
-
-    def tier_shapes(self, tier: int) -> dict[str, torch.Size]:
-        """Shape of every parameter of ``tier``'s model (built once, on the meta device)."""
-        if tier not in self._shapes:
-            with torch.device("meta"):
-                model = self.build_model(tier)
-            self._shapes[tier] = {name: p.shape for name, p in model.named_parameters()}
-        return self._shapes[tier]
-
-    def tier_state(self, global_state: dict[str, torch.Tensor], tier: int
-                   ) -> dict[str, torch.Tensor]:
-        """Every parameter of ``tier``'s model, cut from the global model (``slice_to``)."""
-        return {name: slice_to(global_state[name], shape).contiguous()
-                for name, shape in self.tier_shapes(tier).items()}
-
-    def client_payload(self, global_state: dict[str, torch.Tensor], tier: int
-                       ) -> dict[str, torch.Tensor]:
-        """The tier's trainable parameters, each sliced to the tier's width."""
-        state = self.tier_state(global_state, tier)
-        return {name: state[name] for name in self.trainable_keys(tier)}
 
     def exit_evaluator(self, global_state: dict[str, torch.Tensor]) -> nn.Module:
         """Exit k read from tier k's own model (its width and depth), built from the global
