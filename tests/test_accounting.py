@@ -13,6 +13,7 @@ from reefl.accounting import (
     exit_flops,
     format_tier_table,
     read_accounting,
+    regime_costs,
     tier_costs,
     write_accounting,
 )
@@ -142,3 +143,55 @@ def test_costs_from_a_run_config_use_the_data_source() -> None:
     method = build_method(RunConfig.from_flat({**MICRO, "img-size": 28, "patch-size": 14}),
                           TaskSpec(num_classes=10, in_chans=1))
     assert costs == tier_costs(method)
+
+
+def _deit_small_rows() -> dict[tuple[str, int], int]:
+    cfg = RunConfig.from_flat({"model": "deit-small", "img-size": 224})
+    method = build_method(cfg, TaskSpec(num_classes=100, in_chans=3))
+    return {(r["regime"], r["tier"]): r["params_trained"] for r in regime_costs(method)}
+
+
+def test_deit_small_frozen_trains_ree_alone_and_peft_adds_hand_counted_parameters() -> None:
+    """DeiT-S, 4 exits (blocks 2, 5, 8, 11), 100 classes: the frozen regime trains Ree only,
+    and each block of a tier adds what LoRA (r 32), an adapter pair (32) or SSF adds."""
+    d, r, a, c, hidden = 384, 32, 16, 100, 1536
+    ree = (d + 13 * d  # meta token, position embedding over L + 1 = 13 depths
+           + 2 * d + 3 * _linear(d, a) + _linear(a, d)  # its attention (width 16)
+           + 2 * d + _linear(d, int(1.35 * d)) + _linear(int(1.35 * d), d)  # its MLP
+           + 2 * d + _linear(d, c))  # the exit head
+    assert ree == 469_914
+    lora = 2 * (r * d + d * r)  # A and B on q and v
+    adapters = 2 * (_linear(d, 32) + _linear(32, d))  # after/beside attention and MLP
+    ssf = 2 * (4 * d + hidden + d + 2 * d)  # q k v proj, fc1, fc2, norm1, norm2
+    rows = _deit_small_rows()
+    for tier, blocks in enumerate((3, 6, 9, 12)):
+        assert rows["frozen", tier] == ree
+        assert rows["lora", tier] == ree + blocks * lora
+        assert rows["sa", tier] == rows["pa", tier] == ree + blocks * adapters
+        assert rows["ssf", tier] == ree + blocks * ssf + 2 * d + 2 * d  # + patch embed, head
+    assert rows["full", 3] == 21_664_896 + ree  # DeiT-S without head and final norm + Ree
+
+
+def test_run_accounting_has_every_regime_and_the_share_of_the_full_model(tmp_path) -> None:
+    method = build_method(RunConfig.from_flat({**MICRO, "regime": "frozen"}), TASK)
+    tiers = write_accounting(tmp_path, method)
+    record = json.loads((tmp_path / "accounting.json").read_text())
+    assert record["regime"] == "frozen"
+    assert [t["share_of_full_model"] for t in tiers] == [
+        t["params_up"] / tiers[-1]["params_model"] for t in tiers]
+    full = [r for r in record["regimes"] if r["regime"] == "full"]
+    assert [r["share_of_full_model"] for r in full][-1] == 1.0
+    assert [r["params_trained"] for r in full] == [317, 453]  # the hand count above
+    table = (tmp_path / "costs.md").read_text()
+    assert "| **frozen** (this run) |" in table and "| ssf |" in table
+
+
+def test_costs_command_prints_the_regime_table(capsys) -> None:
+    from reefl.cli import main
+
+    assert main(["costs", "-c", 'model="deit-small" img-size=224', "--num-classes", "100",
+                 "--in-chans", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| frozen | 469,914 · 1.88 · 2.12% |" in out
+    assert main(["costs", "-c", 'regime="prompt"']) == 2
+    assert "regime must be one of" in capsys.readouterr().err

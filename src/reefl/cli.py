@@ -45,7 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the logs")
     _add_compare(commands)
+    _add_costs(commands)
     return parser
+
+
+def _add_costs(commands: argparse._SubParsersAction) -> None:
+    costs = commands.add_parser(
+        "costs",
+        help="print what every fine-tuning regime costs per tier (nothing is trained)",
+        description=(
+            "For the run config (the app's defaults plus --run-config), print one row per "
+            "fine-tuning regime and one column per tier: the parameters a client trains and "
+            "sends each way per round, the MB that is (fp32), and its share of the full "
+            "model. The models are built on the meta device: no data, no weights, no "
+            "download. The classes and input channels come from the data set unless given."
+        ),
+    )
+    costs.add_argument(
+        "--run-config", "-c", action="append", default=[], metavar="CONFIG",
+        help=RUN_CONFIG_HELP,
+    )  # fmt: skip
+    costs.add_argument("--num-classes", type=int, default=None, metavar="C",
+                       help="classes of the task (default: the data set's)")
+    costs.add_argument("--in-chans", type=int, default=None, metavar="N",
+                       help="input channels (default: the data set's)")
+    costs.add_argument(
+        "--app", type=Path, default=None, metavar="DIR",
+        help="Flower app directory (default: nearest pyproject.toml with [tool.flwr.app])",
+    )  # fmt: skip
 
 
 def _add_compare(commands: argparse._SubParsersAction) -> None:
@@ -144,6 +171,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       "comparison files)", 130)
 
 
+def cmd_costs(args: argparse.Namespace) -> int:
+    from reefl.accounting import format_regime_table, regime_costs
+    from reefl.config import ConfigError
+    from reefl.launcher import LaunchError, resolved_config
+    from reefl.methods import TaskSpec, build_method
+
+    try:
+        cfg = resolved_config(args.run_config, app_dir=args.app)
+    except (LaunchError, ConfigError) as err:
+        return _error(str(err), getattr(err, "exit_code", 2))
+    if args.num_classes is None or args.in_chans is None:
+        from reefl.data import load_source
+
+        source = load_source(cfg.dataset)
+        args.num_classes = args.num_classes or source.num_classes
+        args.in_chans = args.in_chans or int(source.images.shape[1])
+    method = build_method(cfg, TaskSpec(num_classes=args.num_classes, in_chans=args.in_chans))
+    print(f"{cfg.method}, {cfg.model} backbone, exits after blocks {method.exit_blocks}, "
+          f"{args.num_classes} classes: trained parameters · MB sent each way per round · "
+          "share of the full model")
+    print(format_regime_table(regime_costs(method), current=cfg.regime))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with _sigterm_as_exit():
@@ -151,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "costs":
+            return cmd_costs(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -38,7 +38,10 @@ import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reefl.config import RunConfig
 
 # Environment every Flower process of a run gets.
 ENV_FORCED = {
@@ -206,6 +209,17 @@ def _validate(merged: dict[str, Any]) -> None:
         reefl_config.validate(merged)
     except reefl_config.ConfigError as err:
         raise RunConfigError(_one_line(str(err))) from None
+
+
+def resolved_config(overrides: Sequence[str], app_dir: Path | str | None = None
+                    ) -> RunConfig:
+    """The app's defaults with ``overrides`` applied, validated (RunConfigError otherwise)."""
+    from reefl.config import RunConfig  # deferred, as in _validate
+
+    merged = merge_config(app_defaults(resolve_app_dir(app_dir, Path.cwd())),
+                          parse_overrides(overrides))
+    _validate(merged)
+    return RunConfig.from_flat(merged)
 
 
 @dataclass
