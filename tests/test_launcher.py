@@ -404,3 +404,21 @@ def test_toy_app_smoke(
     assert "round 2: 2 replies" in out  # the ServerApp's log was streamed
     assert out.count(f"reefl: run folder {run_dir}") == 2
     assert trees and all(tree.alive() == [] for tree in trees)  # nothing left running
+
+
+def test_a_named_checkpoint_is_fetched_before_flower_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reefl.launcher import RunConfigError, _fetch_checkpoint
+    from reefl.models import pretrained
+
+    source = tmp_path / "deit_tiny_patch16_224-a1311bcf.pth"
+    source.write_bytes(b"weights")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setitem(pretrained.OFFICIAL_URLS, "deit-tiny", source.as_uri())
+    _fetch_checkpoint({"pretrained": "official", "model": "deit-tiny"}, quiet=True)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / source.name
+    assert cached.read_bytes() == b"weights"
+    _fetch_checkpoint({"pretrained": "", "model": "custom"}, quiet=True)  # nothing to fetch
+    monkeypatch.setitem(pretrained.OFFICIAL_URLS, "deit-base", (tmp_path / "gone.pth").as_uri())
+    with pytest.raises(RunConfigError, match="^pretrained: "):
+        _fetch_checkpoint({"pretrained": "official", "model": "deit-base"}, quiet=True)

@@ -223,12 +223,12 @@ def human(n: float) -> str:
 
 def format_tier_table(costs: list[dict[str, Any]]) -> str:
     """A plain-text table of ``tier_costs``: one line per tier."""
-    lines = [f"{'tier':<6}{'block':>6}{'params up':>12}{'params down':>13}{'MB up':>9}"
-             f"{'MFLOPs/img':>12}"]
+    lines = [f"{'tier':<6}{'block':>6}{'params up':>13}{'params down':>13}{'MB up':>9}"
+             f"{'share':>9}{'MFLOPs/img':>12}"]
     for c in costs:
         lines.append(
-            f"{c['tier']:<6}{c.get('exit_block', ''):>6}{c['params_up']:>12,}"
+            f"{c['tier']:<6}{c.get('exit_block', ''):>6}{c['params_up']:>13,}"
             f"{c['params_down']:>13,}{c['bytes_up'] / 1e6:>9.3f}"
-            f"{c['forward_flops'] / 1e6:>12.3f}"
+            f"{100 * c['share_of_full_model']:>8.2f}%{c['forward_flops'] / 1e6:>12.3f}"
         )
     return "\n".join(lines)

@@ -21,6 +21,13 @@ FEDERATION_CONFIG_HELP = (
 )
 
 
+def _add_app_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--app", type=Path, default=None, metavar="DIR",
+        help="Flower app directory (default: nearest pyproject.toml with [tool.flwr.app])",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reefl", description="Federated early-exit transformers on Flower."
@@ -31,10 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run one federated training in a local Flower simulation",
         description="Run the Flower app once (a thin wrapper over `flwr run <app-dir>`).",
     )
-    run.add_argument(
-        "--app", type=Path, default=None, metavar="DIR",
-        help="Flower app directory (default: nearest pyproject.toml with [tool.flwr.app])",
-    )  # fmt: skip
+    _add_app_option(run)
     run.add_argument(
         "--run-config", "-c", action="append", default=[], metavar="CONFIG",
         help=RUN_CONFIG_HELP,
@@ -57,8 +61,10 @@ def _add_costs(commands: argparse._SubParsersAction) -> None:
             "For the run config (the app's defaults plus --run-config), print one row per "
             "fine-tuning regime and one column per tier: the parameters a client trains and "
             "sends each way per round, the MB that is (fp32), and its share of the full "
-            "model. The models are built on the meta device: no data, no weights, no "
-            "download. The classes and input channels come from the data set unless given."
+            "model; before it, the config's own per-tier table with the forward FLOPs of "
+            "reaching each exit. The models are built on the meta device: no data, no "
+            "weights, no download. The classes and input channels come from the data set "
+            "unless given."
         ),
     )
     costs.add_argument(
@@ -69,10 +75,7 @@ def _add_costs(commands: argparse._SubParsersAction) -> None:
                        help="classes of the task (default: the data set's)")
     costs.add_argument("--in-chans", type=int, default=None, metavar="N",
                        help="input channels (default: the data set's)")
-    costs.add_argument(
-        "--app", type=Path, default=None, metavar="DIR",
-        help="Flower app directory (default: nearest pyproject.toml with [tool.flwr.app])",
-    )  # fmt: skip
+    _add_app_option(costs)
 
 
 def _add_compare(commands: argparse._SubParsersAction) -> None:
@@ -106,10 +109,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
         "--federation-config", action="append", default=[], metavar="CONFIG",
         help=FEDERATION_CONFIG_HELP,
     )  # fmt: skip
-    compare.add_argument(
-        "--app", type=Path, default=None, metavar="DIR",
-        help="Flower app directory (default: nearest pyproject.toml with [tool.flwr.app])",
-    )  # fmt: skip
+    _add_app_option(compare)
     compare.add_argument(
         "--resume", action="store_true",
         help="reuse a run folder that already holds a finished run with the same config",
@@ -172,7 +172,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
-    from reefl.accounting import format_regime_table, regime_costs
+    from reefl.accounting import (
+        format_regime_table,
+        format_tier_table,
+        regime_costs,
+        tier_costs,
+    )
     from reefl.config import ConfigError
     from reefl.launcher import LaunchError, resolved_config
     from reefl.methods import TaskSpec, build_method
@@ -189,8 +194,10 @@ def cmd_costs(args: argparse.Namespace) -> int:
         args.in_chans = args.in_chans or int(source.images.shape[1])
     method = build_method(cfg, TaskSpec(num_classes=args.num_classes, in_chans=args.in_chans))
     print(f"{cfg.method}, {cfg.model} backbone, exits after blocks {method.exit_blocks}, "
-          f"{args.num_classes} classes: trained parameters · MB sent each way per round · "
-          "share of the full model")
+          f"{args.num_classes} classes, regime {cfg.regime}: per tier, per round")
+    print(format_tier_table(tier_costs(method)))
+    print("\nEvery regime: trained parameters · MB sent each way per round · share of the "
+          "full model")
     print(format_regime_table(regime_costs(method), current=cfg.regime))
     return 0
 

@@ -735,6 +735,7 @@ def run_app(
     prepared = prepare_run(overrides, app_dir, federation_overrides)
     run_dir = prepared.run_dir
     _say(f"run folder {run_dir}", quiet)
+    _fetch_checkpoint(prepared.config, quiet)
     _say(
         f"app {prepared.app_dir}; simulation {federation_arg(prepared.federation)}",
         quiet,
@@ -795,6 +796,22 @@ def run_app(
         print(_final_table(prepared.app_dir, final), flush=True)
         _say(f"run folder {run_dir}", quiet)
     return run_dir
+
+
+def _fetch_checkpoint(config: dict[str, Any], quiet: bool) -> None:
+    """Download a checkpoint named by ``pretrained`` (official/timm) into the cache now, with
+    a progress bar, so the Flower processes find it there instead of all fetching it."""
+    from reefl.config import PRETRAINED_SOURCES
+
+    if config.get("pretrained") not in PRETRAINED_SOURCES:
+        return
+    from reefl.models.pretrained import CheckpointError, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(str(config["pretrained"]), str(config["model"]))
+    except (CheckpointError, OSError) as err:  # e.g. no network
+        raise RunConfigError(_one_line(f"pretrained: {err}")) from None
+    _say(f"pretrained checkpoint {path}", quiet)
 
 
 def _stop_process(process: subprocess.Popen[str] | None) -> None:

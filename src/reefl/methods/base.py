@@ -1,7 +1,9 @@
 """The interface every federated method implements (ReeFL and the baselines).
 
-A method says: how to build the model a tier trains, which parameters that tier trains and
-sends, the local loss given the exits' logits, and how the server merges the replies. Optional
+A method says: how to build the architecture a tier trains (the run's fine-tuning regime is
+then applied on top by ``build_model``: which parameters train, and LoRA/adapters/SSF), how a
+tier's tensors are cut from the global state (``global_name``; narrower shapes are sliced),
+the local loss given the exits' logits, and how the server merges the replies. Optional
 hooks (no-ops by default) let a method drop tiers from a round (``takes_part``), ask for a
 held-out split of each client's data (``held_out_fraction``), add a term to the local loss and
 keep per-client state across rounds (``local_penalty``, ``finish_local``). The federation and

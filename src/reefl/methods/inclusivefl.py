@@ -13,11 +13,13 @@ for itself (``InclusiveGlobalModel``):
 * ``tiers.{t}.exits.heads.0.*``: tier t's head (a one-exit ``PerExitHeads``).
 
 A tier-t client's model names its top block ``backbone.blocks.{e_t}`` and its head
-``exits.heads.0``; ``global_name`` maps one to the other for ``Method.tier_state``
-(what a client is sent) and ``aggregate``. Block e_t thus
-exists twice when t < K−1: tier t's copy and the shared ``backbone.blocks.{e_t}`` that the
-deeper tiers run through. All copies start equal (deep copies of one freshly built block),
-as they would from a pretrained checkpoint.
+``exits.heads.0``; ``global_name`` maps one to the other for ``Method.tier_state`` (what a
+client is sent, and its frozen weights) and for ``aggregate``. Block e_t thus exists twice
+when t < K−1: tier t's copy and the shared ``backbone.blocks.{e_t}`` that the deeper tiers run
+through. All copies start equal: deep copies of one freshly built block, overwritten by the
+same checkpoint block when ``pretrained`` is set. In a regime other than ``full`` a copy's
+LoRA/adapter/SSF parameters are per tier like the block itself, and momentum distillation
+mixes their updates (the frozen block weights never change).
 
 Choices where METHOD.md is silent:
 

@@ -24,6 +24,12 @@ Choices where METHOD.md is silent, or departs from the rest of the project:
   are never scaled). Every tensor is the leading block ``global[:s0, :s1, ...]`` of the global
   one (``slice_to``): the narrow model's heads are H contiguous chunks of the first a_t
   q/k/v channels, so they need not coincide with sub-sets of the wide model's heads.
+* **Fine-tuning regimes** (``regime``): the parameters a regime adds are sliced by the same
+  rule, and the rank of LoRA and the bottleneck of the adapters are not scaled: a tier gets
+  LoRA A [r, d_t] and B [a_t, r] on q and v (B [a_t, r] for v as well), adapter down
+  [m, d_t] and up [d_t, m], and SSF vectors of the channels they scale. A pretrained
+  checkpoint is loaded into the full-width global model, so a tier's frozen weights are the
+  leading block of the checkpoint's, as in ``models.pretrained.fit_to(allow_narrower=True)``.
 * **Attention scale** follows the narrow model's own head size, (a_t / H)^−0.5, as a model
   of that width would be built and trained on its own.
 * **Aggregation weights.** METHOD §6 says ScaleFL "averages each element over the clients that
