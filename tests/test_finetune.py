@@ -144,7 +144,7 @@ def test_ssf_covers_every_place_method_section_5_lists() -> None:
     assert {"exits.heads.0.norm.ssf_scale", "exits.heads.1.norm.ssf_scale"} <= set(heads)
 
 
-def test_a_regime_can_be_applied_once_and_names_the_allowed_values() -> None:
+def test_an_unknown_regime_names_the_allowed_values() -> None:
     with pytest.raises(ValueError, match="frozen, full, lora, sa, pa, ssf"):
         apply_regime(nn.Linear(2, 2), Regime("prompt"))
 
