@@ -56,7 +56,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = VisionTransformer(embed_dim=384, depth=12, num_heads=6)
     ours = Tokens(copy.deepcopy(base))
-    apply_regime(ours, Regime("lora", args.rank, args.alpha))
+    apply_regime(ours, Regime("lora", args.rank, args.alpha, adapter_dim=0))
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if name.endswith("lora_b"):

@@ -146,7 +146,7 @@ def test_ssf_covers_every_place_method_section_5_lists() -> None:
 
 def test_an_unknown_regime_names_the_allowed_values() -> None:
     with pytest.raises(ValueError, match="frozen, full, lora, sa, pa, ssf"):
-        apply_regime(nn.Linear(2, 2), Regime("prompt"))
+        apply_regime(nn.Linear(2, 2), Regime("prompt", 1, 1.0, 1))
 
 
 @pytest.mark.parametrize("regime", ["lora", "sa", "pa", "ssf"])
@@ -161,6 +161,12 @@ def test_every_regime_starts_as_the_model_it_adapts(regime: str) -> None:
     x = _images()
     for a, b in zip(plain(x), adapted(x), strict=True):
         assert torch.equal(a, b)
+    with torch.no_grad():  # the added parameters are live: moving them moves every exit
+        for key, p in adapted.named_parameters():
+            if key.endswith(("lora_b", "up.weight", "ssf_shift")):
+                p.normal_(std=0.1)
+    for a, b in zip(plain(x), adapted(x), strict=True):
+        assert not torch.allclose(a, b)
 
 
 # -- nothing outside the trainable set moves ------------------------------------------------

@@ -21,6 +21,11 @@ FEDERATION_CONFIG_HELP = (
 )
 
 
+def _add_run_config_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--run-config", "-c", action="append", default=[], metavar="CONFIG",
+                        help=help)
+
+
 def _add_app_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--app", type=Path, default=None, metavar="DIR",
@@ -39,10 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the Flower app once (a thin wrapper over `flwr run <app-dir>`).",
     )
     _add_app_option(run)
-    run.add_argument(
-        "--run-config", "-c", action="append", default=[], metavar="CONFIG",
-        help=RUN_CONFIG_HELP,
-    )  # fmt: skip
+    _add_run_config_option(run, RUN_CONFIG_HELP)
     run.add_argument(
         "--federation-config", action="append", default=[], metavar="CONFIG",
         help=FEDERATION_CONFIG_HELP,
@@ -67,10 +69,7 @@ def _add_costs(commands: argparse._SubParsersAction) -> None:
             "unless given."
         ),
     )
-    costs.add_argument(
-        "--run-config", "-c", action="append", default=[], metavar="CONFIG",
-        help=RUN_CONFIG_HELP,
-    )  # fmt: skip
+    _add_run_config_option(costs, RUN_CONFIG_HELP)
     costs.add_argument("--num-classes", type=int, default=None, metavar="C",
                        help="classes of the task (default: the data set's)")
     costs.add_argument("--in-chans", type=int, default=None, metavar="N",
@@ -100,11 +99,9 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
                          help="comma-separated seeds, e.g. 0,1,2 (default: 0)")
     compare.add_argument("--output-dir", "-o", required=True, type=Path, metavar="DIR",
                          help="where the table, JSON, plot and run folders (DIR/runs) go")
-    compare.add_argument(
-        "--run-config", "-c", action="append", default=[], metavar="CONFIG",
-        help=RUN_CONFIG_HELP + "; applied to every run, before the entry's own overrides "
-        "(method, seed, output-dir and run-name are set by compare)",
-    )  # fmt: skip
+    _add_run_config_option(
+        compare, RUN_CONFIG_HELP + "; applied to every run, before the entry's own overrides "
+        "(method, seed, output-dir and run-name are set by compare)")
     compare.add_argument(
         "--federation-config", action="append", default=[], metavar="CONFIG",
         help=FEDERATION_CONFIG_HELP,
@@ -178,14 +175,13 @@ def cmd_costs(args: argparse.Namespace) -> int:
         regime_costs,
         tier_costs,
     )
-    from reefl.config import ConfigError
     from reefl.launcher import LaunchError, resolved_config
     from reefl.methods import TaskSpec, build_method
 
     try:
         cfg = resolved_config(args.run_config, app_dir=args.app)
-    except (LaunchError, ConfigError) as err:
-        return _error(str(err), getattr(err, "exit_code", 2))
+    except LaunchError as err:
+        return _error(str(err), err.exit_code)
     if args.num_classes is None or args.in_chans is None:
         from reefl.data import load_source
 

@@ -213,13 +213,11 @@ def _validate(merged: dict[str, Any]) -> None:
 
 def resolved_config(overrides: Sequence[str], app_dir: Path | str | None = None
                     ) -> RunConfig:
-    """The app's defaults with ``overrides`` applied, validated (RunConfigError otherwise)."""
+    """The run config ``reefl run`` would use (``prepare_run``'s, so validated the same way;
+    RunConfigError otherwise), as a typed object. Starts nothing."""
     from reefl.config import RunConfig  # deferred, as in _validate
 
-    merged = merge_config(app_defaults(resolve_app_dir(app_dir, Path.cwd())),
-                          parse_overrides(overrides))
-    _validate(merged)
-    return RunConfig.from_flat(merged)
+    return RunConfig.from_flat(prepare_run(overrides, app_dir).config)
 
 
 @dataclass

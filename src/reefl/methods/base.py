@@ -43,6 +43,9 @@ class TierLayout:
 
     shapes: dict[str, torch.Size]
     trainable: list[str]
+    architecture: list[str]
+    """The names the architecture has before the regime adds its own (what a checkpoint or
+    another regime's model also has)."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +125,13 @@ class Method(ABC):
         """Names and shapes of ``tier``'s model, built once on the meta device."""
         if tier not in self._layouts:
             with torch.device("meta"):
-                model = self.build_model(tier)
-            params = dict(model.named_parameters())
+                model = self.build_architecture(tier)
+                architecture = [name for name, _ in model.named_parameters()]
+                params = dict(apply_regime(model, self.regime).named_parameters())
             self._layouts[tier] = TierLayout(
                 shapes={name: p.shape for name, p in params.items()},
                 trainable=[name for name, p in params.items() if p.requires_grad],
+                architecture=architecture,
             )
         return self._layouts[tier]
 
@@ -172,10 +177,9 @@ class Method(ABC):
         global name; the position embedding is interpolated if the image size differs."""
         targets: dict[str, str] = {}  # global name -> backbone name in the checkpoint
         for tier in range(self.num_exits):
-            with torch.device("meta"):
-                names = [n for n, _ in self.build_architecture(tier).named_parameters()]
             targets.update({self.global_name(n, tier): n.removeprefix("backbone.")
-                            for n in names if n.startswith("backbone.")})
+                            for n in self._layout(tier).architecture
+                            if n.startswith("backbone.")})
         shapes = {source: global_state[name].shape for name, source in targets.items()}
         weights = fit_to(backbone_weights(self.cfg.pretrained, self.cfg.model), shapes)
         return {name: weights[source] for name, source in targets.items()}

@@ -67,10 +67,10 @@ class Regime:
     """A fine-tuning regime and its sizes (run-config ``regime``, ``lora-rank``,
     ``lora-alpha``, ``adapter-dim``)."""
 
-    name: str = "full"
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    adapter_dim: int = 32
+    name: str
+    lora_rank: int
+    lora_alpha: float
+    adapter_dim: int
 
 
 # -- the added modules and their hooks ------------------------------------------------------
