@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from reefl.config import RunConfig
 from reefl.data import held_out_split
 from reefl.data.federated import FederatedData
-from reefl.data.sources import ImageSet
+from reefl.data.spec import DataSpec, Split
 from reefl.federation.tiers import client_tier, tier_of
 from reefl.methods import TaskSpec, build_method
 from reefl.methods.losses import HeldOutTeacher
@@ -106,10 +106,11 @@ def test_held_out_ce_cycles_through_batches_without_gradients() -> None:
 
 
 def test_held_out_split_is_seeded_disjoint_and_fixed_across_rounds() -> None:
-    images = torch.zeros(26, 1, 8, 8, dtype=torch.uint8)
-    data = FederatedData(ImageSet(images, torch.zeros(26, dtype=torch.int64), 3),
-                         ImageSet(images[:1], torch.zeros(1, dtype=torch.int64), 3),
-                         [np.arange(0, 10), np.arange(10, 25), np.arange(25, 26)], (0.0,), (1.0,))
+    split = Split(np.zeros((26, 1, 8, 8), dtype=np.uint8), np.zeros(26, dtype=np.int64))
+    spec = DataSpec("tiny", "image", split, 3, ("a", "b", "c"))
+    data = FederatedData(spec, split, split, np.arange(1),
+                         [np.arange(0, 10), np.arange(10, 25), np.arange(25, 26)], split,
+                         [np.arange(1)] * 3, (0.0,), (1.0,), "dirichlet")
     train, held = held_out_split(data, 1, 0.2, seed=0)
     assert len(held) == 3 and len(train) == 12  # round(0.2 · 15) = 3
     assert sorted([*train, *held]) == list(range(10, 25))

@@ -1,13 +1,19 @@
 """Tests for reefl.data: the embedded source, splits, partitions, loaders and transforms."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from reefl.data import (
     DATA_SOURCES,
+    DataError,
+    DataOptions,
+    SourceOptions,
     build_federated_data,
     client_loader,
+    input_pipeline,
     load_source,
     normalize,
     random_translate,
@@ -15,68 +21,91 @@ from reefl.data import (
 from reefl.data import (
     test_loader as global_test_loader,  # renamed so pytest does not collect it
 )
-from reefl.data.federated import FederatedData
+from reefl.data.federated import FederatedData, InputPipeline
 from reefl.data.partition import dirichlet_partition
-from reefl.data.sources import ImageSet
+from reefl.data.spec import Split
 
 SOURCE = "embedded-mnist"
 NUM_CLIENTS = 20
+OPTIONS = DataOptions(SourceOptions(SOURCE), NUM_CLIENTS, "auto", 0.1, 0.2, 0.2, 0)
 
 
 def build(alpha: float = 0.1, seed: int = 0) -> FederatedData:
     """The embedded source over NUM_CLIENTS clients with a 20% test split (cached)."""
-    return build_federated_data(SOURCE, NUM_CLIENTS, alpha, 0.2, seed)
+    return build_federated_data(replace(OPTIONS, alpha=alpha, seed=seed))
+
+
+def plain(data: FederatedData, augment: bool = False) -> InputPipeline:
+    """The embedded run's pipeline: no pretrained backbone, stored size."""
+    return input_pipeline(data, 28, pretrained=False, augment=augment)
+
+
+def train_pool(data: FederatedData) -> Split:
+    """The examples clients train on (every training index not in the test set)."""
+    pool = np.setdiff1d(np.arange(len(data.train)), data.test_indices)
+    return Split(np.asarray(data.train.inputs[pool]), np.asarray(data.train.labels[pool]))
+
+
+def global_test(data: FederatedData) -> Split:
+    return Split(np.asarray(data.test.inputs[data.test_indices]),
+                 np.asarray(data.test.labels[data.test_indices]))
 
 
 def skew(alpha: float) -> tuple[float, float]:
     """Mean total-variation distance of client label distributions from uniform, and the median
     share of a client's most common label."""
     data = build(alpha)
-    labels = data.train.labels.numpy()
+    labels = np.asarray(data.train.labels)
     counts = np.stack([np.bincount(labels[idx], minlength=10) for idx in data.client_indices])
     shares = counts / counts.sum(axis=1, keepdims=True)
     return 0.5 * np.abs(shares - 0.1).sum(axis=1).mean(), np.median(shares.max(axis=1))
 
 
-def examples(images: ImageSet) -> list[bytes]:
+def examples(split: Split) -> list[bytes]:
     """Each example (pixels and label) as bytes, sorted: a multiset that ignores order."""
-    rows = torch.cat([images.images.flatten(1), images.labels[:, None].to(torch.uint8)], dim=1)
-    return sorted(map(bytes, rows.numpy()))
+    rows = np.concatenate([split.inputs.reshape(len(split), -1),
+                           split.labels[:, None].astype(np.uint8)], axis=1)
+    return sorted(map(bytes, rows))
 
 
 def one_epoch(data: FederatedData, seed: int) -> list[torch.Tensor]:
     """All image and label batches of client 0's augmented loader, in order."""
-    return [tensor for batch in client_loader(data, 0, 16, seed, augment=True) for tensor in batch]
+    return [tensor for batch in client_loader(data, plain(data, augment=True), 0, 16, seed)
+            for tensor in batch]
 
 
 def test_embedded_source_shapes_and_dtypes():
-    source = load_source(SOURCE)
+    source = load_source(SourceOptions(SOURCE))
     assert SOURCE in DATA_SOURCES
-    assert source.images.shape == (5000, 1, 28, 28) and source.images.dtype == torch.uint8
-    assert source.labels.shape == (5000,) and source.labels.dtype == torch.int64
-    assert source.num_classes == 10
-    assert source.labels.unique().tolist() == list(range(10))
-    assert source.images.max() == 255
+    images = source.train.inputs
+    assert images.shape == (5000, 1, 28, 28) and images.dtype == np.uint8
+    assert source.train.labels.shape == (5000,) and source.train.labels.dtype == np.int64
+    assert source.num_classes == 10 and source.kind == "image" and source.test is None
+    assert np.unique(source.train.labels).tolist() == list(range(10))
+    assert images.max() == 255
 
 
 def test_unknown_source_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=SOURCE):
-        load_source("no-such-data")
+    with pytest.raises(DataError, match=SOURCE):
+        load_source(SourceOptions("no-such-data"))
 
 
 def test_test_split_is_stratified_and_complements_the_train_pool():
     data = build()
-    assert len(data.test.labels) == 1000 and len(data.train.labels) == 4000
-    assert torch.bincount(data.test.labels).tolist() == [100] * 10
+    test, pool = global_test(data), train_pool(data)
+    assert len(test) == 1000 and len(pool) == 4000
+    assert np.bincount(test.labels).tolist() == [100] * 10
     # Every source example lands in exactly one of train/test: compare multisets of examples.
-    assert sorted(examples(data.train) + examples(data.test)) == examples(load_source(SOURCE))
+    source = load_source(SourceOptions(SOURCE)).train
+    assert sorted(examples(pool) + examples(test)) == examples(source)
 
 
 def test_client_partitions_are_disjoint_and_cover_the_pool():
     data = build()
     assert len(data.client_indices) == NUM_CLIENTS
     merged = np.concatenate(data.client_indices)
-    assert np.array_equal(np.sort(merged), np.arange(len(data.train.labels)))
+    pool = np.setdiff1d(np.arange(len(data.train)), data.test_indices)
+    assert np.array_equal(np.sort(merged), pool)
     assert min(len(idx) for idx in data.client_indices) >= 10
 
 
@@ -88,14 +117,14 @@ def test_small_alpha_skews_labels():
 
 def test_partition_is_determined_by_the_seed():
     build_uncached = build_federated_data.__wrapped__
-    first, again, other = (build_uncached(SOURCE, NUM_CLIENTS, 0.5, 0.2, s) for s in (1, 1, 2))
+    first, again, other = (build_uncached(replace(OPTIONS, alpha=0.5, seed=s))
+                           for s in (1, 1, 2))
     assert all(
         np.array_equal(a, b)
         for a, b in zip(first.client_indices, again.client_indices, strict=True)
     )
-    assert torch.equal(first.test.labels, again.test.labels)
-    assert torch.equal(first.test.images, again.test.images)
-    assert not torch.equal(first.test.images, other.test.images)
+    assert np.array_equal(first.test_indices, again.test_indices)
+    assert not np.array_equal(first.test_indices, other.test_indices)
     assert any(
         len(a) != len(b) or not np.array_equal(a, b)
         for a, b in zip(first.client_indices, other.client_indices, strict=True)
@@ -113,15 +142,15 @@ def test_unsatisfiable_minimum_falls_back_then_fails_clearly():
 
 def test_normalisation_statistics_standardise_the_pool():
     data = build()
-    pixels = normalize(data.train.images, data.mean, data.std)
+    pixels = normalize(torch.from_numpy(train_pool(data).inputs), data.mean, data.std)
     assert pixels.dtype == torch.float32
     assert abs(pixels.mean().item()) < 1e-4 and abs(pixels.std().item() - 1) < 1e-4
 
 
 def test_client_loader_yields_normalised_shard():
     data = build()
-    shard_labels = data.train.labels[torch.from_numpy(data.client_indices[3])]
-    batches = list(client_loader(data, 3, batch_size=32, seed=0, augment=False))
+    shard_labels = data.train.labels[data.client_indices[3]]
+    batches = list(client_loader(data, plain(data), 3, batch_size=32, seed=0))
     images = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
     assert images.dtype == torch.float32 and images.shape[1:] == (1, 28, 28)
@@ -140,11 +169,11 @@ def test_client_loader_is_reproducible_from_the_seed():
 
 def test_test_loader_keeps_order_without_augmentation():
     data = build()
-    batches = list(global_test_loader(data, batch_size=128))
-    assert torch.equal(torch.cat([b[1] for b in batches]), data.test.labels)
-    assert torch.equal(
-        torch.cat([b[0] for b in batches]), normalize(data.test.images, data.mean, data.std)
-    )
+    batches = list(global_test_loader(data, plain(data), batch_size=128))
+    test = global_test(data)
+    assert torch.equal(torch.cat([b[1] for b in batches]), torch.from_numpy(test.labels))
+    assert torch.equal(torch.cat([b[0] for b in batches]),
+                       normalize(torch.from_numpy(test.inputs), data.mean, data.std))
 
 
 def test_random_translate_moves_a_pixel_by_at_most_max_shift():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from reefl.config import RunConfig
-from reefl.data import build_federated_data, client_loader
+from reefl.data import build_federated_data, client_loader, input_pipeline
 from reefl.federation.strategy import sample_clients
 from reefl.methods import TaskSpec, build_method
 from reefl.training import train_locally
@@ -35,11 +36,12 @@ def test_client_sampling_is_seeded_over_partition_ids() -> None:
 def _train_once(loader_seed: int) -> dict[str, torch.Tensor]:
     cfg = RunConfig.from_flat({"depth": 2, "num-exits": 2, "embed-dim": 16, "num-heads": 2,
                                "local-epochs": 1, "augment": True})
-    data = build_federated_data(cfg.dataset, 4, 1.0, 0.2, 0)
+    data = build_federated_data(replace(cfg.data_options, num_clients=4))
+    pipeline = input_pipeline(data, cfg.img_size, pretrained=False, augment=cfg.augment)
     method = build_method(cfg, TaskSpec(num_classes=10, in_chans=1))
     torch.manual_seed(0)
     model = method.build_model(1)
-    loader = client_loader(data, 1, cfg.batch_size, loader_seed, cfg.augment)
+    loader = client_loader(data, pipeline, 1, cfg.batch_size, loader_seed)
     train_locally(model, loader, method, cfg, 0.002, 1, torch.device("cpu"))
     return model.state_dict()
 

@@ -203,13 +203,11 @@ def read_accounting(folder_path: Path) -> list[dict[str, Any]] | None:
 def costs_from_config(flat: dict[str, Any]) -> list[dict[str, Any]]:
     """Tier costs of a run from its flat config (e.g. a run folder's ``config.json``)."""
     from reefl.config import RunConfig
-    from reefl.data import load_source
-    from reefl.methods import TaskSpec, build_method
+    from reefl.federation.inputs import source_task
+    from reefl.methods import build_method
 
     cfg = RunConfig.from_flat(flat)
-    source = load_source(cfg.dataset)
-    task = TaskSpec(num_classes=source.num_classes, in_chans=int(source.images.shape[1]))
-    return tier_costs(build_method(cfg, task), cfg.img_size)
+    return tier_costs(build_method(cfg, source_task(cfg)), cfg.img_size)
 
 
 def human(n: float) -> str:

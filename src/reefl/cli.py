@@ -183,11 +183,11 @@ def cmd_costs(args: argparse.Namespace) -> int:
     except LaunchError as err:
         return _error(str(err), err.exit_code)
     if args.num_classes is None or args.in_chans is None:
-        from reefl.data import load_source
+        from reefl.federation.inputs import source_task
 
-        source = load_source(cfg.dataset)
-        args.num_classes = args.num_classes or source.num_classes
-        args.in_chans = args.in_chans or int(source.images.shape[1])
+        task = source_task(cfg)
+        args.num_classes = args.num_classes or task.num_classes
+        args.in_chans = args.in_chans or task.in_chans
     method = build_method(cfg, TaskSpec(num_classes=args.num_classes, in_chans=args.in_chans))
     print(f"{cfg.method}, {cfg.model} backbone, exits after blocks {method.exit_blocks}, "
           f"{args.num_classes} classes, regime {cfg.regime}: per tier, per round")

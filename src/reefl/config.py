@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reefl.data import DataOptions
 
 METHODS = ("reefl", "scalefl", "depthfl", "exclusivefl", "inclusivefl")
 DISTILLATIONS = ("none", "forward", "all", "dynamic_ma", "dynamic")
@@ -44,6 +47,13 @@ class RunConfig:
 
     method: str = "reefl"
     dataset: str = "embedded-mnist"
+    partitioner: str = "auto"
+    partition_by: str = ""
+    image_column: str = ""
+    audio_column: str = ""
+    label_column: str = ""
+    local_test_fraction: float = 0.2
+    speech_classes: int = 12
     num_clients: int = 20
     num_exits: int = 4
     exit_blocks: str = ""
@@ -132,6 +142,17 @@ class RunConfig:
         return {**own, **DEIT_COMMON, **DEIT_SIZES[self.model]}
 
     @property
+    def data_options(self) -> DataOptions:
+        """What fixes the run's data and partition (``reefl.data``)."""
+        from reefl.data import Columns, DataOptions, SourceOptions
+
+        columns = Columns(self.image_column, self.audio_column, self.label_column,
+                          self.partition_by)
+        source = SourceOptions(self.dataset, columns, self.img_size, self.speech_classes)
+        return DataOptions(source, self.num_clients, self.partitioner, self.dirichlet_alpha,
+                           self.test_fraction, self.local_test_fraction, self.seed)
+
+    @property
     def exit_block_list(self) -> list[int]:
         """Block index of every exit: the explicit list, or METHOD §1's even spacing."""
         if self.exit_blocks.strip():
@@ -151,10 +172,16 @@ class RunConfig:
     # -- validation ------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError for the first value that is not allowed."""
-        from reefl.data import DATA_SOURCES  # deferred: data pulls in heavy imports
+        from reefl.data import PARTITIONERS, check_dataset_value  # deferred: heavy imports
 
         _choice("method", self.method, METHODS)
-        _choice("dataset", self.dataset, DATA_SOURCES)
+        _require("dataset", (problem := check_dataset_value(self.dataset)) is None,
+                 problem or "", self.dataset)
+        _choice("partitioner", self.partitioner, PARTITIONERS)
+        _require("speech-classes", self.speech_classes in (12, 35), "12 or 35",
+                 self.speech_classes)
+        _require("local-test-fraction", 0 <= self.local_test_fraction < 1,
+                 "a number in [0, 1)", self.local_test_fraction)
         _choice("distillation", self.distillation, DISTILLATIONS)
         _choice("exit-module", self.exit_module, EXIT_MODULES)
         _choice("server-update", self.server_update,

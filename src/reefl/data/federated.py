@@ -1,134 +1,241 @@
-"""A source split into a global test set plus per-client training shards, and loaders over them."""
+"""A source split into a global test set and per-client shards (each with its own local test
+split), and the loaders that turn stored examples into model inputs batch by batch."""
+
+from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from reefl.data.partition import dirichlet_partition, stratified_split
-from reefl.data.sources import ImageSet, load_source
-from reefl.data.transforms import normalize, random_translate
+from reefl.data.partition import (
+    dirichlet_partition,
+    draw_by_mix,
+    equal_dirichlet_partition,
+    natural_partition,
+    select_groups,
+    split_per_class,
+    stratified_split,
+)
+from reefl.data.sources import SourceOptions, load_source
+from reefl.data.spec import DataError, DataSpec, Split
+from reefl.data.transforms import (
+    normalize,
+    random_flip,
+    random_resized_crop,
+    random_translate,
+    resize,
+)
 
-# Digits tolerate small translations; flips would turn them into other symbols.
-MAX_SHIFT = 2
+PARTITIONERS = ("auto", "dirichlet", "equal-dirichlet", "natural")
+MAX_SHIFT = 2  # "translate": digits tolerate small shifts; flips would make other symbols
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXACT_STATS_LIMIT = 1 << 26  # up to this many values, stats in one float32 pass
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Everything that fixes a run's data and partition (hashable: it keys the cache)."""
+
+    source: SourceOptions = SourceOptions()
+    num_clients: int = 20
+    partitioner: str = "auto"
+    alpha: float = 1.0
+    test_fraction: float = 0.2
+    local_test_fraction: float = 0.2
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class FederatedData:
-    """Everything a server or client needs about the data; the same in every process that builds
-    it from the same arguments."""
+    """The same in every process that builds it from the same options.
 
-    train: ImageSet
-    test: ImageSet
+    ``client_indices[i]`` index ``train`` (client i's training shard), ``test_indices``
+    index ``test`` (the global test set), ``client_test_indices[i]`` index ``local_test``
+    (client i's local test split: drawn from the global test set with the client's class
+    mix, or, for natural partitions, split off the client's own data). Some of the three
+    splits may be the same one.
+    ``mean``/``std`` are per-channel statistics of the training pool.
+    """
+
+    spec: DataSpec
+    train: Split
+    test: Split
+    test_indices: np.ndarray
     client_indices: list[np.ndarray]
+    local_test: Split
+    client_test_indices: list[np.ndarray]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    partitioner: str
+    client_groups: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
 
 
-@lru_cache
-def build_federated_data(
-    source: str, num_clients: int, alpha: float, test_fraction: float, seed: int
-) -> FederatedData:
-    """Split a source into a stratified test set and a Dirichlet-partitioned training pool.
+@lru_cache(maxsize=4)
+def build_federated_data(options: DataOptions) -> FederatedData:
+    """Partition the source as ``options`` say. Deterministic in them, so every process
+    rebuilds it instead of receiving it; cached because clients share a process."""
+    spec = load_source(options.source)
+    partitioner = resolve_partitioner(spec, options.partitioner)
+    if partitioner == "natural":
+        return _natural(spec, options)
+    if spec.test is not None:
+        test, test_idx = spec.test, np.arange(len(spec.test))
+        pool = np.arange(len(spec.train))
+    else:
+        pool, test_idx = stratified_split(spec.train.labels, options.test_fraction, options.seed)
+        test = spec.train
+    pool_labels = np.asarray(spec.train.labels[pool])
+    if partitioner == "dirichlet":
+        positions = dirichlet_partition(pool_labels, options.num_clients, options.alpha,
+                                        options.seed)
+        mixes = np.stack([np.bincount(pool_labels[p], minlength=spec.num_classes)
+                          for p in positions]).astype(float)
+        mixes /= mixes.sum(axis=1, keepdims=True)
+    else:
+        positions, mixes = equal_dirichlet_partition(pool_labels, options.num_clients,
+                                                     options.alpha, options.seed)
+    shards = [pool[p] for p in positions]
+    test_labels = np.asarray(test.labels[test_idx])
+    local = draw_by_mix(test_labels, mixes, len(test_idx) // options.num_clients,
+                        np.random.default_rng([options.seed, 4]))
+    mean, std = _stats(spec, spec.train.inputs, pool)
+    return FederatedData(spec, spec.train, test, test_idx, shards, test,
+                         [test_idx[i] for i in local], mean, std, partitioner)
 
-    Deterministic in its arguments, so each client process can rebuild it instead of receiving it;
-    cached because that rebuild would otherwise repeat for every client in the same process.
+
+def resolve_partitioner(spec: DataSpec, partitioner: str) -> str:
+    """``auto``: natural when the source has natural ids, else Dirichlet."""
+    if partitioner not in PARTITIONERS:
+        raise DataError(f"partitioner must be one of {', '.join(PARTITIONERS)}; "
+                        f"got '{partitioner}'")
+    if partitioner == "auto":
+        return "natural" if spec.train.groups is not None else "dirichlet"
+    if partitioner == "natural" and spec.train.groups is None:
+        raise DataError(f"partitioner='natural' needs natural ids, and {spec.name} has none; "
+                        "set partition-by to a column")
+    return partitioner
+
+
+def _natural(spec: DataSpec, options: DataOptions) -> FederatedData:
+    """One client per natural id, each id's data split into local train and test per class;
+    the global test set is the source's test split, else the union of the local tests."""
+    groups = np.asarray(spec.train.groups)
+    try:
+        chosen = select_groups(groups, options.num_clients, spec.natural or "sample",
+                               options.seed)
+    except ValueError as err:
+        raise DataError(f"{spec.name}: {err}") from None
+    labels = np.asarray(spec.train.labels)
+    rng = np.random.default_rng([options.seed, 5])
+    parts = [split_per_class(shard, labels, options.local_test_fraction, rng)
+             for shard in natural_partition(groups, chosen, options.seed)]
+    shards, local_tests = [train for train, _ in parts], [test for _, test in parts]
+    if spec.test is not None:
+        test, test_idx = spec.test, np.arange(len(spec.test))
+    else:
+        test, test_idx = spec.train, np.sort(np.concatenate(local_tests))
+    mean, std = _stats(spec, spec.train.inputs, np.sort(np.concatenate(shards)))
+    names = tuple(spec.group_names[g] for g in chosen)
+    return FederatedData(spec, spec.train, test, test_idx, shards, spec.train, local_tests,
+                         mean, std, "natural", names)
+
+
+def _stats(spec: DataSpec, inputs: np.ndarray, pool: np.ndarray
+           ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the pool (pixels in [0, 1] for images, log-mel values
+    for audio): one float32 pass for small pools, chunked float64 sums for large ones."""
+    scale = 255.0 if spec.kind == "image" else 1.0
+    channels = inputs.shape[1]
+    if len(pool) * inputs[0].size <= EXACT_STATS_LIMIT:
+        values = torch.from_numpy(np.asarray(inputs[pool])).float().div(scale)
+        values = values.transpose(0, 1).flatten(1)
+        return tuple(values.mean(dim=1).tolist()), tuple(values.std(dim=1).tolist())
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for start in range(0, len(pool), 4096):
+        chunk = np.asarray(inputs[pool[start:start + 4096]], dtype=np.float64) / scale
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += (chunk ** 2).sum(axis=(0, 2, 3))
+        count += chunk[:, 0].size
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0) * count / max(count - 1, 1))
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+# -- turning stored examples into model inputs ------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputPipeline:
+    """From stored examples to the model's input: [B, channels, size, size] float32.
+
+    Training augmentation (when ``augment``): the source's own (``translate``: up to 2 px;
+    ``crop``: RandomResizedCrop with ``crop_scale`` and, if ``flip``, horizontal flips;
+    audio: a time shift of up to 100 ms and background noise, in the feature domain). Then
+    normalisation, a resize to ``size`` (images not already cropped to it, and audio
+    features), and grey repeated on 3 channels when the backbone takes 3.
     """
-    full = load_source(source)
-    train_idx, test_idx = stratified_split(full.labels.numpy(), test_fraction, seed)
-    train = _subset(full, train_idx)
-    pixels = train.images.float().div(255.0).transpose(0, 1).flatten(1)
-    return FederatedData(
-        train=train,
-        test=_subset(full, test_idx),
-        client_indices=dirichlet_partition(train.labels.numpy(), num_clients, alpha, seed),
-        mean=tuple(pixels.mean(dim=1).tolist()),
-        std=tuple(pixels.std(dim=1).tolist()),
-    )
+
+    kind: str
+    size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False
+    augmentation: str = "crop"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+    noise: torch.Tensor | None = None
+
+    def __call__(self, inputs: torch.Tensor, generator: torch.Generator | None
+                 ) -> torch.Tensor:
+        """Model inputs from a stored batch; ``generator`` set means training."""
+        train = self.augment and generator is not None
+        if self.kind == "audio":
+            x = inputs.float()
+            if train:
+                from reefl.data.audio import augment_features
+
+                x = augment_features(x, self.noise, generator)
+            x = resize((x - self.mean[0]) / self.std[0], self.size)
+        elif train and self.augmentation == "translate":
+            x = resize(normalize(random_translate(inputs, MAX_SHIFT, generator),
+                                 self.mean, self.std), self.size)
+        elif train:
+            x = random_resized_crop(inputs.float(), self.size, self.crop_scale, generator)
+            if self.flip:
+                x = random_flip(x, generator)
+            x = _standardise(x, self.mean, self.std)
+        else:
+            x = resize(normalize(inputs, self.mean, self.std), self.size)
+        if x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1).contiguous()
+        return x
 
 
-def held_out_split(
-    data: FederatedData, partition_id: int, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) indices of one client's shard: round(fraction·n) examples held out,
-    at least one, leaving at least one to train on.
-
-    Seeded by (seed, partition_id) only, so a client holds out the same examples in every
-    round. ``fraction`` 0 holds out nothing; a one-example shard cannot be split and is
-    returned as both parts.
-    """
-    shard = data.client_indices[partition_id]
-    if fraction == 0:
-        return shard, shard[:0]
-    if len(shard) < 2:
-        return shard, shard
-    count = min(max(1, round(fraction * len(shard))), len(shard) - 1)
-    order = np.random.default_rng([seed, partition_id]).permutation(len(shard))
-    return np.sort(shard[order[count:]]), np.sort(shard[order[:count]])
+def _standardise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+                 ) -> torch.Tensor:
+    """``normalize`` for float pixels in [0, 255] (after a crop has interpolated them)."""
+    shape = (1, -1, 1, 1)
+    return (pixels / 255.0 - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
 
 
-def client_loader(
-    data: FederatedData, partition_id: int, batch_size: int, seed: int, augment: bool,
-    indices: np.ndarray | None = None,
-) -> DataLoader:
-    """Shuffled, normalised batches of one client's shard (or of ``indices`` of the training
-    pool, e.g. the shard without its held-out part).
-
-    Order and augmentation are drawn from one generator seeded from (seed, partition_id), so a run
-    is reproducible while clients still differ from each other.
-    """
-    client_seed = int(np.random.SeedSequence([seed, partition_id]).generate_state(1)[0])
-    generator = torch.Generator().manual_seed(client_seed)
-    shard = _subset(data.train, data.client_indices[partition_id] if indices is None else indices)
-    collate = partial(
-        _collate, mean=data.mean, std=data.std, augment_with=generator if augment else None
-    )
-    return DataLoader(
-        TensorDataset(shard.images, shard.labels),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=generator,
-        collate_fn=collate,
-        num_workers=0,
-        drop_last=False,
-    )
-
-
-def test_loader(data: FederatedData, batch_size: int) -> DataLoader:
-    """Normalised batches of the global test set, in a fixed order and without augmentation."""
-    return _ordered_loader(data, data.test, batch_size)
-
-
-def held_out_loader(data: FederatedData, indices: np.ndarray, batch_size: int) -> DataLoader:
-    """Normalised batches of ``indices`` of the training pool (a client's held-out part), in a
-    fixed order and without augmentation."""
-    return _ordered_loader(data, _subset(data.train, indices), batch_size)
-
-
-def _ordered_loader(data: FederatedData, images: ImageSet, batch_size: int) -> DataLoader:
-    """Normalised batches of ``images`` in their order, without augmentation."""
-    collate = partial(_collate, mean=data.mean, std=data.std, augment_with=None)
-    return DataLoader(
-        TensorDataset(images.images, images.labels), batch_size=batch_size, collate_fn=collate
-    )
-
-
-def _subset(data: ImageSet, indices: np.ndarray) -> ImageSet:
-    """The examples of data at the given indices."""
-    idx = torch.from_numpy(indices)
-    return ImageSet(data.images[idx], data.labels[idx], data.num_classes)
-
-
-def _collate(
-    batch: list[tuple[torch.Tensor, torch.Tensor]],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    augment_with: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack uint8 examples, translate them (on raw pixels) if given a generator, then normalise."""
-    images, labels = (torch.stack(column) for column in zip(*batch, strict=True))
-    if augment_with is not None:
-        images = random_translate(images, MAX_SHIFT, augment_with)
-    return normalize(images, mean, std), labels
+def input_pipeline(data: FederatedData, img_size: int, pretrained: bool, augment: bool
+                   ) -> InputPipeline:
+    """The run's pipeline: 3 channels and ImageNet statistics with a pretrained backbone
+    (grey images repeated; audio keeps its own statistics), else the data's own."""
+    spec = data.spec
+    channels = 3 if pretrained else spec.channels
+    mean, std = data.mean, data.std
+    if pretrained and spec.kind == "image":  # grey broadcasts to 3 channels as it is normalised
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    noise = None if spec.noise is None else torch.from_numpy(np.asarray(spec.noise,
+                                                                        dtype=np.float32))
+    return InputPipeline(spec.kind, img_size, channels, tuple(mean), tuple(std), augment,
+                         spec.augmentation, spec.crop_scale, spec.flip, noise)

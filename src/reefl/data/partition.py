@@ -74,3 +74,95 @@ def _flwr_dirichlet(
             np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
             for i in range(num_clients)
         ]
+
+
+def draw_by_mix(labels: np.ndarray, mixes: np.ndarray, per_client: int,
+                rng: np.random.Generator) -> list[np.ndarray]:
+    """Give client i ``per_client`` examples whose classes follow ``mixes[i]`` (a row of
+    class proportions), without replacement across clients, clients in order.
+
+    A class that runs out is dropped from the client's mix and its share redrawn over the
+    classes left, so every client gets exactly ``per_client`` examples while the pool lasts.
+    Returns sorted indices into ``labels``.
+    """
+    num_classes = mixes.shape[1]
+    if per_client * len(mixes) > len(labels):
+        raise ValueError(f"{len(mixes)} clients x {per_client} examples exceed the "
+                         f"{len(labels)} available")
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(num_classes)]
+    remaining = np.array([len(p) for p in pools])
+    shards = []
+    for mix in mixes:
+        take, need = np.zeros(num_classes, dtype=np.int64), per_client
+        while need > 0:
+            available = remaining - take
+            weights = np.where(available > 0, mix, 0.0)
+            if weights.sum() <= 0:
+                weights = (available > 0).astype(float)
+            draw = np.minimum(rng.multinomial(need, weights / weights.sum()), available)
+            take += draw
+            need -= int(draw.sum())
+        shard = []
+        for c in np.flatnonzero(take):
+            shard.extend(pools[c][:take[c]])
+            del pools[c][:take[c]]
+        remaining -= take
+        shards.append(np.sort(np.asarray(shard, dtype=np.int64)))
+    return shards
+
+
+def equal_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int
+                              ) -> tuple[list[np.ndarray], np.ndarray]:
+    """The ReeFL paper's CIFAR-100 split: every client gets the same number of examples
+    (the pool's size // num_clients; the remainder is left out) and its own class
+    proportions p_i ~ Dir(alpha) (not flwr-datasets' per-class Dirichlet, whose client sizes
+    vary). Returns the shards and the proportions [num_clients, classes]."""
+    num_classes = int(labels.max()) + 1
+    rng = np.random.default_rng([seed, 1])
+    mixes = rng.dirichlet(np.full(num_classes, float(alpha)), size=num_clients)
+    return draw_by_mix(labels, mixes, len(labels) // num_clients, rng), mixes
+
+
+def select_groups(groups: np.ndarray, num_clients: int, rule: str, seed: int) -> np.ndarray:
+    """The natural ids that become clients 0..num_clients-1, in that order: the
+    ``num_clients`` groups with most examples (``"largest"``, ties by id) or a seeded sample
+    (``"sample"``), sorted by id."""
+    ids, counts = np.unique(groups[groups >= 0], return_counts=True)
+    if num_clients > len(ids):
+        raise ValueError(f"num-clients={num_clients} but the data has only {len(ids)} "
+                         "natural ids (writers, speakers...)")
+    if rule == "largest":
+        chosen = ids[np.lexsort((ids, -counts))[:num_clients]]
+    else:
+        chosen = np.random.default_rng([seed, 2]).choice(ids, num_clients, replace=False)
+    return np.sort(chosen)
+
+
+def natural_partition(groups: np.ndarray, chosen: np.ndarray, seed: int) -> list[np.ndarray]:
+    """One shard per chosen natural id, through flwr-datasets' NaturalIdPartitioner.
+    Examples without a group (-1, e.g. Speech Commands' silence clips) are dealt out to
+    the chosen clients uniformly at random (seeded); examples of other groups are unused."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    client_of = np.full(len(groups), -1, dtype=np.int64)
+    client_of[np.isin(groups, chosen)] = np.searchsorted(chosen, groups[np.isin(groups, chosen)])
+    loose = np.flatnonzero(groups < 0)
+    client_of[loose] = np.random.default_rng([seed, 3]).integers(0, len(chosen), len(loose))
+    used = np.flatnonzero(client_of >= 0)
+    partitioner = NaturalIdPartitioner(partition_by="client")
+    partitioner.dataset = Dataset.from_dict({"client": client_of[used], "index": used})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
+                for i in range(len(chosen))]
+
+
+def split_per_class(indices: np.ndarray, labels: np.ndarray, fraction: float,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) of one client's examples: round(fraction * n_c) of each class c in
+    test (a class with one example stays in train)."""
+    test = [rng.permutation(indices[labels[indices] == c])[: round(fraction * count)]
+            for c, count in zip(*np.unique(labels[indices], return_counts=True), strict=True)]
+    test_idx = np.sort(np.concatenate(test)) if test else indices[:0]
+    return np.setdiff1d(indices, test_idx), test_idx

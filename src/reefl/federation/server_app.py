@@ -14,10 +14,11 @@ from flwr.supercore import log
 
 from reefl.accounting import write_accounting
 from reefl.config import RunConfig
-from reefl.data import build_federated_data, test_loader
+from reefl.data import test_loader
 from reefl.evaluation import evaluate_exits
+from reefl.federation.inputs import run_data
 from reefl.federation.strategy import ClientInfo, TieredStrategy
-from reefl.methods import TaskSpec, build_method
+from reefl.methods import build_method
 from reefl.report import RunFolder, default_run_name
 from reefl.training import server_learning_rate
 
@@ -62,14 +63,12 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "reefl: run folder %s", folder.path)
     folder.write_json("config.json", cfg.to_flat())
 
-    data = build_federated_data(cfg.dataset, cfg.num_clients, cfg.dirichlet_alpha,
-                                cfg.test_fraction, cfg.seed)
-    task = TaskSpec(num_classes=data.train.num_classes, in_chans=data.train.images.shape[1])
+    data, pipeline, task = run_data(cfg)
     method = build_method(cfg, task)
     write_accounting(folder.path, method, cfg.img_size)
     initial = method.initial_state()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = test_loader(data, cfg.eval_batch_size)
+    loader = test_loader(data, pipeline, cfg.eval_batch_size)
 
     roster = roll_call(grid, cfg.num_clients)
     strategy = TieredStrategy(cfg, method, roster)

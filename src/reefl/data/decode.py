@@ -1,0 +1,102 @@
+"""Decoding examples of any source into reefl's arrays, naming the file that fails.
+
+Images of any mode become grey (1 channel) when every image is grey, RGB (3) otherwise; of
+any size, they are kept at their size when all share one, else resized once to the run's
+``img-size`` square (training then crops and resizes per batch). Audio of any sampling rate,
+channel count and length becomes log-mel features (``reefl.data.audio``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reefl.data.spec import DataError
+
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+Opener = Callable[[], Any]  # returns a path, a file object, or bytes
+
+
+def _open_source(item: Any) -> Any:
+    """A path string or Path as is; bytes as a file object."""
+    return io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item
+
+
+def decode_images(items: Sequence[Any], names: Sequence[str], size: int) -> np.ndarray:
+    """uint8 [N, C, H, W] from image files or bytes; ``names`` say which failed."""
+    from PIL import Image, UnidentifiedImageError
+
+    decoded = []
+    for item, name in zip(items, names, strict=True):
+        try:
+            with Image.open(_open_source(item)) as image:
+                image.load()
+                decoded.append(image.copy())
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise DataError(f"cannot read image {name}: {_first_line(err)}") from None
+    if not decoded:
+        raise DataError("no images to decode")
+    grey = all(image.mode in GREY_MODES for image in decoded)
+    same_size = len({image.size for image in decoded}) == 1
+    arrays = []
+    for image in decoded:
+        image = image.convert("L" if grey else "RGB")
+        if not same_size and image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+        arrays.append(array[None] if grey else array.transpose(2, 0, 1))
+    return np.stack(arrays)
+
+
+def read_audio(item: Any, name: str) -> tuple[np.ndarray, int]:
+    """A mono float32 waveform and its sampling rate, from a file or bytes."""
+    import soundfile
+
+    try:
+        wave, rate = soundfile.read(_open_source(item), dtype="float32", always_2d=True)
+    except (RuntimeError, OSError, ValueError, TypeError) as err:  # soundfile.LibsndfileError
+        raise DataError(f"cannot read audio {name}: {_first_line(err)}") from None
+    if len(wave) == 0:
+        raise DataError(f"audio {name} has no samples")
+    return wave.mean(axis=1), int(rate)
+
+
+def decode_audio(items: Sequence[Any], names: Sequence[str]) -> np.ndarray:
+    """float16 log-mel features [N, 1, frames, mel bins] from audio files or bytes."""
+    from reefl.data.audio import clip_features
+
+    waves, rates = zip(*(read_audio(item, name) for item, name in zip(items, names,
+                                                                      strict=True)), strict=True)
+    return clip_features(list(waves), list(rates))[:, None].astype(np.float16)
+
+
+def label_codes(values: Sequence[Any], column: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Labels as int64 codes 0..K-1 (sorted distinct values) and the class names."""
+    if any(v is None or (isinstance(v, str) and not v) for v in values):
+        raise DataError(f"column '{column}' has empty labels")
+    distinct = sorted(set(values), key=lambda v: (str(type(v)), v))
+    codes = {v: i for i, v in enumerate(distinct)}
+    return np.array([codes[v] for v in values], dtype=np.int64), tuple(map(str, distinct))
+
+
+def group_codes(values: Sequence[Any]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Natural ids as int32 codes into sorted distinct names; empty or None gives -1."""
+    names = sorted({str(v) for v in values if v is not None and str(v) != ""})
+    codes = {name: i for i, name in enumerate(names)}
+    return (np.array([codes.get(str(v), -1) if v is not None else -1 for v in values],
+                     dtype=np.int32), tuple(names))
+
+
+def check_classes(labels: np.ndarray, where: str | Path) -> None:
+    """A classification set needs at least two classes."""
+    if len(np.unique(labels)) < 2:
+        raise DataError(f"{where} has only one class; a classifier needs at least two")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
