@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 RUN_CONFIG_HELP = (
-    "override [tool.flwr.app.config] values: 'k=v k2=v2' (repeatable) or one TOML file, "
-    "exactly as `flwr run --run-config`"
+    "override [tool.flwr.app.config] values: 'k=v k2=v2' as `flwr run --run-config` takes "
+    "them, or a TOML file; repeatable and mixable, later wins"
 )
 FEDERATION_CONFIG_HELP = (
     "override simulation settings, e.g. 'num-supernodes=10 client-resources-num-cpus=2' "
@@ -24,6 +24,10 @@ FEDERATION_CONFIG_HELP = (
 def _add_run_config_option(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--run-config", "-c", action="append", default=[], metavar="CONFIG",
                         help=help)
+    parser.add_argument("--preset", "-p", default=None, metavar="NAME",
+                        help="start from a preset config of the paper's experiments "
+                             "(src/reefl/presets/NAME.toml, e.g. cifar100-frozen-k4); "
+                             "--run-config values apply on top")
 
 
 def _add_app_option(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +56,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the logs")
     _add_compare(commands)
     _add_costs(commands)
+    _add_data(commands)
     return parser
+
+
+def _add_data(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser(
+        "data",
+        help="show how the run config partitions its data (nothing is trained)",
+        description=(
+            "Load the data set of the run config (the app's defaults plus --preset and "
+            "--run-config, as for `reefl run`; decoded into the cache on first use), "
+            "partition it, print the clients, examples per client (min/median/max), "
+            "classes, the local and global test sets, and save a per-client label "
+            "histogram as a PNG."
+        ),
+    )
+    _add_run_config_option(data, RUN_CONFIG_HELP)
+    data.add_argument("--output", "-o", type=Path, default=None, metavar="PNG",
+                      help="where the histogram goes (default: <output-dir>/data-<dataset>"
+                           "-s<seed>.png)")
+    data.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_app_option(data)
 
 
 def _add_costs(commands: argparse._SubParsersAction) -> None:
@@ -183,9 +208,13 @@ def cmd_costs(args: argparse.Namespace) -> int:
     except LaunchError as err:
         return _error(str(err), err.exit_code)
     if args.num_classes is None or args.in_chans is None:
+        from reefl.data import DataError
         from reefl.federation.inputs import source_task
 
-        task = source_task(cfg)
+        try:
+            task = source_task(cfg)
+        except DataError as err:
+            return _error(f"dataset: {err}; or give --num-classes and --in-chans", 2)
         args.num_classes = args.num_classes or task.num_classes
         args.in_chans = args.in_chans or task.in_chans
     method = build_method(cfg, TaskSpec(num_classes=args.num_classes, in_chans=args.in_chans))
@@ -198,8 +227,38 @@ def cmd_costs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    import json
+
+    from reefl.data import DataError, build_federated_data
+    from reefl.data.summary import format_summary, partition_summary, plot_label_histogram
+    from reefl.launcher import LaunchError, resolved_config
+
+    try:
+        cfg = resolved_config(args.run_config, app_dir=args.app)
+        data = build_federated_data(cfg.data_options)
+    except LaunchError as err:
+        return _error(str(err), err.exit_code)
+    except DataError as err:
+        return _error(f"dataset: {err}", 2)
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(cfg.dataset).name)
+    path = args.output or Path(cfg.output_dir) / f"data-{slug}-s{cfg.seed}.png"
+    summary = partition_summary(data)
+    plot_label_histogram(data, path)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    print(f"label histogram: {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "preset"):
+        from reefl.launcher import LaunchError, with_preset
+
+        try:
+            args.run_config = with_preset(args.preset, args.run_config)
+        except LaunchError as err:
+            return _error(str(err), err.exit_code)
     with _sigterm_as_exit():
         if args.command == "run":
             return cmd_run(args)
@@ -207,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "costs":
             return cmd_costs(args)
+        if args.command == "data":
+            return cmd_data(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

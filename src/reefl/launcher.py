@@ -146,26 +146,44 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``--run-config`` values parsed exactly like ``flwr run --run-config`` does.
+    """``--run-config`` values, in order (later wins): key=value strings parsed exactly like
+    ``flwr run --run-config`` parses them, and TOML files (presets: their ``base`` resolved).
 
-    Either key=value strings (repeatable, later wins) or a single TOML file. Stricter than
-    Flower in one way: a string with no ``key=value`` pair in it is an error, not ignored.
+    Unlike Flower, files and key=value strings may be mixed, and a string with no
+    ``key=value`` pair in it is an error, not ignored.
     """
     from flwr.common.config import parse_config_args
 
-    items = [item for item in overrides if item]
-    for item in items:
-        if not item.endswith(".toml") and "=" not in item:
+    from reefl.presets import PresetError, read_config_file
+
+    values: dict[str, Any] = {}
+    for item in (item for item in overrides if item):
+        if item.endswith(".toml"):
+            try:
+                values.update(read_config_file(Path(item)))
+            except PresetError as err:
+                raise RunConfigError(f"--run-config: {err}") from None
+            continue
+        if "=" not in item:
             raise RunConfigError(f"--run-config '{item}' is neither key=value nor a .toml file")
+        try:
+            values.update(parse_config_args([item]))
+        except Exception as err:  # ValueError, click.ClickException: Flower's messages
+            message = getattr(err, "message", None) or str(err)
+            raise RunConfigError(f"--run-config: {_one_line(message)}") from None
+    return values
+
+
+def with_preset(preset: str | None, overrides: Sequence[str]) -> list[str]:
+    """``overrides`` with the file of preset ``preset`` first (so the command line wins)."""
+    if not preset:
+        return list(overrides)
+    from reefl.presets import PresetError, preset_path
+
     try:
-        return dict(parse_config_args(items or None))
-    except FileNotFoundError as err:
-        raise RunConfigError(f"--run-config file not found: {err.filename}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise RunConfigError(f"--run-config file is not valid TOML: {err}") from None
-    except Exception as err:  # ValueError, click.ClickException: Flower's messages
-        message = getattr(err, "message", None) or str(err)
-        raise RunConfigError(f"--run-config: {_one_line(message)}") from None
+        return [str(preset_path(preset)), *overrides]
+    except PresetError as err:
+        raise RunConfigError(str(err)) from None
 
 
 def merge_config(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -733,6 +751,8 @@ def run_app(
     prepared = prepare_run(overrides, app_dir, federation_overrides)
     run_dir = prepared.run_dir
     _say(f"run folder {run_dir}", quiet)
+    if _is_reefl_app(prepared.app_dir):
+        _prepare_data(prepared.config, quiet)
     _fetch_checkpoint(prepared.config, quiet)
     _say(
         f"app {prepared.app_dir}; simulation {federation_arg(prepared.federation)}",
@@ -794,6 +814,25 @@ def run_app(
         print(_final_table(prepared.app_dir, final), flush=True)
         _say(f"run folder {run_dir}", quiet)
     return run_dir
+
+
+def _prepare_data(config: dict[str, Any], quiet: bool) -> None:
+    """Load, decode (into the on-disk cache, once per machine) and partition the run's data
+    now, so that bad data stops the run with one line before any Flower process starts,
+    and the Flower processes only memory-map what is already there."""
+    from reefl.config import RunConfig
+    from reefl.data import DataError, build_federated_data
+
+    cfg = RunConfig.from_flat(config)
+    started = time.monotonic()
+    try:
+        data = build_federated_data(cfg.data_options)
+    except DataError as err:
+        raise RunConfigError(_one_line(f"dataset: {err}")) from None
+    sizes = sorted(len(shard) for shard in data.client_indices)
+    _say(f"data {cfg.dataset}: {data.spec.kind}, {data.num_classes} classes, "
+         f"{len(sizes)} clients ({data.partitioner}; {sizes[0]}-{sizes[-1]} examples each), "
+         f"{len(data.test_indices)} test examples ({time.monotonic() - started:.1f} s)", quiet)
 
 
 def _fetch_checkpoint(config: dict[str, Any], quiet: bool) -> None:
