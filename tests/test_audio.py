@@ -121,11 +121,14 @@ def test_fbank_matches_kaldi_native_fbank(signals, num_bins, frame_ms, fft_size)
 def test_input_scale_is_used_as_given(signals):
     # kaldi-native-fbank does not normalise its input: int16-scale samples shift log-mel by
     # exactly 2 ln 32768, as ours does; so feeding both the same floats compares like with like.
+    # (Cells at the floor for the [-1, 1] input are excluded: scaling lifts them off it.)
     wave = signals["noise"]
     shift = 2 * math.log(32768.0)
-    np.testing.assert_allclose(knf_fbank(wave * 32768, 80, 25.0) - knf_fbank(wave, 80, 25.0),
-                               shift, atol=1e-4)
-    np.testing.assert_allclose(ours(wave * 32768) - ours(wave), shift, atol=1e-4)
+    for fbank in (lambda w: knf_fbank(w, 80, 25.0), lambda w: ours(w, num_mel_bins=80)):
+        base = fbank(wave)
+        above = base > LOG_FLOOR + 1.0
+        assert above.mean() > 0.99
+        np.testing.assert_allclose((fbank(wave * 32768) - base)[above], shift, atol=1e-4)
 
 
 def test_kaldi_native_fbank_refuses_128_bins_at_25ms():
@@ -160,9 +163,13 @@ def test_empty_filters_are_those_without_fft_bins_and_give_the_floor(signals):
     assert torch.all(bank <= 1) and torch.all(bank >= 0)
     np.testing.assert_array_equal(np.flatnonzero(bank.sum(dim=1).numpy() == 0), expected_empty)
 
+    # On white noise, exactly the empty filters sit at the floor in every frame. (Filter 0,
+    # 20-41 Hz, catches only the 31.25 Hz FFT bin, which DC removal and pre-emphasis nearly
+    # cancel, so it touches the floor in some frames, but not in all.)
     features = ours(signals["noise"])
-    assert np.all(features[:, expected_empty] == np.float32(LOG_FLOOR))
-    assert np.all(np.delete(features, expected_empty, axis=1) > LOG_FLOOR + 1.0)
+    always_floor = np.flatnonzero(np.all(features == np.float32(LOG_FLOOR), axis=0))
+    np.testing.assert_array_equal(always_floor, expected_empty)
+    assert np.all(np.delete(features, expected_empty, axis=1).mean(axis=0) > LOG_FLOOR + 1.0)
 
 
 def test_frame_counts_and_gain():
@@ -170,7 +177,10 @@ def test_frame_counts_and_gain():
         assert kaldi_fbank(torch.zeros(2, samples)).shape == (2, frames, NUM_MEL_BINS)
     assert torch.all(kaldi_fbank(torch.zeros(1, 800)) == np.float32(LOG_FLOOR))
     wave = np.random.default_rng(1).standard_normal(4000).astype(np.float32) * 0.05
-    np.testing.assert_allclose(ours(2 * wave) - ours(wave), 2 * math.log(2.0), atol=1e-4)
+    base = ours(wave)
+    above = base > LOG_FLOOR + 1.0  # a gain of 2 lifts floored cells by less than 2 ln 2
+    assert above.mean() > 0.95
+    np.testing.assert_allclose((ours(2 * wave) - base)[above], 2 * math.log(2.0), atol=1e-4)
 
 
 def test_clip_features_pads_cuts_and_batches():
@@ -237,12 +247,12 @@ def test_augment_shift_moves_frames_and_fills_with_floor():
             expected[:, s:] = x[b, :, : 20 - s]
         else:
             expected[:, :s] = x[b, :, -s:]
-        torch.testing.assert_close(out[b], expected, rtol=0, atol=0)
+        assert torch.equal(out[b], expected)
         shifts.append(s)
     assert min(shifts) < 0 < max(shifts)
 
     untouched = augment_features(x, None, torch.Generator(), max_shift_frames=0, noise_prob=0.0)
-    torch.testing.assert_close(untouched, x, rtol=0, atol=0)
+    assert torch.equal(untouched, x)
 
 
 def test_augment_volume_zero_is_the_shift_only():
@@ -250,7 +260,7 @@ def test_augment_volume_zero_is_the_shift_only():
     shift_only = augment_features(x, noise, torch.Generator().manual_seed(5), noise_prob=0.0)
     silent = augment_features(x, noise, torch.Generator().manual_seed(5), noise_prob=1.0,
                               max_volume=0.0)
-    torch.testing.assert_close(silent, shift_only, rtol=0, atol=0)
+    assert torch.equal(silent, shift_only)
     assert not torch.equal(shift_only, x)  # the shifts themselves did something
 
 
@@ -272,7 +282,7 @@ def test_augment_noise_is_power_mixed_with_uniform_amplitude():
     assert torch.all(power > 0) and torch.all(power <= 0.1**2 + 1e-12)
     assert torch.all(out[:, 0] <= upper[rows, picks] + 1e-12)
     rebuilt = torch.logaddexp(x[:, 0], power.log()[:, None, None] + noise[picks])
-    torch.testing.assert_close(out[:, 0], rebuilt, rtol=0, atol=1e-9)
+    assert (out[:, 0] - rebuilt).abs().max().item() < 1e-9
     assert set(picks.tolist()) == {0, 1, 2}
     # v is uniform in amplitude: E[v] = 0.05 (a uniform power would give E[v] = 0.067).
     assert power.sqrt().mean().item() == pytest.approx(0.05, abs=0.01)
@@ -287,10 +297,10 @@ def test_augment_is_reproducible_and_respects_valid_frames():
     first = augment_features(x, noise, torch.Generator().manual_seed(11))
     again = augment_features(x, noise, torch.Generator().manual_seed(11))
     other = augment_features(x, noise, torch.Generator().manual_seed(12))
-    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert torch.equal(first, again)
     assert not torch.equal(first, other)
 
     limited = augment_features(x, noise, torch.Generator().manual_seed(11), valid_frames=12)
-    torch.testing.assert_close(limited[:, :, 12:], x[:, :, 12:], rtol=0, atol=0)
+    assert torch.equal(limited[:, :, 12:], x[:, :, 12:])
     cut = augment_features(x[:, :, :12], noise[:, :12], torch.Generator().manual_seed(11))
-    torch.testing.assert_close(limited[:, :, :12], cut, rtol=0, atol=0)
+    assert torch.equal(limited[:, :, :12], cut)

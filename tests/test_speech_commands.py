@@ -309,3 +309,35 @@ def test_download_copies_then_skips(tmp_path: Path, monkeypatch):
     source.unlink()  # a second download would now fail
     assert download_archive(cache, url=source.as_uri()) == got
     assert len(calls) == 1
+
+
+def test_named_source_reads_the_archive_from_the_cache_and_partitions_by_speaker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dataset="speechcommands" takes the archive from the cache's downloads folder (where
+    download_archive puts it), featurises clips and noise once, and partitions by speaker:
+    the speakers with the most clips, silence dealt out to them, 80/20 per class."""
+    from reefl.data import DataOptions, SourceOptions, build_federated_data, load_source
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("REEFL_CACHE_DIR", str(cache))
+    (cache / "downloads").mkdir(parents=True)
+    archive, written = make_archive(tmp_path)
+    archive.rename(cache / "downloads" / archive.name)
+    load_source.cache_clear()
+    spec = load_source(SourceOptions("speechcommands"))
+    clips = len([n for n in written if not n.startswith("_")])
+    assert spec.kind == "audio" and spec.num_classes == 12 and spec.natural == "largest"
+    assert spec.train.inputs.shape == (clips + 3, 1, 128, 128)  # + 3 silence segments
+    assert spec.train.inputs.dtype == np.float16 and isinstance(spec.train.inputs, np.memmap)
+    assert (spec.train.groups == -1).sum() == 3 and set(spec.group_names) == set(SPEAKERS)
+    assert spec.noise is not None and spec.noise.shape[1:] == (128, 128)
+    data = build_federated_data(DataOptions(SourceOptions("speechcommands"),
+                                            num_clients=2, local_test_fraction=0.2))
+    counts = {s: (spec.train.groups == spec.group_names.index(s)).sum() for s in SPEAKERS}
+    largest = sorted(SPEAKERS, key=lambda s: (-counts[s], s))[:2]
+    assert data.partitioner == "natural" and list(data.client_groups) == sorted(largest)
+    used = np.concatenate([*data.client_indices, *data.client_test_indices])
+    assert len(used) == len(set(used.tolist())) == sum(counts[s] for s in largest) + 3
+    assert np.array_equal(np.sort(np.concatenate(data.client_test_indices)), data.test_indices)
+    load_source.cache_clear()
+    build_federated_data.cache_clear()

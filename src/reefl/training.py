@@ -4,6 +4,7 @@ optional penalty), clipping; and the held-out CE a method may ask for."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
@@ -73,7 +74,9 @@ def train_locally(model: nn.Module, loader: DataLoader, method: Method, cfg: Run
     ``held_out`` is the client's held-out data, given when the method asks for a split.
     ``exit_ids`` names the per-exit CEs (``train-ce-exit{id}``): the global index of each
     exit the model returns (``Method.exit_ids``); by default their positions 0, 1, ...
-    The reported ``train-loss`` is the method's loss, without the penalty.
+    The reported ``train-loss`` is the method's loss, without the penalty;
+    ``train-seconds`` the wall time of the whole local training and ``train-data-seconds``
+    the part spent waiting for batches (gathering and transforming them).
     """
     model.to(device).train()
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -85,9 +88,17 @@ def train_locally(model: nn.Module, loader: DataLoader, method: Method, cfg: Run
     state = method.new_loss_state(
         None if held_out is None else held_out_exit_ce(model, held_out, cfg, device))
     total_loss, exit_ce_sums, steps = 0.0, None, 0
+    started = time.perf_counter()
+    data_seconds = 0.0
     for _ in range(cfg.local_epochs):
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
+        batches = iter(loader)
+        while True:
+            fetch_started = time.perf_counter()
+            batch = next(batches, None)
+            data_seconds += time.perf_counter() - fetch_started
+            if batch is None:
+                break
+            images, labels = batch[0].to(device), batch[1].to(device)
             with autocast(cfg, device):
                 logits = model(images)
             loss, exit_ces = method.local_loss(logits, labels, server_round, state)
@@ -102,7 +113,8 @@ def train_locally(model: nn.Module, loader: DataLoader, method: Method, cfg: Run
                 a + b for a, b in zip(exit_ce_sums, exit_ces, strict=True)]
             steps += 1
     client_state.update(method.finish_local(named, sent, client_state))
-    metrics = {"train-loss": total_loss / max(steps, 1)}
+    metrics = {"train-loss": total_loss / max(steps, 1),
+               "train-seconds": time.perf_counter() - started, "train-data-seconds": data_seconds}
     for position, value in enumerate(exit_ce_sums or []):
         metrics[f"train-ce-exit{exit_ids[position] if exit_ids else position}"] = value / steps
     return metrics

@@ -22,7 +22,11 @@ about that narrow, so one of them (filter 3, spanning 63.0-92.6 Hz, between the 
 keeps the filter as an all-zero row, so its output is always the log floor. We follow
 torchaudio, because the official features (and any checkpoint trained on them) come from it, and
 we pin our implementation against kaldi-native-fbank on settings it accepts (see
-``tests/test_audio.py``).
+``tests/test_audio.py``): on white noise, and on noise plus a chirp, the largest log-mel
+difference we measured is 4.4e-4 (80 bins at 25 ms, 128 bins at 50 ms). Agreement is close but
+not bit-exact, because both work in float32 and we build the filter weights in float64 (they
+differ from kaldi-native-fbank's float32 weights by up to 2e-5). torchaudio computes in float32
+too, so we expect the same level of agreement with it.
 
 Waveform scale: torchaudio's usage (``torchaudio.load``) gives floats in [-1, 1], and that is
 what these functions expect. Apart from the log floor the features are scale-equivariant (a gain
@@ -163,9 +167,9 @@ def kaldi_fbank(
     """Log-mel filterbank features [B, T, num_mel_bins] of waveforms [B, S] in [-1, 1].
 
     The same computation as ``torchaudio.compliance.kaldi.fbank`` with the official options
-    (module docstring), batched and in float32: strided frames (``unfold``), each DC-removed,
-    pre-emphasised, Hann-windowed and zero-padded to the FFT size (:func:`_windowed_frames`),
-    then ``rfft``, power spectrum, mel filters and ``log(max(e, eps))``.
+    (module docstring), batched and in float32 (inputs are converted): strided frames
+    (``unfold``), each DC-removed, pre-emphasised, Hann-windowed and zero-padded to the FFT size
+    (:func:`_windowed_frames`), then ``rfft``, power spectrum, mel filters and ``log(max(e, eps))``.
     ``T = 1 + (S - frame_len) // shift`` (0 when the clip is shorter than a frame). Each frame
     depends only on its own samples, so zero-padding a waveform at the end leaves its first T
     frames unchanged.
@@ -206,7 +210,7 @@ def fit_length(wave: np.ndarray, num_samples: int) -> np.ndarray:
 
 
 def _to_mono(wave: np.ndarray) -> np.ndarray:
-    """Float32 mono copy of a 1-D waveform or of a [samples, channels] array (channel mean).
+    """Float32 mono version of a 1-D waveform or of a [samples, channels] array (channel mean).
 
     Integer arrays are refused: their scale (e.g. int16 full scale 32768) is not the [-1, 1] the
     features expect, and guessing it silently would shift every log-mel value.
@@ -246,9 +250,9 @@ def clip_features(
         longest = len(clips[chunk[-1]])
         if num_frames(longest, length, shift) == 0:
             continue
-        padded = np.stack([fit_length(clips[i], longest) for i in chunk]).astype(np.float32)
+        padded = np.stack([fit_length(clips[i], longest) for i in chunk])
         with torch.no_grad():
-            feats = kaldi_fbank(torch.from_numpy(padded)).numpy()
+            feats = kaldi_fbank(torch.from_numpy(padded.astype(np.float32, copy=False))).numpy()
         for row, i in enumerate(chunk):
             count = num_frames(len(clips[i]), length, shift)
             out[i, :count] = feats[row, :count]
@@ -290,34 +294,33 @@ def augment_features(
     the power domain, ``log(exp(x) + v^2 exp(noise_k))``, computed as ``logaddexp(x, 2 ln v +
     noise_k)``. The power spectrum of a sum of independent signals is, in expectation, the sum of
     their power spectra (cross terms average out), and an amplitude ``v`` scales power by
-    ``v^2``. This is an approximation: shifts are whole frames, a single clip's cross terms are
-    not zero, and floored energies stay floored.
+    ``v^2``. This is an approximation: shifts are whole 10 ms frames (the waveform shift is any
+    whole number of samples), frames straddling a waveform shift's edge are not reproduced, a
+    single clip's cross terms are not zero, and floored energies stay floored.
 
     ``valid_frames`` (default: all T) limits both steps to the first frames, leaving the rest
     untouched: with :func:`clip_features` output of 1-s clips, ``valid_frames=98`` keeps the 30
     zero-padded frames at 0, as in the official pipeline, which pads after augmenting.
 
     Every draw comes from ``generator`` (per example: shift, noise yes/no, noise index, volume,
-    always all four, on the CPU), so results are reproducible.
+    always all four), so results are reproducible; it must be a CPU generator.
     """
     if features.dim() != 4:
         raise ValueError(f"expected features [B, C, T, M], got shape {tuple(features.shape)}")
-    if noise is not None and len(noise) == 0:
-        raise ValueError("noise bank is empty; pass None for no noise")
+    if noise is not None and (len(noise) == 0 or noise.shape[1:] != features.shape[2:]):
+        raise ValueError(f"noise {tuple(noise.shape)} must be [K>0, T, M] for {features.shape}")
     frames = features.shape[2] if valid_frames is None else valid_frames
     if not 0 < frames <= features.shape[2]:
         raise ValueError(f"valid_frames={valid_frames} outside 1..{features.shape[2]}")
     batch, device = features.shape[0], features.device
     shifts = torch.randint(-max_shift_frames, max_shift_frames + 1, (batch,), generator=generator)
     apply = torch.rand(batch, generator=generator) < noise_prob
-    num_noise = 1 if noise is None else max(1, len(noise))
+    num_noise = 1 if noise is None else len(noise)
     picks = torch.randint(0, num_noise, (batch,), generator=generator)
     volumes = torch.rand(batch, generator=generator, dtype=torch.float64) * max_volume
     head = shift_frames(features[:, :, :frames], shifts.to(device), LOG_FLOOR)
     rows = (apply & (volumes > 0)).nonzero().squeeze(1)
     if noise is not None and len(rows) > 0:
-        if noise.shape[1:] != features.shape[2:]:
-            raise ValueError(f"noise {tuple(noise.shape)} does not match {tuple(features.shape)}")
         log_power = (2.0 * torch.log(volumes[rows])).to(device=device, dtype=head.dtype)
         noisy = noise.to(head)[picks[rows].to(device), :frames] + log_power[:, None, None]
         rows = rows.to(device)

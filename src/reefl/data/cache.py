@@ -66,8 +66,16 @@ def write(path: Path, spec: DataSpec) -> None:
         try:
             tmp.rename(path)
         except OSError:  # another process finished first: keep its entry
-            if not (path / "meta.json").is_file():
-                raise
+            if (path / "meta.json").is_file():
+                return
+            # a folder without meta.json is never a whole entry (an interrupted removal
+            # leaves one): replace it
+            shutil.rmtree(path, ignore_errors=True)
+            try:
+                tmp.rename(path)
+            except OSError:
+                if not (path / "meta.json").is_file():
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -100,7 +100,8 @@ def build_federated_data(options: DataOptions) -> FederatedData:
         mixes /= mixes.sum(axis=1, keepdims=True)
     else:
         positions, mixes = equal_dirichlet_partition(pool_labels, options.num_clients,
-                                                     options.alpha, options.seed)
+                                                     options.alpha, options.seed,
+                                                     spec.num_classes)
     shards = [pool[p] for p in positions]
     test_labels = np.asarray(test.labels[test_idx])
     local = draw_by_mix(test_labels, mixes, len(test_idx) // options.num_clients,

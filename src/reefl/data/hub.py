@@ -105,6 +105,9 @@ def to_spec(loaded: Any, name: str, columns: Columns, img_size: int, where: str,
         raise DataError(f"{where}: no column '{columns.group}' (partition-by); columns: "
                         f"{', '.join(train.column_names)}")
     parts = {k: splits[k] for k in ("train", "test") if k in splits}
+    for split_name, part in parts.items():  # before any column is read
+        needed = [input_column, label_column] + ([columns.group] if columns.group else [])
+        _require_columns(part, needed, f"{where} split '{split_name}'")
     labels_all = [list(parts[k][label_column]) for k in parts]
     codes, class_names = _classes(train, label_column, labels_all)
     groups_all = [list(parts[k][columns.group]) for k in parts] if columns.group else None
@@ -113,7 +116,6 @@ def to_spec(loaded: Any, name: str, columns: Columns, img_size: int, where: str,
         _, group_names = group_codes([g for part in groups_all for g in part])
     result: dict[str, Split] = {}
     for i, (split_name, part) in enumerate(parts.items()):
-        _require_columns(part, [input_column, label_column], f"{where} split '{split_name}'")
         inputs = _decode(part, kind, input_column, img_size, f"{where} split '{split_name}'")
         groups = None
         if groups_all is not None:

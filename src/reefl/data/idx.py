@@ -4,6 +4,7 @@ dimensions, then the values; gzip-compressed or not."""
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as stream:
             raw = stream.read()
-    except OSError as err:
+    except (OSError, EOFError, zlib.error) as err:  # EOFError: a truncated .gz
         raise DataError(f"cannot read {path}: {err}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")

@@ -83,12 +83,13 @@ def draw_by_mix(labels: np.ndarray, mixes: np.ndarray, per_client: int,
 
     A class that runs out is dropped from the client's mix and its share redrawn over the
     classes left, so every client gets exactly ``per_client`` examples while the pool lasts.
-    Returns sorted indices into ``labels``.
+    Returns sorted indices into ``labels``; labels outside the mixes' classes are never drawn.
     """
     num_classes = mixes.shape[1]
-    if per_client * len(mixes) > len(labels):
+    available = int(((labels >= 0) & (labels < num_classes)).sum())
+    if per_client * len(mixes) > available:
         raise ValueError(f"{len(mixes)} clients x {per_client} examples exceed the "
-                         f"{len(labels)} available")
+                         f"{available} available")
     pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(num_classes)]
     remaining = np.array([len(p) for p in pools])
     shards = []
@@ -111,13 +112,16 @@ def draw_by_mix(labels: np.ndarray, mixes: np.ndarray, per_client: int,
     return shards
 
 
-def equal_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int
+def equal_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
+                              num_classes: int | None = None
                               ) -> tuple[list[np.ndarray], np.ndarray]:
     """The ReeFL paper's CIFAR-100 split: every client gets the same number of examples
     (the pool's size // num_clients; the remainder is left out) and its own class
     proportions p_i ~ Dir(alpha) (not flwr-datasets' per-class Dirichlet, whose client sizes
-    vary). Returns the shards and the proportions [num_clients, classes]."""
-    num_classes = int(labels.max()) + 1
+    vary). Returns the shards and the proportions [num_clients, classes]; ``num_classes``
+    (default: the largest label + 1) must cover classes the pool may lack, so that the
+    proportions also fit another split (the test set) that has them."""
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     rng = np.random.default_rng([seed, 1])
     mixes = rng.dirichlet(np.full(num_classes, float(alpha)), size=num_clients)
     return draw_by_mix(labels, mixes, len(labels) // num_clients, rng), mixes
@@ -161,8 +165,10 @@ def natural_partition(groups: np.ndarray, chosen: np.ndarray, seed: int) -> list
 def split_per_class(indices: np.ndarray, labels: np.ndarray, fraction: float,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) of one client's examples: round(fraction * n_c) of each class c in
-    test (a class with one example stays in train)."""
-    test = [rng.permutation(indices[labels[indices] == c])[: round(fraction * count)]
+    test, but at most n_c - 1 (every class keeps a training example, so a class with one
+    example stays in train)."""
+    test = [rng.permutation(indices[labels[indices] == c])[: min(round(fraction * count),
+                                                                 count - 1)]
             for c, count in zip(*np.unique(labels[indices], return_counts=True), strict=True)]
     test_idx = np.sort(np.concatenate(test)) if test else indices[:0]
     return np.setdiff1d(indices, test_idx), test_idx

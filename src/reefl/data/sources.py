@@ -27,6 +27,7 @@ FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", 
                          "shirt", "sneaker", "bag", "ankle boot")
 SPEECH_CLASSES = (12, 35)
 NOISE_HOP_S = 0.5  # background-noise segments for augmentation start every half second
+FEATURE_CHUNK = 4096  # clips featurised at once (float32 before the float16 store)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ def _fashion_mnist(options: SourceOptions) -> DataSpec:
         def split(prefix: str) -> Split:
             images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
             labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+            if images.ndim != 3 or labels.ndim != 1:
+                raise DataError(f"{folder}: {prefix} files are not images [N, H, W] and "
+                                f"labels [N] (shapes {images.shape}, {labels.shape})")
             if len(images) != len(labels):
                 raise DataError(f"{folder}: {prefix} images and labels differ in number")
             return Split(images[:, None], labels)
@@ -96,6 +100,7 @@ def _speech_commands(options: SourceOptions, root: Path | None = None) -> DataSp
         FRAME_LENGTH_MS,
         FRAME_SHIFT_MS,
         NUM_FRAMES,
+        NUM_MEL_BINS,
         clip_features,
         fit_length,
     )
@@ -105,7 +110,11 @@ def _speech_commands(options: SourceOptions, root: Path | None = None) -> DataSp
     if root is None:
         root = sc.download_archive(cache.cache_root() / "downloads")
     clips = sc.read_speech_commands(sc.find_root(root), options.speech_classes)
-    features = clip_features(clips.waves, clips.sample_rates)[:, None].astype(np.float16)
+    features = np.empty((len(clips.waves), 1, NUM_FRAMES, NUM_MEL_BINS), dtype=np.float16)
+    for start in range(0, len(clips.waves), FEATURE_CHUNK):  # float32 one chunk at a time
+        stop = start + FEATURE_CHUNK
+        features[start:stop, 0] = clip_features(clips.waves[start:stop],
+                                                clips.sample_rates[start:stop])
     speakers = np.asarray(clips.speakers)
     group_names = tuple(sorted({s for s in speakers if s}))
     lookup = {name: i for i, name in enumerate(group_names)}
@@ -154,8 +163,7 @@ def load_source(options: SourceOptions) -> DataSpec:
     if options.dataset == "embedded-mnist":
         return _embedded_mnist(options)
     if is_named(options.dataset):
-        key = (options.dataset,
-               options.speech_classes if options.dataset == "speechcommands" else "")
+        key = (options.dataset, _named_variant(options))
         return cache.cached(cache.entry_name(*key),
                             lambda: _NAMED[options.dataset](options))
     path = Path(options.dataset).expanduser().resolve()
@@ -165,6 +173,16 @@ def load_source(options: SourceOptions) -> DataSpec:
     key = (path.name, str(path), options.columns, options.img_size, options.speech_classes,
            _signature(path))
     return cache.cached(cache.entry_name(*key), lambda: _from_path(path, options))
+
+
+def _named_variant(options: SourceOptions) -> object:
+    """What besides the name selects a named source's cache entry."""
+    if options.dataset == "speechcommands":
+        return options.speech_classes
+    if options.dataset == "fashion-mnist":  # which IDX files (or the hub, when none)
+        folder = Path(os.environ.get("REEFL_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+        return (str(folder), _signature(folder)) if folder.is_dir() else "hub"
+    return ""
 
 
 def _from_path(path: Path, options: SourceOptions) -> DataSpec:
