@@ -1,6 +1,7 @@
 """Tests for reefl.data: the embedded source, splits, partitions, loaders and transforms."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +195,21 @@ def test_random_translate_is_reproducible_and_zero_shift_is_identity():
     shifted = [random_translate(batch, 1, torch.Generator().manual_seed(5)) for _ in range(2)]
     assert torch.equal(*shifted)
     assert torch.equal(random_translate(batch, 0, torch.Generator()), batch)
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+def test_the_real_fashion_mnist_from_debian(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REEFL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("REEFL_FASHION_MNIST_DIR", raising=False)
+    load_source.cache_clear()
+    spec = load_source(SourceOptions("fashion-mnist"))
+    load_source.cache_clear()
+    assert spec.train.inputs.shape == (60000, 1, 28, 28) and spec.test.inputs.shape[0] == 10000
+    assert np.bincount(spec.train.labels).tolist() == [6000] * 10
+    assert np.bincount(spec.test.labels).tolist() == [1000] * 10
+    assert spec.class_names[9] == "ankle boot" and spec.train.inputs.max() == 255

@@ -31,30 +31,38 @@ E2E_RUNS = [
     pytest.param('regime="frozen" pretrained="{checkpoint}"', id="reefl-frozen-pretrained"),
     pytest.param('distillation="dynamic" exit-module="heads" maximum=true', id="reefl-ablations"),
     pytest.param(f'method="depthfl" regime="lora" {LORA}', id="depthfl-lora"),
-    pytest.param('method="depthfl" server-update="feddyn"', id="depthfl-feddyn"),
+    pytest.param('method="depthfl" server-update="feddyn"', id="depthfl-feddyn",
+                 marks=pytest.mark.extended),
     pytest.param('method="exclusivefl" regime="ssf"', id="exclusivefl-ssf"),
     pytest.param('method="scalefl" scalefl-widths="0.5,1.0" regime="pa" adapter-dim=4',
                  id="scalefl-pa"),
     pytest.param('method="inclusivefl" regime="sa" adapter-dim=4', id="inclusivefl-sa"),
     pytest.param(f'method="inclusivefl" server-update="fedadam" fedadam-lr=0.01 regime="lora" '
-                 f'{LORA} pretrained="{{checkpoint}}"', id="inclusivefl-fedadam-lora-pretrained"),
+                 f'{LORA} pretrained="{{checkpoint}}"', id="inclusivefl-fedadam-lora-pretrained",
+                 marks=pytest.mark.extended),
 ]
 
 
 def _write_checkpoint(path: Path) -> Path:
     """A random DeiT-format checkpoint (``model`` key, fused qkv) for TINY_RUN's backbone,
-    made for 3-channel 14-px images (the run uses 1-channel 28-px ones)."""
+    made for 3-channel 14-px images (the run repeats its grey 28-px digits on 3 channels,
+    and the position embedding is resampled)."""
     backbone = VisionTransformer(img_size=14, patch_size=7, in_chans=3, embed_dim=16, depth=2,
                                  num_heads=2, mlp_ratio=2.0)
     torch.save({"model": timm_checkpoint(backbone)}, path)
     return path
 
 
+def _task(cfg: RunConfig) -> TaskSpec:
+    """The digits' task: grey images go to a pretrained backbone on 3 channels."""
+    return TaskSpec(num_classes=10, in_chans=3 if cfg.pretrained else 1)
+
+
 def _assert_only_trainable_parameters_moved(cfg: RunConfig, state: dict[str, torch.Tensor]
                                             ) -> None:
     """Every parameter no tier trains still equals the run's initial state (the pretrained
     backbone, where there is one); some trained parameter moved."""
-    method = build_method(cfg, TaskSpec(num_classes=10, in_chans=1))
+    method = build_method(cfg, _task(cfg))
     initial = method.initial_state()
     trained = {method.global_name(k, t) for t in range(method.num_exits)
                for k in method.trainable_keys(t)}
@@ -95,7 +103,7 @@ def test_two_rounds_write_the_run_folder(extra: str, tmp_path: Path) -> None:
 
     state = load_file(str(run_dir / "model.safetensors"))
     cfg = RunConfig.from_flat(config)
-    model = build_method(cfg, TaskSpec(num_classes=10, in_chans=1)).build_global_model()
+    model = build_method(cfg, _task(cfg)).build_global_model()
     model.load_state_dict(state, strict=True)
     _assert_only_trainable_parameters_moved(cfg, state)
     accounting = json.loads((run_dir / "accounting.json").read_text())

@@ -203,7 +203,7 @@ def test_client_model_takes_frozen_weights_from_the_initial_state() -> None:
 
     cfg = RunConfig.from_flat({**SMALL, "method": "scalefl", "regime": "lora",
                                "scalefl-widths": "0.5,0.5,0.75,1.0"})
-    method = _setup(cfg)[1]  # the client's own, on the run's data
+    method = _setup(cfg)[2]  # the client's own, on the run's data
     initial = method.initial_state()
     payload = {k: v + 1.0 for k, v in method.client_payload(initial, 0).items()}
     model = _tier_model(cfg, method, 0, payload)

@@ -196,7 +196,9 @@ def test_training_metrics_name_the_tier_s_own_exit() -> None:
                             method.cfg, 1e-3, 1, torch.device("cpu"),
                             exit_ids=method.exit_ids(1))
     assert method.exit_ids(1) == [1]
-    assert set(metrics) == {"train-loss", "train-ce-exit1"}
+    assert set(metrics) == {"train-loss", "train-ce-exit1", "train-seconds",
+                            "train-data-seconds"}
+    assert 0 <= metrics["train-data-seconds"] <= metrics["train-seconds"]
     assert metrics["train-ce-exit1"] == pytest.approx(metrics["train-loss"])
 
 

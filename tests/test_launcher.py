@@ -134,6 +134,9 @@ def test_overrides_parse_like_flwr_run(tmp_path: Path) -> None:
     toml = tmp_path / "over.toml"
     toml.write_text('num-clients = 6\nrun-name = "x"\n')
     assert launcher.parse_overrides([str(toml)]) == {"num-clients": 6, "run-name": "x"}
+    # files and k=v strings mix, in order: later wins
+    assert launcher.parse_overrides(["seed=3 num-clients=2", str(toml), "num-clients=7"]) == {
+        "seed": 3, "num-clients": 7, "run-name": "x"}
 
 
 @pytest.mark.parametrize(
@@ -141,7 +144,6 @@ def test_overrides_parse_like_flwr_run(tmp_path: Path) -> None:
     [
         (["seed:3"], "seed:3"),  # no key=value at all: Flower would silently ignore it
         (["missing.toml"], "missing.toml"),
-        (["seed=3", "other.toml"], "TOML files cannot be passed alongside"),
         (["seed=[1"], "invalid format"),
     ],
 )

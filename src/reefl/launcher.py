@@ -751,8 +751,8 @@ def run_app(
     prepared = prepare_run(overrides, app_dir, federation_overrides)
     run_dir = prepared.run_dir
     _say(f"run folder {run_dir}", quiet)
-    if _is_reefl_app(prepared.app_dir):
-        _prepare_data(prepared.config, quiet)
+    if _is_reefl_app(prepared.app_dir) and prepared.config.get("dataset") != "embedded-mnist":
+        _prepare_data(prepared.config, quiet)  # the bundled digits need no decoding or check
     _fetch_checkpoint(prepared.config, quiet)
     _say(
         f"app {prepared.app_dir}; simulation {federation_arg(prepared.federation)}",
