@@ -24,7 +24,7 @@ from reefl.data import (
 )
 from reefl.data.federated import FederatedData, InputPipeline
 from reefl.data.partition import dirichlet_partition
-from reefl.data.spec import Split
+from reefl.data.spec import DataSpec, Split
 
 SOURCE = "embedded-mnist"
 NUM_CLIENTS = 20
@@ -213,3 +213,79 @@ def test_the_real_fashion_mnist_from_debian(tmp_path: Path,
     assert np.bincount(spec.train.labels).tolist() == [6000] * 10
     assert np.bincount(spec.test.labels).tolist() == [1000] * 10
     assert spec.class_names[9] == "ankle boot" and spec.train.inputs.max() == 255
+
+
+def test_crop_boxes_stay_inside_and_cover_the_scale_range():
+    from reefl.data.transforms import crop_box
+
+    generator = torch.Generator().manual_seed(0)
+    boxes = [crop_box(32, 40, (0.08, 1.0), generator) for _ in range(400)]
+    for top, left, h, w in boxes:
+        assert 0 <= top and top + h <= 32 and 0 <= left and left + w <= 40 and h > 0 and w > 0
+    areas = np.array([h * w / (32 * 40) for _, _, h, w in boxes])
+    ratios = np.array([w / h for _, _, h, w in boxes])
+    assert areas.min() < 0.15 and areas.max() > 0.85  # the whole (0.08, 1) range is drawn
+    assert ratios.min() >= 0.6 and ratios.max() <= 1.6  # 3/4..4/3 up to rounding
+    # a scale no box can meet falls back to the largest central box within the ratios
+    assert crop_box(10, 100, (2.0, 2.0), generator) == (0, 43, 10, 13)
+
+
+def test_random_resized_crop_of_a_constant_image_is_constant_at_the_new_size():
+    from reefl.data.transforms import random_resized_crop
+
+    batch = torch.full((5, 3, 32, 32), 7.0)
+    out = random_resized_crop(batch, 24, (0.08, 1.0), torch.Generator().manual_seed(1))
+    assert out.shape == (5, 3, 24, 24) and torch.allclose(out, torch.full_like(out, 7.0))
+
+
+def test_random_flip_mirrors_about_half_of_the_images():
+    from reefl.data.transforms import random_flip
+
+    batch = torch.arange(400 * 3, dtype=torch.float32).view(400, 1, 1, 3)
+    out = random_flip(batch, torch.Generator().manual_seed(2))
+    flipped = (out == batch.flip(-1)).all(dim=-1).flatten()
+    assert ((out == batch).all(dim=-1).flatten() | flipped).all()
+    assert 150 < flipped.sum().item() < 250
+
+
+def test_resize_keeps_a_batch_of_the_right_size_and_averages_when_shrinking():
+    from reefl.data.transforms import resize
+
+    batch = torch.rand(2, 1, 8, 8)
+    assert resize(batch, 8) is batch
+    checker = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).repeat(4, 4).view(1, 1, 8, 8)
+    small = resize(checker, 4)
+    assert small.shape == (1, 1, 4, 4) and torch.allclose(small[..., 1:3, 1:3],
+                                                          torch.full((1, 1, 2, 2), 0.5))
+    assert (small - 0.5).abs().max() < 0.02  # edges: the filter's border weights
+
+
+def test_pretrained_pipeline_repeats_grey_on_three_channels_with_imagenet_stats():
+    data = build()
+    pipeline = input_pipeline(data, 14, pretrained=True, augment=False)
+    stored = torch.from_numpy(np.asarray(data.train.inputs[:4]))
+    out = pipeline(stored, None)
+    assert out.shape == (4, 3, 14, 14) and pipeline.channels == 3
+    grey = torch.nn.functional.interpolate(stored.float() / 255, size=(14, 14), mode="bilinear",
+                                           antialias=True)
+    for c, (mean, std) in enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                                        strict=True)):
+        torch.testing.assert_close(out[:, c], ((grey - mean) / std)[:, 0], atol=1e-5, rtol=0)
+
+
+def test_crop_pipeline_trains_on_crops_and_evaluates_on_resized_images():
+    split = Split(np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8),
+                  np.arange(6) % 2)
+    spec = DataSpec("tiny", "image", split, 2, ("a", "b"), crop_scale=(0.5, 1.0))
+    data = FederatedData(spec, split, split, np.arange(6), [np.arange(6)], split,
+                         [np.arange(6)], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "dirichlet")
+    pipeline = input_pipeline(data, 16, pretrained=False, augment=True)
+    stored = torch.from_numpy(split.inputs)
+    train = pipeline(stored, torch.Generator().manual_seed(0))
+    again = pipeline(stored, torch.Generator().manual_seed(0))
+    plain_eval = pipeline(stored, None)
+    assert train.shape == plain_eval.shape == (6, 3, 16, 16) and torch.equal(train, again)
+    assert not torch.allclose(train, plain_eval)
+    expected = (torch.nn.functional.interpolate(stored.float() / 255, size=(16, 16),
+                                                mode="bilinear", antialias=True) - 0.5) / 0.25
+    torch.testing.assert_close(plain_eval, expected, atol=1e-5, rtol=0)

@@ -9,7 +9,7 @@ channel count and length becomes log-mel features (``reefl.data.audio``).
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ import numpy as np
 from reefl.data.spec import DataError
 
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
-Opener = Callable[[], Any]  # returns a path, a file object, or bytes
 
 
 def _open_source(item: Any) -> Any:
