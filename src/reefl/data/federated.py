@@ -83,8 +83,20 @@ def build_federated_data(options: DataOptions) -> FederatedData:
     rebuilds it instead of receiving it; cached because clients share a process."""
     spec = load_source(options.source)
     partitioner = resolve_partitioner(spec, options.partitioner)
-    if partitioner == "natural":
-        return _natural(spec, options)
+    try:
+        if partitioner == "natural":
+            return _natural(spec, options)
+        return _label_skew(spec, options, partitioner)
+    except DataError:
+        raise
+    except ValueError as err:  # a partition the data cannot give (too many clients, ...)
+        raise DataError(f"{spec.name}: {err}") from None
+
+
+def _label_skew(spec: DataSpec, options: DataOptions, partitioner: str) -> FederatedData:
+    """Dirichlet partitions of a pool; local tests drawn from the global test set with each
+    client's class mix. The global test set is the source's test split, else a stratified
+    ``test_fraction`` of its training split."""
     if spec.test is not None:
         test, test_idx = spec.test, np.arange(len(spec.test))
         pool = np.arange(len(spec.train))
@@ -128,11 +140,7 @@ def _natural(spec: DataSpec, options: DataOptions) -> FederatedData:
     """One client per natural id, each id's data split into local train and test per class;
     the global test set is the source's test split, else the union of the local tests."""
     groups = np.asarray(spec.train.groups)
-    try:
-        chosen = select_groups(groups, options.num_clients, spec.natural or "sample",
-                               options.seed)
-    except ValueError as err:
-        raise DataError(f"{spec.name}: {err}") from None
+    chosen = select_groups(groups, options.num_clients, spec.natural or "sample", options.seed)
     labels = np.asarray(spec.train.labels)
     rng = np.random.default_rng([options.seed, 5])
     parts = [split_per_class(shard, labels, options.local_test_fraction, rng)
