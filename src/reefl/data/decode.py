@@ -26,29 +26,40 @@ def _open_source(item: Any) -> Any:
 
 
 def decode_images(items: Sequence[Any], names: Sequence[str], size: int) -> np.ndarray:
-    """uint8 [N, C, H, W] from image files or bytes; ``names`` say which failed."""
+    """uint8 [N, C, H, W] from image files or bytes; ``names`` say which failed.
+
+    Two passes, so that no more than one decoded image is held besides the result: the
+    headers first (modes and sizes decide channels and whether to resize), then the pixels.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    decoded = []
-    for item, name in zip(items, names, strict=True):
+    def opened(item: Any, name: str) -> Image.Image:
         try:
-            with Image.open(_open_source(item)) as image:
-                image.load()
-                decoded.append(image.copy())
+            return Image.open(_open_source(item))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataError(f"cannot read image {name}: {_first_line(err)}") from None
-    if not decoded:
+
+    if not items:
         raise DataError("no images to decode")
-    grey = all(image.mode in GREY_MODES for image in decoded)
-    same_size = len({image.size for image in decoded}) == 1
-    arrays = []
-    for image in decoded:
-        image = image.convert("L" if grey else "RGB")
-        if not same_size and image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
-        arrays.append(array[None] if grey else array.transpose(2, 0, 1))
-    return np.stack(arrays)
+    headers = []
+    for item, name in zip(items, names, strict=True):
+        with opened(item, name) as image:
+            headers.append((image.mode, image.size))
+    grey = all(mode in GREY_MODES for mode, _ in headers)
+    sizes = {image_size for _, image_size in headers}
+    width, height = sizes.pop() if len(sizes) == 1 else (size, size)
+    out = np.empty((len(items), 1 if grey else 3, height, width), dtype=np.uint8)
+    for i, (item, name) in enumerate(zip(items, names, strict=True)):
+        with opened(item, name) as image:
+            try:
+                image = image.convert("L" if grey else "RGB")
+            except (OSError, ValueError) as err:  # truncated or corrupt pixel data
+                raise DataError(f"cannot read image {name}: {_first_line(err)}") from None
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+        out[i] = array[None] if grey else array.transpose(2, 0, 1)
+    return out
 
 
 def read_audio(item: Any, name: str) -> tuple[np.ndarray, int]:
