@@ -108,7 +108,7 @@ def test_held_out_ce_cycles_through_batches_without_gradients() -> None:
 def test_held_out_split_is_seeded_disjoint_and_fixed_across_rounds() -> None:
     split = Split(np.zeros((26, 1, 8, 8), dtype=np.uint8), np.zeros(26, dtype=np.int64))
     spec = DataSpec("tiny", "image", split, 3, ("a", "b", "c"))
-    data = FederatedData(spec, split, split, np.arange(1),
+    data = FederatedData(spec, split, np.arange(1),
                          [np.arange(0, 10), np.arange(10, 25), np.arange(25, 26)], split,
                          [np.arange(1)] * 3, (0.0,), (1.0,), "dirichlet")
     train, held = held_out_split(data, 1, 0.2, seed=0)

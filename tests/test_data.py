@@ -277,7 +277,7 @@ def test_crop_pipeline_trains_on_crops_and_evaluates_on_resized_images():
     split = Split(np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8),
                   np.arange(6) % 2)
     spec = DataSpec("tiny", "image", split, 2, ("a", "b"), crop_scale=(0.5, 1.0))
-    data = FederatedData(spec, split, split, np.arange(6), [np.arange(6)], split,
+    data = FederatedData(spec, split, np.arange(6), [np.arange(6)], split,
                          [np.arange(6)], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "dirichlet")
     pipeline = input_pipeline(data, 16, pretrained=False, augment=True)
     stored = torch.from_numpy(split.inputs)

@@ -189,18 +189,10 @@ def pairs_string(values: dict[str, Any]) -> str:
 
 
 def common_overrides(run_config: Sequence[str]) -> list[str]:
-    """The user's ``--run-config`` as k=v strings, in order (later wins): k=v strings pass
-    through; each TOML file (which Flower does not accept next to k=v strings) becomes one
-    k=v string, so files and k=v strings can be mixed here. Raises RunConfigError for a bad
-    item or a key that compare sets itself."""
-    items = []
-    for item in run_config:
-        if item.endswith(".toml"):
-            values = launcher.parse_overrides([item])
-            items += [pairs_string(values)] if values else []
-        elif item:
-            items.append(item)
-    for key in launcher.parse_overrides(items) if items else {}:
+    """The user's ``--run-config`` items (k=v strings and TOML files, in order: later wins),
+    checked: RunConfigError for a bad item or a key that compare sets itself."""
+    items = [item for item in run_config if item]
+    for key in launcher.parse_overrides(items):
         if key in SET_BY_COMPARE:
             raise RunConfigError(f"--run-config sets '{key}', which compare sets; use "
                                  f"{SET_BY_COMPARE[key]}")

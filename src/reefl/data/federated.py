@@ -61,7 +61,6 @@ class FederatedData:
     """
 
     spec: DataSpec
-    train: Split
     test: Split
     test_indices: np.ndarray
     client_indices: list[np.ndarray]
@@ -71,6 +70,11 @@ class FederatedData:
     std: tuple[float, ...]
     partitioner: str
     client_groups: tuple[str, ...] = ()
+
+    @property
+    def train(self) -> Split:
+        """The split client shards index: the source's training split."""
+        return self.spec.train
 
     @property
     def num_classes(self) -> int:
@@ -118,8 +122,8 @@ def _label_skew(spec: DataSpec, options: DataOptions, partitioner: str) -> Feder
     test_labels = np.asarray(test.labels[test_idx])
     local = draw_by_mix(test_labels, mixes, len(test_idx) // options.num_clients,
                         np.random.default_rng([options.seed, 4]))
-    mean, std = _stats(spec, spec.train.inputs, pool)
-    return FederatedData(spec, spec.train, test, test_idx, shards, test,
+    mean, std = _stats(spec, pool)
+    return FederatedData(spec, test, test_idx, shards, test,
                          [test_idx[i] for i in local], mean, std, partitioner)
 
 
@@ -150,16 +154,17 @@ def _natural(spec: DataSpec, options: DataOptions) -> FederatedData:
         test, test_idx = spec.test, np.arange(len(spec.test))
     else:
         test, test_idx = spec.train, np.sort(np.concatenate(local_tests))
-    mean, std = _stats(spec, spec.train.inputs, np.sort(np.concatenate(shards)))
+    mean, std = _stats(spec, np.sort(np.concatenate(shards)))
     names = tuple(spec.group_names[g] for g in chosen)
-    return FederatedData(spec, spec.train, test, test_idx, shards, spec.train, local_tests,
+    return FederatedData(spec, test, test_idx, shards, spec.train, local_tests,
                          mean, std, "natural", names)
 
 
-def _stats(spec: DataSpec, inputs: np.ndarray, pool: np.ndarray
-           ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of the pool (pixels in [0, 1] for images, log-mel values
-    for audio): one float32 pass for small pools, chunked float64 sums for large ones."""
+def _stats(spec: DataSpec, pool: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training examples ``pool`` (pixels in [0, 1] for
+    images, log-mel values for audio): one float32 pass for small pools, chunked float64 sums
+    for large ones."""
+    inputs = spec.train.inputs
     scale = 255.0 if spec.kind == "image" else 1.0
     channels = inputs.shape[1]
     if len(pool) * inputs[0].size <= EXACT_STATS_LIMIT:
@@ -220,19 +225,12 @@ class InputPipeline:
             x = random_resized_crop(inputs.float(), self.size, self.crop_scale, generator)
             if self.flip:
                 x = random_flip(x, generator)
-            x = _standardise(x, self.mean, self.std)
+            x = normalize(x, self.mean, self.std)
         else:
             x = resize(normalize(inputs, self.mean, self.std), self.size)
         if x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1).contiguous()
         return x
-
-
-def _standardise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
-                 ) -> torch.Tensor:
-    """``normalize`` for float pixels in [0, 255] (after a crop has interpolated them)."""
-    shape = (1, -1, 1, 1)
-    return (pixels / 255.0 - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
 
 
 def input_pipeline(data: FederatedData, img_size: int, pretrained: bool, augment: bool

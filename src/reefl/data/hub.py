@@ -110,17 +110,15 @@ def to_spec(loaded: Any, name: str, columns: Columns, img_size: int, where: str,
         _require_columns(part, needed, f"{where} split '{split_name}'")
     labels_all = [list(parts[k][label_column]) for k in parts]
     codes, class_names = _classes(train, label_column, labels_all)
-    groups_all = [list(parts[k][columns.group]) for k in parts] if columns.group else None
+    group_values = [list(parts[k][columns.group]) for k in parts] if columns.group else None
     group_names: tuple[str, ...] = ()
-    if groups_all is not None:
-        _, group_names = group_codes([g for part in groups_all for g in part])
+    if group_values is not None:
+        flat, group_names = group_codes([g for part in group_values for g in part])
+        bounds = np.cumsum([0] + [len(v) for v in group_values])
     result: dict[str, Split] = {}
     for i, (split_name, part) in enumerate(parts.items()):
         inputs = _decode(part, kind, input_column, img_size, f"{where} split '{split_name}'")
-        groups = None
-        if groups_all is not None:
-            lookup = {g: j for j, g in enumerate(group_names)}
-            groups = np.array([lookup.get(str(g), -1) for g in groups_all[i]], dtype=np.int32)
+        groups = None if group_values is None else flat[bounds[i]:bounds[i + 1]]
         result[split_name] = Split(inputs, codes[i], groups)
     check_classes(result["train"].labels, where)
     return DataSpec(name=name, kind=kind, train=result["train"], test=result.get("test"),

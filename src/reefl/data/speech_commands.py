@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from reefl.data.spec import DataError
+
 URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 
 CORE_WORDS: tuple[str, ...] = (
@@ -53,7 +55,7 @@ _PARTIAL = ".partial-"  # marks temp folders/files that are not complete yet
 _DOWNLOAD_TIMEOUT_S = 60.0
 
 
-class SpeechCommandsError(ValueError):
+class SpeechCommandsError(DataError):
     """Bad input for the Speech Commands reader: a missing, corrupt or unexpected path."""
 
 

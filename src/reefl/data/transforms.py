@@ -9,7 +9,8 @@ import torch.nn.functional as F
 def normalize(
     images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
-    """Map uint8 pixels to float32 in [0, 1], then standardise each channel with the given stats."""
+    """Map pixels in [0, 255] (uint8, or float after interpolation) to float32 in [0, 1], then
+    standardise each channel with the given stats."""
     shape = (1, -1, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(shape)
     std_t = torch.tensor(std, dtype=torch.float32).view(shape)
