@@ -145,7 +145,8 @@ def test_server_update_is_validated_per_method() -> None:
         message = str(error.value)
         assert "server-update" in message and method in message and "\n" not in message
     with pytest.raises(ConfigError, match="feddyn-alpha"):
-        RunConfig.from_flat({"feddyn-alpha": 0.0})
+        RunConfig.from_flat({"method": "depthfl", "feddyn-alpha": 0.0})
+    RunConfig.from_flat({"method": "reefl", "feddyn-alpha": 0.0})  # DepthFL's key, unused
 
 
 # -- ExclusiveFL --------------------------------------------------------------------------------

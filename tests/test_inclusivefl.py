@@ -184,7 +184,7 @@ def test_loss_is_the_ce_of_the_tier_s_only_exit() -> None:
 def test_server_update_and_beta_are_checked() -> None:
     assert _method(**{"server-update": "fedadam"}).cfg.server_update == "fedadam"
     with pytest.raises(ConfigError, match="server-update"):
-        RunConfig.from_flat({"method": "reefl", "server-update": "fedadam"})
+        RunConfig.from_flat({"method": "inclusivefl", "server-update": "feddyn"})
     with pytest.raises(ConfigError, match="inclusivefl-beta"):
         RunConfig.from_flat({**TWO_TIERS, "inclusivefl-beta": 1.5})
 

@@ -9,6 +9,7 @@ import pytest
 
 from reefl import launcher
 from reefl.config import RunConfig
+from reefl.methods.scalefl import tier_widths
 from reefl.presets import PresetError, preset_names, preset_path, read_config_file
 
 EXPERIMENTS = [f"{data}-{regime}-k{k}" for data in ("cifar100", "femnist", "speechcommands")
@@ -34,7 +35,7 @@ def test_preset_is_a_valid_config_with_the_official_recipe(name: str) -> None:
     assert (cfg.num_server_rounds, cfg.fraction_train, cfg.kd_rounds) == (1000, 0.1, 300)
     assert cfg.augment and all(values[key] == v for key, v in DATA[data].items())
     if cfg.num_exits == 12:
-        assert cfg.exit_block_list == list(range(12)) and len(cfg.scalefl_width_list) == 12
+        assert cfg.exit_block_list == list(range(12)) and len(tier_widths(cfg)) == 12
 
 
 def test_bases_merge_in_order_and_the_file_wins(tmp_path: Path) -> None:

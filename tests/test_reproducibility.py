@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from reefl.config import RunConfig
+from reefl.config import RunConfig, registered_methods
 from reefl.data import build_federated_data, client_loader, input_pipeline
 from reefl.federation.strategy import sample_clients
 from reefl.methods import TaskSpec, build_method
@@ -19,7 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_runconfig_defaults_are_the_apps_defaults() -> None:
     app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert RunConfig.from_flat(app_config["config"]) == RunConfig()
+    assert RunConfig.from_flat(app_config["config"]) == RunConfig.from_flat({})
+    core = {k: v for k, v in RunConfig().to_flat().items() if k in app_config["config"]}
+    assert core == {k: app_config["config"][k] for k in core}
+    # the app lists every built-in method's settings, with the method's own default
+    for spec in registered_methods().values():
+        builtin = spec.factory.__module__.startswith("reefl.methods.")
+        for setting in spec.settings if builtin else ():
+            assert app_config["config"][setting.key] == setting.default, setting.key
 
 
 def test_client_sampling_is_seeded_over_partition_ids() -> None:

@@ -199,10 +199,32 @@ def test_bad_widths_are_one_line_errors_naming_the_key(widths: str) -> None:
 
 
 def test_widths_are_checked_only_for_scalefl() -> None:
-    cfg = RunConfig.from_flat({"method": "reefl", "num-exits": 2})  # 4 default widths, K = 2
-    assert cfg.scalefl_width_list == [0.4, 0.55, 0.75, 1.0]
-    with pytest.raises(ConfigError, match="^scalefl-widths"):
+    RunConfig.from_flat({"method": "reefl", "num-exits": 2})  # no ScaleFL widths for K = 2
+    with pytest.raises(ConfigError, match="^scalefl-widths must be given for num-exits=2"):
         RunConfig.from_flat({"method": "scalefl", "num-exits": 2})
     RunConfig.from_flat({"method": "scalefl", "num-exits": 2, "scalefl-widths": "1,1"})
     with pytest.raises(ConfigError, match="^scalefl-kd-temperature"):
         RunConfig.from_flat({**SMALL, "scalefl-kd-temperature": 0.0})
+
+
+DEIT_S = {"method": "scalefl", "model": "deit-small", "img-size": 224}
+
+
+def test_paper_widths_and_exits_by_default_for_4_and_12_exits() -> None:
+    four = _method(**DEIT_S)
+    assert four.widths == [0.4, 0.55, 0.75, 1.0]
+    assert four.exit_blocks == [3, 5, 8, 11]  # ScaleFL's own, not §1's 2, 5, 8, 11
+    twelve = _method(**DEIT_S, **{"num-exits": 12})
+    assert twelve.widths == [0.25, 0.3, 0.35, 0.4, 0.48, 0.55, 0.61, 0.69, 0.75, 0.84, 0.92,
+                             1.0]
+    assert twelve.exit_blocks == list(range(12))
+    assert _method(**DEIT_S, **{"exit-blocks": "2,5,8,11"}).exit_blocks == [2, 5, 8, 11]
+    assert _method().exit_blocks == [0, 1, 2, 3]  # 4 blocks: §1's rule
+
+
+def test_mlp_hidden_width_follows_the_narrowed_embedding() -> None:
+    # DeiT-S d = 384, MLP 4·d. Tier 0 (w 0.4): ⌊153.6⌋ = 153 channels, MLP int(153·4) = 612
+    # (⌊0.4·1536⌋ would be 614); attention 153 rounded up to 6 heads · 26 = 156.
+    widths = [_method(**DEIT_S).tier_width(t) for t in range(4)]
+    assert [(w.embed_dim, w.attn_dim, w.mlp_hidden) for w in widths] == [
+        (153, 156, 612), (211, 216, 844), (288, 288, 1152), (384, 384, 1536)]

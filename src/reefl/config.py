@@ -9,24 +9,21 @@ is allowed, so a mistake stops the run before any training starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from reefl.data import DataOptions
 
-METHODS = ("reefl", "scalefl", "depthfl", "exclusivefl", "inclusivefl")
-DISTILLATIONS = ("none", "forward", "all", "dynamic_ma", "dynamic")
-EXIT_MODULES = ("ree", "heads")
 OPTIMIZERS = ("sgd", "adamw")
 TIER_RULES = ("round-robin", "ratios")
 PRECISIONS = ("fp32", "bf16")
 MODELS = ("custom", "deit-tiny", "deit-small", "deit-base")
 REGIMES = ("frozen", "full", "lora", "sa", "pa", "ssf")  # METHOD §5; models/finetune.py
 PRETRAINED_SOURCES = ("official", "timm")  # by name, downloaded; else "" or a local file
-# Server updates each method implements; a method not listed has only "fedavg".
-SERVER_UPDATES: dict[str, tuple[str, ...]] = {"depthfl": ("fedavg", "feddyn"),
-                                              "inclusivefl": ("fedavg", "fedadam")}
 
 # Named backbones fix width, depth, heads, patch and MLP ratio (DeiT, Touvron et al. 2021).
 DEIT_SIZES: dict[str, dict[str, Any]] = {
@@ -39,6 +36,98 @@ DEIT_COMMON: dict[str, Any] = {"depth": 12, "patch_size": 16, "mlp_ratio": 4.0}
 
 class ConfigError(ValueError):
     """A run-config value that is not allowed; the message is one line naming the key."""
+
+
+# -- methods and their own settings ---------------------------------------------------------
+# The config knows no method: each method declares its name, settings and checks, and
+# registers them here when its module is imported (``reefl.methods.base.Method``). Built-in
+# methods are the modules of the ``reefl.methods`` package, found when a name is first looked
+# up; a method outside the package is named by its import path, ``"package.module:Class"``.
+METHODS_PACKAGE = "reefl.methods"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run-config key a method owns: its kebab-case key, default (whose type the value
+    must have), and the rule a value must follow (``ok``) in words (``allowed``)."""
+
+    key: str
+    default: Any
+    allowed: str = ""
+    ok: Callable[[Any], bool] | None = None
+
+    def check(self, value: Any) -> None:
+        """Raise ConfigError unless ``value`` follows the rule."""
+        if self.ok is not None and not self.ok(value):
+            raise ConfigError(f"{self.key} must be {self.allowed}; got '{value}'")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the config needs to know of a method: its name, settings, the server updates
+    it implements, a check of the whole config (cross-key rules) and how to build it."""
+
+    name: str
+    settings: tuple[Setting, ...]
+    server_updates: tuple[str, ...]
+    check: Callable[[RunConfig], None]
+    factory: Callable[..., Any]
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> None:
+    """Make a method known by ``spec.name``; its settings become run-config keys. A setting
+    two methods declare must have the same default (it is then one shared key)."""
+    for setting in spec.settings:
+        owner = _setting_owners().get(setting.key)
+        if owner is not None and owner.default != setting.default:
+            raise ValueError(f"setting '{setting.key}' of method '{spec.name}' is already "
+                             f"declared with default {owner.default!r}")
+        if setting.key.replace("-", "_") in _CORE_FIELDS:
+            raise ValueError(f"setting '{setting.key}' of method '{spec.name}' is a core key")
+    _METHODS[spec.name] = spec
+
+
+def _load_builtin_methods() -> None:
+    importlib.import_module(METHODS_PACKAGE)  # its __init__ imports every method module
+
+
+def registered_methods() -> dict[str, MethodSpec]:
+    """Every method known by name (the built-in ones, and any imported since)."""
+    _load_builtin_methods()
+    return dict(_METHODS)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The method a ``method`` value names: a registered name, or ``"module:Class"`` (the
+    module is imported, which registers its class). ConfigError if there is none."""
+    _load_builtin_methods()
+    if name in _METHODS:
+        return _METHODS[name]
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"method '{name}' cannot be imported: {err}") from None
+        spec = getattr(factory, "spec", None)
+        if not callable(spec):
+            raise ConfigError(f"method '{name}' is not a reefl Method subclass")
+        return spec()
+    raise ConfigError(f"method must be one of {', '.join(sorted(_METHODS))} or "
+                      f"'module:Class'; got '{name}'")
+
+
+def _setting_owners() -> dict[str, Setting]:
+    return {s.key: s for spec in _METHODS.values() for s in spec.settings}
+
+
+def method_setting_keys() -> set[str]:
+    """The run-config keys that registered methods declare."""
+    _load_builtin_methods()
+    return set(_setting_owners())
 
 
 @dataclass(frozen=True)
@@ -75,24 +164,11 @@ class RunConfig:
     lora_rank: int = 32
     lora_alpha: float = 64.0
     adapter_dim: int = 32
-    ree_heads: int = 8
-    ree_attn_dim: int = 16
-    ree_mlp_ratio: float = 1.35
-    ree_depth: int = 1
-    ree_recurrent_steps: int = 1
-    modulation: bool = True
-    exit_module: str = "ree"
     maximum: bool = False
-    distillation: str = "dynamic_ma"
     kd_temperature: float = 1.0
     kd_rounds: int = 300
     server_update: str = "fedavg"
-    feddyn_alpha: float = 0.1
-    inclusivefl_beta: float = 0.2
     fedadam_lr: float = 0.001
-    scalefl_widths: str = "0.4,0.55,0.75,1.0"
-    scalefl_kd_weight: float = 0.05
-    scalefl_kd_temperature: float = 3.0
     optimizer: str = "adamw"
     lr_max: float = 0.002
     lr_min: float = 0.0001
@@ -107,24 +183,55 @@ class RunConfig:
     eval_batch_size: int = 256
     output_dir: str = "outputs"
     run_name: str = ""
+    method_settings: tuple[tuple[str, Any], ...] = ()
+    """Every registered method's settings (kebab-case key, value), sorted by key: read them
+    as attributes like the core fields (``cfg.feddyn_alpha``)."""
 
     @classmethod
-    def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's flat kebab-case dict; unknown keys and bad values raise."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
+        spec = method_spec(str(flat.get("method", cls.method)))
+        settings = {s.key: s for s in _setting_owners().values()}
+        settings.update({s.key: s for s in spec.settings})
         values: dict[str, Any] = {}
-        for key, value in flat.items():
+        chosen = {key: s.default for key, s in settings.items()}
+        given = dict(flat)
+        # settings of a method that the app's pyproject does not list (Flower accepts only
+        # keys an app declares): ``reefl run`` passes them in ``method-options``
+        options = parse_method_options(str(given.pop("method-options", "")))
+        for key, value in [*given.items(), *options.items()]:
             name = key.replace("-", "_")
-            if name not in names:
+            if key in settings:
+                chosen[key] = _coerce(key, value, type(settings[key].default).__name__)
+            elif name in _CORE_FIELDS and name != "method_settings":
+                values[name] = _coerce(key, value, _CORE_FIELDS[name].type)
+            else:
                 raise ConfigError(f"unknown run-config key '{key}'")
-            values[name] = _coerce(key, value, names[name].type)
-        config = cls(**values)
+        config = cls(**values, method_settings=tuple(sorted(chosen.items())))
         config.validate()
         return config
 
     def to_flat(self) -> dict[str, Any]:
-        """The kebab-case dict Flower uses (written to config.json)."""
-        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+        """The kebab-case dict Flower uses (written to config.json): the core keys and every
+        method setting; ``method-options`` is folded into the settings."""
+        core = {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()
+                if k != "method_settings"}
+        return {**core, "method-options": "", **dict(self.method_settings)}
+
+    def __getattr__(self, name: str) -> Any:
+        """A method setting by its snake-case name (``cfg.inclusivefl_beta``)."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        key = name.replace("_", "-")
+        for setting_key, value in object.__getattribute__(self, "method_settings"):
+            if setting_key == key:
+                return value
+        raise AttributeError(f"RunConfig has no setting '{key}'")
+
+    @property
+    def method_class(self) -> Any:
+        """What builds the run's method (``MethodSpec.factory``)."""
+        return method_spec(self.method).factory
 
     # -- derived settings -------------------------------------------------------------
     @property
@@ -161,11 +268,6 @@ class RunConfig:
         return [(k + 1) * depth // self.num_exits - 1 for k in range(self.num_exits)]
 
     @property
-    def scalefl_width_list(self) -> list[float]:
-        """ScaleFL's width of every tier, shallowest first (validated for ``scalefl`` only)."""
-        return [float(w) for w in self.scalefl_widths.split(",")]
-
-    @property
     def tier_ratio_list(self) -> list[float]:
         return [float(r) for r in self.tier_ratios.split(",")] if self.tier_ratios else []
 
@@ -174,7 +276,7 @@ class RunConfig:
         """Raise ConfigError for the first value that is not allowed."""
         from reefl.data import PARTITIONERS, check_dataset_value  # deferred: heavy imports
 
-        _choice("method", self.method, METHODS)
+        spec = method_spec(self.method)
         _require("dataset", (problem := check_dataset_value(self.dataset)) is None,
                  problem or "", self.dataset)
         _choice("partitioner", self.partitioner, PARTITIONERS)
@@ -182,10 +284,8 @@ class RunConfig:
                  self.speech_classes)
         _require("local-test-fraction", 0 <= self.local_test_fraction < 1,
                  "a number in [0, 1)", self.local_test_fraction)
-        _choice("distillation", self.distillation, DISTILLATIONS)
-        _choice("exit-module", self.exit_module, EXIT_MODULES)
-        _choice("server-update", self.server_update,
-                SERVER_UPDATES.get(self.method, ("fedavg",)), f" for method {self.method}")
+        _choice("server-update", self.server_update, spec.server_updates,
+                f" for method {self.method}")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("tier-rule", self.tier_rule, TIER_RULES)
         _choice("mixed-precision", self.mixed_precision, PRECISIONS)
@@ -193,8 +293,7 @@ class RunConfig:
         _choice("regime", self.regime, REGIMES)
         self._validate_pretrained()
         for key in ("num-clients", "num-server-rounds", "eval-every", "batch-size",
-                    "eval-batch-size", "local-epochs", "kd-rounds", "ree-depth",
-                    "ree-recurrent-steps", "ree-heads", "ree-attn-dim", "img-size",
+                    "eval-batch-size", "local-epochs", "kd-rounds", "img-size",
                     "patch-size", "embed-dim", "depth", "num-heads", "lora-rank", "adapter-dim"):
             _require(key, getattr(self, key.replace("-", "_")) >= 1, "an integer >= 1")
         depth = self.backbone["depth"]
@@ -205,22 +304,20 @@ class RunConfig:
         _require("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)")
         _require("kd-temperature", self.kd_temperature > 0, "a number > 0")
         _require("lora-alpha", self.lora_alpha > 0, "a number > 0")
-        _require("feddyn-alpha", self.feddyn_alpha > 0, "a number > 0")
-        _require("inclusivefl-beta", 0 <= self.inclusivefl_beta <= 1, "a number in [0, 1]")
         _require("fedadam-lr", self.fedadam_lr > 0, "a number > 0")
         _require("lr-min", 0 < self.lr_min <= self.lr_max, "a number in (0, lr-max]")
         _require("clip-value", self.clip_value >= 0, "a number >= 0 (0 turns clipping off)")
         _require("weight-decay", self.weight_decay >= 0, "a number >= 0")
         self._validate_exits(depth)
         self._validate_tiers()
-        self._validate_scalefl()
         bb = self.backbone
         _require("embed-dim", bb["embed_dim"] % bb["num_heads"] == 0,
                  "a multiple of num-heads")
         _require("img-size", self.img_size % bb["patch_size"] == 0,
                  "a multiple of patch-size")
-        _require("ree-attn-dim", self.ree_attn_dim % self.ree_heads == 0,
-                 "a multiple of ree-heads")
+        for setting in spec.settings:
+            setting.check(getattr(self, setting.key.replace("-", "_")))
+        spec.check(self)
 
     def _validate_exits(self, depth: int) -> None:
         if not self.exit_blocks.strip():
@@ -250,28 +347,6 @@ class RunConfig:
                  "name) or the path of a .pth/.pt/.bin/.safetensors checkpoint file",
                  self.pretrained)
 
-    def _validate_scalefl(self) -> None:
-        """ScaleFL's keys, checked only when it runs (its 4 default widths fit K = 4 only)."""
-        if self.method != "scalefl":
-            return
-        allowed = (f"{self.num_exits} comma-separated, non-decreasing numbers in (0, 1] "
-                   "ending with 1.0, each leaving at least one channel")
-        try:
-            widths = self.scalefl_width_list
-        except ValueError:
-            raise ConfigError(
-                f"scalefl-widths must be {allowed}, got '{self.scalefl_widths}'") from None
-        from reefl.methods.scalefl import scaled_channels  # deferred: it imports torch
-
-        bb = self.backbone
-        narrowest = min(bb["embed_dim"], int(bb["embed_dim"] * bb["mlp_ratio"]))
-        ok = (len(widths) == self.num_exits and all(0 < w <= 1 for w in widths)
-              and all(a <= b for a, b in zip(widths, widths[1:], strict=False))
-              and widths[-1] == 1.0 and scaled_channels(widths[0], narrowest) >= 1)
-        _require("scalefl-widths", ok, allowed, self.scalefl_widths)
-        _require("scalefl-kd-weight", self.scalefl_kd_weight >= 0, "a number >= 0")
-        _require("scalefl-kd-temperature", self.scalefl_kd_temperature > 0, "a number > 0")
-
     def _validate_tiers(self) -> None:
         if self.tier_rule != "ratios":
             return
@@ -284,9 +359,31 @@ class RunConfig:
         _require("tier-ratios", ok, allowed, self.tier_ratios)
 
 
-def validate(flat: dict[str, Any]) -> None:
+_CORE_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def validate(flat: Mapping[str, Any]) -> None:
     """Check a flat run config; raise ConfigError (one line) for the first bad value."""
     RunConfig.from_flat(flat)
+
+
+def parse_method_options(text: str) -> dict[str, Any]:
+    """``method-options``: the body of a TOML inline table, ``key = value`` pairs separated
+    by commas (``'sixth-gamma = 0.5, sixth-mode = "a"'``); ConfigError if it is not that."""
+    if not text.strip():
+        return {}
+    try:
+        return tomllib.loads(f"options = {{ {text} }}")["options"]
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"method-options must be TOML 'key = value' pairs separated by "
+                          f"commas; got '{text}' ({err})") from None
+
+
+def format_method_options(values: Mapping[str, Any]) -> str:
+    """The ``method-options`` text for ``values`` (``parse_method_options`` reads it back)."""
+    import tomli_w
+
+    return ", ".join(tomli_w.dumps({key: value}).strip() for key, value in values.items())
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

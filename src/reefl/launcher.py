@@ -196,6 +196,23 @@ def merge_config(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[st
     return {**defaults, **overrides}
 
 
+def pack_method_options(defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """``user`` with every key that a method declares but the app's pyproject does not list
+    moved into ``method-options`` (Flower accepts only the keys an app declares; a method
+    outside the package, or a new one, need not be listed there)."""
+    from reefl.config import format_method_options, method_setting_keys, parse_method_options
+
+    if "method-options" not in defaults:
+        return user
+    declared = method_setting_keys()
+    moved = {k: v for k, v in user.items() if k not in defaults and k in declared}
+    if not moved:
+        return user
+    options = {**parse_method_options(str(user.get("method-options", ""))), **moved}
+    kept = {k: v for k, v in user.items() if k not in moved}
+    return {**kept, "method-options": format_method_options(options)}
+
+
 def make_run_name(config: dict[str, Any], now: float | None = None) -> str:
     """``<method>-s<seed>-<YYYYmmdd-HHMMSS>``, e.g. ``reefl-s0-20250101-120000``."""
     from reefl.report import default_run_name
@@ -261,6 +278,8 @@ def prepare_run(
     app = resolve_app_dir(app_dir, cwd)
     defaults = app_defaults(app)
     user = parse_overrides(overrides)
+    if _is_reefl_app(app):
+        user = pack_method_options(defaults, user)
     merged = merge_config(defaults, user)
     sent = dict(user)
     for key in ("output-dir", "run-name"):

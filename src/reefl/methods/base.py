@@ -1,13 +1,22 @@
 """The interface every federated method implements (ReeFL and the baselines).
 
-A method says: how to build the architecture a tier trains (the run's fine-tuning regime is
-then applied on top by ``build_model``: which parameters train, and LoRA/adapters/SSF), how a
-tier's tensors are cut from the global state (``global_name``; narrower shapes are sliced),
-the local loss given the exits' logits, and how the server merges the replies. Optional
-hooks (no-ops by default) let a method drop tiers from a round (``takes_part``), ask for a
-held-out split of each client's data (``held_out_fraction``), add a term to the local loss and
-keep per-client state across rounds (``local_penalty``, ``finish_local``). The federation and
-training code only talk to this interface.
+A method is one class in one file of ``reefl.methods``: subclassing ``Method`` with a ``name``
+registers it, with its own run-config ``settings``, the ``server_updates`` it implements and
+a ``check_config`` for rules across keys (``reefl.config`` knows no method).
+
+Two classes, so that what a method writes stays small:
+
+* ``Method``'s **hooks** are what a method writes: the architecture a tier trains
+  (``build_architecture``), the local loss (``new_loss_state``, ``local_loss``), and, where
+  the defaults do not fit, how the server merges the replies (``merge`` or the whole
+  ``aggregate``), how global tensors are named per tier (``global_name``), which tiers train
+  (``takes_part``), a held-out split (``held_out_fraction``), a local penalty and client state
+  kept across rounds (``local_penalty``, ``finish_local``), and how exits are evaluated.
+* ``TierModels`` holds the **framework** that no method overrides: the run's regime applied
+  on top of the architecture (``build_model``), the layout of every tier (names, shapes,
+  what trains), the tensors a tier is sent, and the seeded (and pretrained) initial state.
+
+The federation and training code only talk to these two.
 """
 
 from __future__ import annotations
@@ -15,12 +24,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from reefl.config import RunConfig
-from reefl.federation.aggregate import slice_to, weighted_mean_per_key
+from reefl.config import MethodSpec, RunConfig, Setting, register_method
+from reefl.federation.aggregate import AdamHyperParams, FedAdam, slice_to, weighted_mean_per_key
 from reefl.models import EarlyExitModel, PerExitHeads, VisionTransformer
 from reefl.models.finetune import Regime, apply_regime
 from reefl.models.pretrained import backbone_weights, fit_to
@@ -60,17 +70,16 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class Method(ABC):
-    """A federated early-exit method; one instance per process, built from the run config."""
-
-    held_out_fraction: float = 0.0
-    """Share of each client's training data split off (seeded, the same every round) and not
-    trained on; when > 0, ``new_loss_state`` receives the CE on it (``held_out``)."""
+class TierModels:
+    """The framework side of a method, shared by all: tiers' models in the run's regime, their
+    layouts, the tensors a tier is sent, and the initial global state. Not overridden; it
+    calls the hooks that ``Method`` declares (``build_architecture``, ``global_name``...)."""
 
     def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
         self.cfg = cfg
         self.task = task
-        self.exit_blocks = cfg.exit_block_list
+        self.exit_blocks = cfg.exit_block_list if cfg.exit_blocks.strip() else \
+            self.default_exit_blocks()
         self._layouts: dict[int, TierLayout] = {}
 
     @property
@@ -84,20 +93,10 @@ class Method(ABC):
         cfg = self.cfg
         return Regime(cfg.regime, cfg.lora_rank, cfg.lora_alpha, cfg.adapter_dim)
 
-    @abstractmethod
-    def build_architecture(self, tier: int) -> EarlyExitModel:
-        """The sub-model of ``tier`` as the method defines it, before the fine-tuning regime:
-        blocks up to exit ``tier``'s block, exits 0..tier."""
-
     def build_model(self, tier: int) -> EarlyExitModel:
         """The sub-model a client of ``tier`` trains: the architecture in the run's regime
         (its adapters added, only the regime's parameters trainable)."""
         return apply_regime(self.build_architecture(tier), self.regime)
-
-    def build_global_architecture(self) -> nn.Module:
-        """The model the server holds, before the regime: by default the deepest tier's (a
-        method whose tiers keep parameters apart, like InclusiveFL, builds one of its own)."""
-        return self.build_architecture(self.num_exits - 1)
 
     def build_global_model(self) -> nn.Module:
         """The model the server holds and evaluates, in the run's regime."""
@@ -143,11 +142,6 @@ class Method(ABC):
         """Name and shape of every parameter of ``tier``'s model, trained or frozen."""
         return self._layout(tier).shapes
 
-    def global_name(self, name: str, tier: int) -> str:
-        """Name in the global state of parameter ``name`` of ``tier``'s model (the same
-        name, unless the method keeps per-tier copies, like InclusiveFL)."""
-        return name
-
     def tier_state(self, global_state: dict[str, torch.Tensor], tier: int,
                    keys: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Parameters ``keys`` (default: all) of ``tier``'s model, taken from the global
@@ -184,21 +178,78 @@ class Method(ABC):
         weights = fit_to(backbone_weights(self.cfg.pretrained, self.cfg.model), shapes)
         return {name: weights[source] for name, source in targets.items()}
 
+    def client_payload(self, global_state: dict[str, torch.Tensor], tier: int
+                       ) -> dict[str, torch.Tensor]:
+        """What the server sends a client of ``tier``, named as in that tier's model; the
+        client returns the same names and shapes: the tier's trainable parameters."""
+        return self.tier_state(global_state, tier, self.trainable_keys(tier))
+
+
+class Method(TierModels, ABC):
+    """A federated early-exit method; one instance per process, built from the run config.
+
+    Class attributes a subclass sets: ``name`` (its ``method`` value; setting it registers
+    the class), ``settings`` (its own run-config keys), ``server_updates`` (the values of
+    ``server-update`` it implements; every method has FedAvg and FedAdam by default).
+    """
+
+    name: ClassVar[str] = ""
+    settings: ClassVar[tuple[Setting, ...]] = ()
+    server_updates: ClassVar[tuple[str, ...]] = ("fedavg", "fedadam")
+
+    held_out_fraction: float = 0.0
+    """Share of each client's training data split off (seeded, the same every round) and not
+    trained on; when > 0, ``new_loss_state`` receives the CE on it (``held_out``)."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.name:
+            register_method(cls.spec())
+
+    def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
+        super().__init__(cfg, task)
+        self._fedadam = (FedAdam(AdamHyperParams(lr=cfg.fedadam_lr))
+                         if cfg.server_update == "fedadam" else None)
+
+    @classmethod
+    def spec(cls) -> MethodSpec:
+        """What ``reefl.config`` needs to validate and build this method."""
+        return MethodSpec(cls.name, cls.settings, cls.server_updates, cls.check_config, cls)
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Raise ``ConfigError`` for a combination of values this method does not allow (each
+        setting's own rule is checked already). Nothing by default."""
+
+    def default_exit_blocks(self) -> list[int]:
+        """Exit blocks when ``exit-blocks`` is not given: docs/method.md §1's even spacing."""
+        depth, k = self.cfg.backbone["depth"], self.cfg.num_exits
+        return [(i + 1) * depth // k - 1 for i in range(k)]
+
+    @abstractmethod
+    def build_architecture(self, tier: int) -> EarlyExitModel:
+        """The sub-model of ``tier`` as the method defines it, before the fine-tuning regime:
+        blocks up to exit ``tier``'s block, exits 0..tier."""
+
+    def build_global_architecture(self) -> nn.Module:
+        """The model the server holds, before the regime: by default the deepest tier's (a
+        method whose tiers keep parameters apart, like InclusiveFL, builds one of its own)."""
+        return self.build_architecture(self.num_exits - 1)
+
+    def global_name(self, name: str, tier: int) -> str:
+        """Name in the global state of parameter ``name`` of ``tier``'s model (the same
+        name, unless the method keeps per-tier copies, like InclusiveFL)."""
+        return name
+
     def exit_ids(self, tier: int) -> list[int]:
         """The global index of every exit the tier's model returns, in order (names its
         training metrics): exits 0..tier by default."""
         return list(range(tier + 1))
 
     def takes_part(self, tier: int) -> bool:
-        """Whether a sampled client of ``tier`` trains this round. The strategy applies it
-        after the seeded sampling, so every method draws the same partition ids."""
+        """Whether clients of ``tier`` may be sampled at all (ExclusiveFL: the deepest tier
+        only). The round's quota is drawn from the clients that may."""
         return True
-
-    def client_payload(self, global_state: dict[str, torch.Tensor], tier: int
-                       ) -> dict[str, torch.Tensor]:
-        """What the server sends a client of ``tier``, named as in that tier's model; the
-        client returns the same names and shapes: the tier's trainable parameters."""
-        return self.tier_state(global_state, tier, self.trainable_keys(tier))
 
     def exit_evaluator(self, global_state: dict[str, torch.Tensor]) -> nn.Module:
         """A module whose forward returns the logits of every exit of the global model. By
@@ -229,9 +280,23 @@ class Method(ABC):
         the state per client across rounds, in Flower's ``context.state``). By default none."""
         return {}
 
-    def aggregate(self, global_state: dict[str, torch.Tensor],
-                  updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
-        """Server update: per-parameter example-weighted mean over the clients holding it."""
+    def merge(self, global_state: dict[str, torch.Tensor],
+              updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        """The replies merged into one state: per-parameter example-weighted mean over the
+        clients holding it (docs/method.md §4); a parameter nobody returned keeps its value."""
         return weighted_mean_per_key(
             global_state, [(u.state, u.num_examples) for u in updates]
         )
+
+    def aggregate(self, global_state: dict[str, torch.Tensor],
+                  updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        """The server update: ``merge``, then the ``server-update``: ``fedavg`` takes the
+        merged state; ``fedadam`` takes one FedAdam step (``federation.aggregate.FedAdam``,
+        moments per parameter, kept across rounds) along the pseudo-gradient merged − w of
+        every parameter some client returned."""
+        merged = self.merge(global_state, updates)
+        if self._fedadam is None:
+            return merged
+        returned = {name for u in updates for name in u.state}
+        deltas = {name: merged[name] - w for name, w in global_state.items() if name in returned}
+        return self._fedadam.step(global_state, deltas)

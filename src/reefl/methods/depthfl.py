@@ -38,7 +38,7 @@ from collections import Counter
 
 import torch
 
-from reefl.config import RunConfig
+from reefl.config import RunConfig, Setting
 from reefl.federation.aggregate import weighted_mean_per_key
 from reefl.methods.base import ClientUpdate, HeldOutCE, Method, TaskSpec
 from reefl.methods.losses import exit_cross_entropies, kd_weight, mutual_distillation
@@ -77,6 +77,8 @@ class DepthFL(Method):
     """Per-exit heads, Σ CE + normalised mutual KL; FedAvg or FedDyn on the server."""
 
     name = "depthfl"
+    settings = (Setting("feddyn-alpha", 0.1, "a number > 0", lambda v: v > 0),)
+    server_updates = ("fedavg", "fedadam", "feddyn")
 
     def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
         super().__init__(cfg, task)
@@ -111,7 +113,8 @@ class DepthFL(Method):
         return feddyn_client_state(params, sent, client_state, self.cfg.feddyn_alpha)
 
     def aggregate(self, global_state: Tensors, updates: list[ClientUpdate]) -> Tensors:
-        """FedAvg (the per-key weighted mean), or FedDyn's step from the plain per-key mean."""
+        """FedAvg or FedAdam (``Method.aggregate``), or FedDyn's step from the plain per-key
+        mean."""
         if not self.feddyn:
             return super().aggregate(global_state, updates)
         mean = weighted_mean_per_key(global_state, [(u.state, 1) for u in updates])

@@ -60,7 +60,7 @@ import copy
 import torch
 from torch import nn
 
-from reefl.config import RunConfig
+from reefl.config import RunConfig, Setting
 from reefl.federation.aggregate import AdamHyperParams, FedAdam, weighted_mean_per_key
 from reefl.methods.base import ClientUpdate, HeldOutCE, Method, TaskSpec
 from reefl.methods.losses import exit_cross_entropies
@@ -126,6 +126,7 @@ class InclusiveFL(Method):
     and head apart, shares the rest, and distils deep tiers' top-block updates downwards."""
 
     name = "inclusivefl"
+    settings = (Setting("inclusivefl-beta", 0.2, "a number in [0, 1]", lambda v: 0 <= v <= 1),)
 
     def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
         super().__init__(cfg, task)

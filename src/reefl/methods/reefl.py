@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from reefl.config import ConfigError, RunConfig, Setting
 from reefl.methods.base import HeldOutCE, Method
 from reefl.methods.losses import (
     HeldOutTeacher,
@@ -30,6 +31,12 @@ from reefl.methods.losses import (
 from reefl.models import EarlyExitModel, Ree
 
 HELD_OUT_FRACTION = 0.2  # METHOD §3, variant dynamic
+DISTILLATIONS = ("none", "forward", "all", "dynamic_ma", "dynamic")
+EXIT_MODULES = ("ree", "heads")
+
+
+def _at_least_one(value: int) -> bool:
+    return value >= 1
 
 
 class ReeFL(Method):
@@ -37,6 +44,24 @@ class ReeFL(Method):
     an ablation, by one head per exit)."""
 
     name = "reefl"
+    settings = (
+        Setting("ree-heads", 8, "an integer >= 1", _at_least_one),
+        Setting("ree-attn-dim", 16, "an integer >= 1", _at_least_one),
+        Setting("ree-mlp-ratio", 1.35, "a number > 0", lambda v: v > 0),
+        Setting("ree-depth", 1, "an integer >= 1", _at_least_one),
+        Setting("ree-recurrent-steps", 1, "an integer >= 1", _at_least_one),
+        Setting("modulation", True),
+        Setting("exit-module", "ree", f"one of {', '.join(EXIT_MODULES)}",
+                lambda v: v in EXIT_MODULES),
+        Setting("distillation", "dynamic_ma", f"one of {', '.join(DISTILLATIONS)}",
+                lambda v: v in DISTILLATIONS),
+    )
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        if cfg.ree_attn_dim % cfg.ree_heads:
+            raise ConfigError(f"ree-attn-dim must be a multiple of ree-heads; "
+                              f"got '{cfg.ree_attn_dim}'")
 
     @property
     def held_out_fraction(self) -> float:
