@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import TINY, timm_checkpoint
 from reefl.config import REGIMES, ConfigError, RunConfig
-from reefl.methods import METHOD_CLASSES, TaskSpec, build_method
+from reefl.methods import TaskSpec, build_method, method_names
 from reefl.models import VisionTransformer
 from reefl.models.finetune import (
     Regime,
@@ -23,6 +23,7 @@ from reefl.models.finetune import (
     apply_regime,
 )
 from reefl.models.pretrained import load_backbone
+from reefl.models.vit import trunc_normal_
 from reefl.training import train_locally
 
 TASK = TaskSpec(num_classes=5, in_chans=1)
@@ -71,7 +72,7 @@ def test_ssf_scales_and_shifts_each_channel() -> None:
 
 
 def _set_adapter(sublayer: nn.Module) -> None:
-    """down = [[1, −1]] with bias 0.5, up = [[2], [1]] with bias [0, 1] (GELU between)."""
+    """down = [[1, −1]] with bias 0.5, up = [[2], [1]] with bias [0, 1] (ReLU between)."""
     with torch.no_grad():
         sublayer.adapter.down.weight.copy_(torch.tensor([[1.0, -1.0]]))
         sublayer.adapter.down.bias.fill_(0.5)
@@ -87,12 +88,46 @@ def test_adapters_read_the_output_in_sequence_and_the_input_in_parallel(sequenti
         sublayer.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # swaps the channels
     add_adapter(sublayer, dim=2, hidden=1, sequential=sequential)
     _set_adapter(sublayer)
-    x = torch.tensor([[3.0, 1.0]])
-    o = torch.tensor([[1.0, 3.0]])
-    read = o if sequential else x
-    z = read[0, 0] - read[0, 1] + 0.5  # sequential: −1.5; parallel: 2.5
-    gelu = torch.nn.functional.gelu(z)
-    torch.testing.assert_close(sublayer(x), o + torch.stack([2 * gelu, gelu + 1]).view(1, 2))
+    x = torch.tensor([[3.0, 1.0]])  # o = swap(x) = [1, 3]
+    # sequential reads o: z = 1 − 3 + 0.5 = −1.5, ReLU 0, up: [0, 1]; o + [0, 1] = [1, 4]
+    # parallel reads x: z = 3 − 1 + 0.5 = 2.5, ReLU 2.5, up: [5, 3.5]; o + that = [6, 6.5]
+    expected = [[1.0, 4.0]] if sequential else [[6.0, 6.5]]
+    torch.testing.assert_close(sublayer(x), torch.tensor(expected))
+
+
+# -- initialisation (METHOD §5, as the official code) ------------------------------------------
+def test_adapter_linears_start_like_the_vit_s_truncated_normal_with_zero_bias() -> None:
+    sublayer = nn.Linear(192, 192)
+    torch.manual_seed(3)
+    add_adapter(sublayer, dim=192, hidden=32, sequential=True)
+    adapter = sublayer.adapter
+    torch.manual_seed(3)  # the same draws: two nn.Linear, then vit.py's init, down first
+    down, up = nn.Linear(192, 32), nn.Linear(32, 192)
+    trunc_normal_(down.weight, std=0.02)
+    trunc_normal_(up.weight, std=0.02)
+    assert torch.equal(adapter.down.weight, down.weight)
+    assert torch.equal(adapter.up.weight, up.weight)
+    assert torch.count_nonzero(adapter.down.bias) == 0
+    assert torch.count_nonzero(adapter.up.bias) == 0
+    for weight in (adapter.down.weight, adapter.up.weight):  # 6144 draws each
+        # N(0, 0.02) cut at ±2 std: |w| ≤ 0.04 and std 0.02·√(1 − 4φ(2)/(2Φ(2) − 1)) = 0.01759
+        assert weight.abs().max() <= 0.04
+        assert weight.std().item() == pytest.approx(0.01759, rel=0.04)
+    assert isinstance(adapter.act, nn.ReLU)
+
+
+def test_ssf_starts_at_plain_normals_around_one_and_zero() -> None:
+    linear = nn.Linear(2, 2)
+    torch.manual_seed(5)
+    add_scale_shift(linear, 20000)
+    torch.manual_seed(5)  # as the official init_ssf_scale_shift: scale first, then shift
+    scale = torch.empty(20000).normal_(mean=1.0, std=0.02)
+    shift = torch.empty(20000).normal_(mean=0.0, std=0.02)
+    assert torch.equal(linear.ssf_scale, scale) and torch.equal(linear.ssf_shift, shift)
+    assert linear.ssf_scale.mean().item() == pytest.approx(1.0, abs=1e-3)
+    assert linear.ssf_shift.std().item() == pytest.approx(0.02, rel=0.03)
+    # not truncated: P(|z| > 2) = 4.55%, about 910 of 20000 beyond 2 std
+    assert 700 < int(((linear.ssf_scale - 1).abs() > 0.04).sum()) < 1100
 
 
 # -- which parameters each regime trains ---------------------------------------------------
@@ -150,9 +185,9 @@ def test_an_unknown_regime_names_the_allowed_values() -> None:
 
 
 @pytest.mark.parametrize("regime", ["lora", "sa", "pa", "ssf"])
-def test_every_regime_starts_as_the_model_it_adapts(regime: str) -> None:
-    """LoRA with B at zero (and adapters with a zero up-projection, SSF at scale 1, shift 0)
-    leaves every exit's logits exactly unchanged."""
+def test_only_lora_starts_as_the_model_it_adapts(regime: str) -> None:
+    """LoRA with B at zero leaves every exit's logits exactly unchanged; the adapters (a
+    random up-projection) and SSF (random scale and shift) do not."""
     method = _method(regime=regime)
     torch.manual_seed(0)
     plain = method.build_architecture(3).eval()
@@ -160,7 +195,7 @@ def test_every_regime_starts_as_the_model_it_adapts(regime: str) -> None:
     assert len(adapted.state_dict()) > len(plain.state_dict())
     x = _images()
     for a, b in zip(plain(x), adapted(x), strict=True):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b) == (regime == "lora")
     with torch.no_grad():  # the added parameters are live: moving them moves every exit
         for key, p in adapted.named_parameters():
             if key.endswith(("lora_b", "up.weight", "ssf_shift")):
@@ -171,7 +206,7 @@ def test_every_regime_starts_as_the_model_it_adapts(regime: str) -> None:
 
 # -- nothing outside the trainable set moves ------------------------------------------------
 @pytest.mark.parametrize("regime", REGIMES)
-@pytest.mark.parametrize("name", sorted(METHOD_CLASSES))
+@pytest.mark.parametrize("name", method_names())
 def test_a_local_step_changes_only_trainable_parameters(name: str, regime: str) -> None:
     cfg = RunConfig.from_flat({**SMALL, "method": name, "regime": regime, "local-epochs": 1,
                                "scalefl-widths": "0.5,0.5,0.75,1.0", "lr-max": 0.05})
@@ -179,7 +214,7 @@ def test_a_local_step_changes_only_trainable_parameters(name: str, regime: str) 
     tier = method.num_exits - 1
     torch.manual_seed(0)
     model = method.build_model(tier)
-    with torch.no_grad():  # move LoRA's B and the adapters' up-projection off zero
+    with torch.no_grad():  # move LoRA's B off zero (and the adapters' up-projection)
         for key, p in model.named_parameters():
             if key.endswith(("lora_b", "up.weight")):
                 p.normal_(std=0.1)
@@ -199,14 +234,14 @@ def test_a_local_step_changes_only_trainable_parameters(name: str, regime: str) 
 
 # -- frozen weights come from the initial state, never from the server ------------------------
 def test_client_model_takes_frozen_weights_from_the_initial_state() -> None:
-    from reefl.federation.client_app import _setup, _tier_model
+    from reefl.federation.client_app import _setup, tier_model
 
     cfg = RunConfig.from_flat({**SMALL, "method": "scalefl", "regime": "lora",
                                "scalefl-widths": "0.5,0.5,0.75,1.0"})
     method = _setup(cfg)[2]  # the client's own, on the run's data
     initial = method.initial_state()
     payload = {k: v + 1.0 for k, v in method.client_payload(initial, 0).items()}
-    model = _tier_model(cfg, method, 0, payload)
+    model = tier_model(method, initial, 0, payload)
     state = model.state_dict()
     sliced = method.tier_state(initial, 0)
     for key, value in state.items():
@@ -237,7 +272,7 @@ def _checkpoint_file(tmp_path: Path, method_cfg: dict[str, object]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", sorted(METHOD_CLASSES))
+@pytest.mark.parametrize("name", method_names())
 def test_pretrained_weights_reach_every_backbone_tensor_of_every_tier(
         name: str, tmp_path: Path) -> None:
     path = _checkpoint_file(tmp_path, {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -40,11 +41,11 @@ def _initial_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return _setup(cfg)[2].initial_state()
 
 
-def _tier_model(cfg: RunConfig, method: Method, tier: int,
-                payload: dict[str, torch.Tensor]) -> torch.nn.Module:
+def tier_model(method: Method, initial: dict[str, torch.Tensor], tier: int,
+               payload: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The tier's model: trainable parameters from the server, frozen ones from the initial
     state. Built on the meta device and filled by assignment: nothing is initialised twice."""
-    state = method.tier_state(_initial_state(cfg), tier)
+    state = method.tier_state(initial, tier)
     state.update(payload)
     with torch.device("meta"):
         model = method.build_model(tier)
@@ -85,25 +86,50 @@ def train(msg: Message, context: Context) -> Message:
     """Load what the server sent, train one round locally, send the same tensors back."""
     cfg, partition_id, tier = _identity(context)
     data, pipeline, method = _setup(cfg)
-    server_round = int(msg.content["config"]["server-round"])
-    lr = float(msg.content["config"]["lr"])
-    seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
-    torch.manual_seed(seed)
+    config = msg.content["config"]
     payload = msg.content["arrays"].to_torch_state_dict()
-    model = _tier_model(cfg, method, tier, payload)
-    train_idx, held_idx = held_out_split(data, partition_id, method.held_out_fraction, cfg.seed)
-    loader = client_loader(data, pipeline, partition_id, cfg.batch_size, seed, train_idx)
-    held_out = (held_out_loader(data, pipeline, held_idx, cfg.batch_size) if len(held_idx)
-                else None)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     client_state = _load_client_state(context, cfg)
-    metrics = train_locally(model, loader, method, cfg, lr, server_round, device,
-                            client_state, held_out, method.exit_ids(tier))
+    state, metrics = client_round(
+        ClientSetup(cfg, data, pipeline, method, _initial_state(cfg)), partition_id, tier,
+        int(config["server-round"]), float(config["lr"]), payload, client_state)
     if client_state:
         context.state[_state_key(cfg)] = ArrayRecord(
             {k: v.cpu() for k, v in client_state.items()})
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+@dataclass(frozen=True)
+class ClientSetup:
+    """What a client process builds once per run: config, data, pipeline, method and the
+    initial global state (the source of every frozen parameter)."""
+
+    cfg: RunConfig
+    data: FederatedData
+    pipeline: InputPipeline
+    method: Method
+    initial: dict[str, torch.Tensor]
+
+
+def client_round(setup: ClientSetup, partition_id: int, tier: int, server_round: int,
+                 lr: float, payload: dict[str, torch.Tensor],
+                 client_state: dict[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One client's local round: its tier's model from ``payload`` (and the initial state for
+    the frozen parts), trained on its shard; returns the payload's tensors after training
+    and the metrics (with ``num-examples``). ``client_state`` (the method's per-client
+    state, e.g. FedDyn's g) is updated in place. Seeded by (seed, round, partition id)."""
+    cfg, data, method = setup.cfg, setup.data, setup.method
+    seed = int(np.random.SeedSequence([cfg.seed, server_round, partition_id]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    model = tier_model(method, setup.initial, tier, payload)
+    train_idx, held_idx = held_out_split(data, partition_id, method.held_out_fraction, cfg.seed)
+    loader = client_loader(data, setup.pipeline, partition_id, cfg.batch_size, seed, train_idx)
+    held_out = (held_out_loader(data, setup.pipeline, held_idx, cfg.batch_size) if len(held_idx)
+                else None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = train_locally(model, loader, method, cfg, lr, server_round, device,
+                            client_state, held_out, method.exit_ids(tier))
     state = model.state_dict()
     metrics["num-examples"] = len(train_idx)
-    content = RecordDict({"arrays": ArrayRecord({k: state[k].cpu() for k in payload}),
-                          "metrics": MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+    return {k: state[k].cpu() for k in payload}, metrics
