@@ -1,4 +1,4 @@
-"""DepthFL (mutual KL, FedDyn), ExclusiveFL (client filter) and the per-exit heads
+"""DepthFL (mutual KL, FedDyn), ExclusiveFL (sampling from the deepest tier) and the per-exit heads
 (METHOD §6) against hand-computed values."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from reefl.federation.strategy import (
     round_participants,
     sample_clients,
 )
-from reefl.methods import ClientUpdate, TaskSpec, build_method
+from reefl.methods import ClientUpdate, Method, TaskSpec, build_method
 from reefl.methods.depthfl import feddyn_client_state, feddyn_penalty, feddyn_server_step
 from reefl.models import EarlyExitModel, PerExitHeads, VisionTransformer
 
@@ -150,17 +150,43 @@ def test_server_update_is_validated_per_method() -> None:
 
 
 # -- ExclusiveFL --------------------------------------------------------------------------------
-def test_exclusivefl_drops_shallow_clients_after_the_shared_sampling() -> None:
-    flat = {"num-clients": 12, "num-exits": 4, "fraction-train": 0.5, "seed": 0}
-    reefl = build_method(RunConfig.from_flat(flat), TASK)
-    exclusive = build_method(RunConfig.from_flat({**flat, "method": "exclusivefl"}), TASK)
-    tiers = {pid: pid % 4 for pid in range(12)}
-    cfg = exclusive.cfg
+def _sampling(num_clients: int, fraction: float, method: str = "reefl"
+              ) -> tuple[RunConfig, Method]:
+    flat = {"num-clients": num_clients, "num-exits": 4, "fraction-train": fraction, "seed": 0,
+            "method": method}
+    cfg = RunConfig.from_flat(flat)
+    return cfg, build_method(cfg, TASK)
+
+
+def test_other_methods_draw_exactly_as_before() -> None:
+    """Every tier takes part: the same ids as before ExclusiveFL drew from its own tier
+    (pinned from the earlier code: seed 0)."""
+    for num_clients, fraction, server_round, ids in [
+            (20, 0.5, 1, [1, 3, 4, 5, 7, 10, 12, 15, 16, 17]),
+            (100, 0.1, 3, [29, 30, 31, 45, 56, 66, 80, 82, 88, 97])]:
+        cfg, reefl = _sampling(num_clients, fraction)
+        tiers = {pid: pid % 4 for pid in range(num_clients)}
+        assert sample_clients(cfg, server_round, list(tiers)) == ids
+        assert round_participants(cfg, server_round, tiers, reefl.takes_part) == ids
+
+
+def test_exclusivefl_draws_the_quota_from_the_deepest_tier_alone() -> None:
+    # 20 clients, K = 4 round-robin: 5 of tier 3 (3, 7, 11, 15, 19); quota round(0.5·20) =
+    # 10 > 5, so all five train every round
+    cfg, exclusive = _sampling(20, 0.5, "exclusivefl")
+    tiers = {pid: pid % 4 for pid in range(20)}
     for server_round in range(1, 6):
-        sampled = sample_clients(cfg, server_round, list(tiers))
-        assert round_participants(cfg, server_round, tiers, reefl.takes_part) == sampled
         assert round_participants(cfg, server_round, tiers, exclusive.takes_part) == [
-            pid for pid in sampled if pid % 4 == 3]
+            3, 7, 11, 15, 19]
+    # 100 clients: 25 of tier 3; quota round(0.1·100) = 10, all of them from tier 3
+    cfg, exclusive = _sampling(100, 0.1, "exclusivefl")
+    tiers = {pid: pid % 4 for pid in range(100)}
+    draws = [round_participants(cfg, r, tiers, exclusive.takes_part) for r in range(1, 4)]
+    for drawn in draws:
+        assert len(drawn) == 10 and len(set(drawn)) == 10 and all(p % 4 == 3 for p in drawn)
+    assert draws[0] != draws[1]  # a new seeded draw each round
+    assert draws == [round_participants(cfg, r, tiers, exclusive.takes_part)
+                     for r in range(1, 4)]
     assert round_participants(cfg, 1, dict.fromkeys(range(12), 2), exclusive.takes_part) == []
 
 

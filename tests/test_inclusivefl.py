@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from reefl.config import ConfigError, RunConfig
 from reefl.federation.aggregate import AdamHyperParams, FedAdam, fedadam_step
 from reefl.methods import ClientUpdate, TaskSpec, build_method
-from reefl.methods.inclusivefl import InclusiveFL, momentum_distillation
+from reefl.methods.inclusivefl import InclusiveFL, block_mean, momentum_distillation
 from reefl.training import train_locally
 
 TASK = TaskSpec(num_classes=5, in_chans=1)
@@ -34,22 +34,22 @@ def _scalar(value: float) -> dict[str, torch.Tensor]:
 
 
 # -- momentum distillation ------------------------------------------------------------------
-def test_momentum_distillation_three_tiers_deepest_first() -> None:
-    mixed = momentum_distillation([_scalar(1.0), _scalar(5.0), _scalar(10.0)], beta=0.2)
-    # m2 = g2 = 10;  m1 = 0.2·10 + 0.8·5 = 6;  m0 = 0.2·6 + 0.8·1 = 2
-    assert [m["w"].item() for m in mixed] == pytest.approx([2.0, 6.0, 10.0])
+def test_momentum_distillation_mixes_the_deeper_tier_s_momentum_in() -> None:
+    mixed = momentum_distillation({"w": torch.tensor(5.0), "b": torch.tensor(1.0)},
+                                  {"w": torch.tensor(10.0)}, beta=0.2)
+    # w: 0.2·10 + 0.8·5 = 6;  b has no momentum (zero): 0.8·1 = 0.8
+    assert mixed["w"].item() == pytest.approx(6.0) and mixed["b"].item() == pytest.approx(0.8)
+    assert momentum_distillation({"w": torch.tensor(5.0)}, {}, beta=0.2)["w"].item() == \
+        pytest.approx(4.0)
 
 
-def test_a_tier_without_clients_is_not_updated_and_passes_the_deeper_update_on() -> None:
-    mixed = momentum_distillation([_scalar(1.0), {}, _scalar(10.0)], beta=0.2)
-    # tier 1 returned nothing: no update for it; m0 = 0.2·10 + 0.8·1 = 2.8
-    assert mixed[1] == {}
-    assert mixed[0]["w"].item() == pytest.approx(2.8)
-    mixed = momentum_distillation([_scalar(1.0), _scalar(5.0), {}], beta=0.2)
-    # nothing deeper than tier 1: m1 = g1 = 5;  m0 = 0.2·5 + 0.8·1 = 1.8
-    assert [m.get("w", torch.tensor(float("nan"))).item() for m in mixed[:2]] == \
-        pytest.approx([1.8, 5.0])
-    assert mixed[2] == {}
+def test_block_mean_is_element_wise_over_blocks() -> None:
+    mean = block_mean([{"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(4.0)},
+                       {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor(8.0)},
+                       {"w": torch.tensor([5.0, 1.0]), "b": torch.tensor(0.0)}])
+    # w: [(1 + 3 + 5)/3, (2 + 6 + 1)/3] = [3, 3];  b: (4 + 8 + 0)/3 = 4
+    torch.testing.assert_close(mean["w"], torch.tensor([3.0, 3.0]))
+    torch.testing.assert_close(mean["b"], torch.tensor(4.0))
 
 
 # -- FedAdam --------------------------------------------------------------------------------
@@ -132,12 +132,14 @@ def test_aggregate_two_tiers_by_hand() -> None:
                _shifted(method, state, 2, 1, 6.0, 60)]
     merged = method.aggregate(state, updates)
     expected_shift = {
-        # held by both tiers: (10·1 + 30·3 + 60·6) / 100 = 4.6
-        "backbone.pos_embed": 4.6, "backbone.blocks.0.attn.v.weight": 4.6,
+        # held by both tiers: tier means 2.5 = (10·1 + 30·3)/40 and 6, weighted by number of
+        # clients (2 and 1), not examples: (2·2.5 + 1·6)/3 = 11/3
+        "backbone.pos_embed": 11 / 3, "backbone.blocks.0.attn.v.weight": 11 / 3,
         # the shared copy of block 1 is held by tier 1 only (tier 0 trains its own copy)
         "backbone.blocks.1.attn.v.weight": 6.0, "backbone.blocks.2.mlp.fc2.bias": 6.0,
-        # tier 0's copy: g0 = (10·1 + 30·3)/40 = 2.5, mixed: 0.2·6 + 0.8·2.5 = 3.2
-        "tiers.0.block.norm2.weight": 3.2,
+        # tier 0's copy: g0 = 2.5, mixed with tier 1's momentum of the previous round, zero
+        # in round 1: 0.2·0 + 0.8·2.5 = 2
+        "tiers.0.block.norm2.weight": 2.0,
         # heads are averaged within their tier, not mixed
         "tiers.0.exits.heads.0.fc.weight": 2.5, "tiers.1.exits.heads.0.norm.bias": 6.0,
         # the deepest tier's copy: its own mean
@@ -155,6 +157,147 @@ def test_a_missing_tier_keeps_its_copies() -> None:
                                state["tiers.0.block.norm1.bias"], rtol=0, atol=0)
     torch.testing.assert_close(merged["tiers.1.block.norm1.bias"],
                                state["tiers.1.block.norm1.bias"] + 6.0, atol=1e-5, rtol=0)
+
+
+# -- the server update on a toy: one scalar "w" per block, two and three rounds -------------
+def _toy_state(method: InclusiveFL) -> dict[str, torch.Tensor]:
+    """A zero global state with one scalar per block (shared blocks below the deepest exit,
+    one copy of block e_t per tier), a shared ``cls_token`` and one head scalar per tier."""
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    state = {"backbone.cls_token": zero}
+    state.update({f"backbone.blocks.{b}.w": zero for b in range(method.exit_blocks[-1])})
+    for tier in range(method.num_exits):
+        state.update({f"tiers.{tier}.block.w": zero, f"tiers.{tier}.exits.heads.0.w": zero})
+    return state
+
+
+def _toy_client(method: InclusiveFL, state: dict[str, torch.Tensor], tier: int,
+                examples: int, shift: float, **block_shifts: float) -> ClientUpdate:
+    """A tier-``tier`` client returning what it was sent (its model's names: blocks
+    0..e_t, one head) plus ``shift``, or ``block_shifts["b<i>"]`` for block i."""
+    names = (["backbone.cls_token"] + [f"backbone.blocks.{b}.w"
+                                       for b in range(method.exit_blocks[tier] + 1)]
+             + ["exits.heads.0.w"])
+    shifts = {f"backbone.blocks.{b[1:]}.w": v for b, v in block_shifts.items()}
+    return ClientUpdate(0, tier, {n: state[method.global_name(n, tier)] + shifts.get(n, shift)
+                                  for n in names}, examples)
+
+
+def _assert_toy(state: dict[str, torch.Tensor], expected: dict[str, float]) -> None:
+    assert {k: v.item() for k, v in state.items()} == pytest.approx(expected, abs=1e-9)
+
+
+def test_fedavg_three_tiers_two_rounds_with_last_round_s_momentum_by_hand() -> None:
+    method = _method(**{"depth": 6, "num-exits": 3})  # exits after blocks 1, 3, 5
+    state = _toy_state(method)
+    round1 = [_toy_client(method, state, 0, 10, 1.0), _toy_client(method, state, 0, 30, 3.0),
+              _toy_client(method, state, 1, 20, 4.0, b2=2.0, b3=6.0),
+              _toy_client(method, state, 2, 50, 8.0, b4=10.0, b5=20.0)]
+    state = method.aggregate(state, round1)
+    _assert_toy(state, {
+        # g0 = (10·1 + 30·3)/40 = 2.5; g1 = the client's; g2 = the client's
+        # shared by all three tiers, tier means weighted by clients (2, 1, 1): (5 + 4 + 8)/4
+        "backbone.cls_token": 4.25, "backbone.blocks.0.w": 4.25,
+        "backbone.blocks.1.w": 6.0,   # tiers 1 and 2 (tier 0 has its own copy): (4 + 8)/2
+        "backbone.blocks.2.w": 5.0,   # tiers 1 and 2: (2 + 8)/2
+        "backbone.blocks.3.w": 8.0, "backbone.blocks.4.w": 10.0,  # tier 2 alone
+        # top blocks: no momentum yet (round 1), so 0.8·g: 0.8·2.5 and 0.8·6; the deepest
+        # tier's is not mixed
+        "tiers.0.block.w": 2.0, "tiers.1.block.w": 4.8, "tiers.2.block.w": 20.0,
+        "tiers.0.exits.heads.0.w": 2.5, "tiers.1.exits.heads.0.w": 4.0,
+        "tiers.2.exits.heads.0.w": 8.0})
+    # momentum left for round 2: m̄1 = mean over blocks 2, 3 of g1 (block 3 mixed):
+    # (2 + 4.8)/2 = 3.4;  m̄2 = mean over blocks 4, 5 of g2: (10 + 20)/2 = 15
+    round2 = [_toy_client(method, state, 0, 5, 1.0),
+              _toy_client(method, state, 1, 7, 2.0, b2=-1.0, b3=3.0)]  # tier 2 absent
+    state = method.aggregate(state, round2)
+    _assert_toy(state, {
+        "backbone.cls_token": 5.75, "backbone.blocks.0.w": 5.75,  # (4.25+1 + 4.25+2)/2
+        "backbone.blocks.1.w": 8.0, "backbone.blocks.2.w": 4.0,  # tier 1 alone: 6+2, 5−1
+        "backbone.blocks.3.w": 8.0, "backbone.blocks.4.w": 10.0,  # nobody: unchanged
+        "tiers.0.block.w": 3.48,   # 2 + (0.2·3.4 + 0.8·1)
+        "tiers.1.block.w": 10.2,   # 4.8 + (0.2·15 + 0.8·3): tier 2's momentum of round 1
+        "tiers.2.block.w": 20.0,
+        "tiers.0.exits.heads.0.w": 3.5, "tiers.1.exits.heads.0.w": 6.0,
+        "tiers.2.exits.heads.0.w": 8.0})
+    # tier 2 had no clients in round 2: no momentum reaches tier 1 in round 3
+    state = method.aggregate(state, [_toy_client(method, state, 1, 7, 0.0, b3=1.0)])
+    assert state["tiers.1.block.w"].item() == pytest.approx(10.2 + 0.8 * 1.0, abs=1e-9)
+
+
+def test_beta_zero_is_plain_per_tier_averaging_by_hand() -> None:
+    method = _method(**{"depth": 6, "num-exits": 3, "inclusivefl-beta": 0.0})
+    state = _toy_state(method)
+    for shifts in ([(0, 10, 1.0), (0, 30, 3.0), (1, 20, 6.0)], [(0, 5, 1.0), (1, 7, 3.0)]):
+        state = method.aggregate(state, [_toy_client(method, state, t, n, s)
+                                         for t, n, s in shifts])
+    _assert_toy(state, {
+        # round 1: tier means 2.5 and 6; shared by both (2 and 1 clients): 11/3;
+        # round 2: 11/3 + (1 + 3)/2
+        "backbone.cls_token": 11 / 3 + 2, "backbone.blocks.0.w": 11 / 3 + 2,
+        "backbone.blocks.1.w": 9.0, "backbone.blocks.2.w": 9.0,  # tier 1 alone: 6 + 3
+        "backbone.blocks.3.w": 0.0, "backbone.blocks.4.w": 0.0,
+        "tiers.0.block.w": 3.5, "tiers.1.block.w": 9.0,  # 2.5 + 1 and 6 + 3: nothing mixed
+        "tiers.2.block.w": 0.0,
+        "tiers.0.exits.heads.0.w": 3.5, "tiers.1.exits.heads.0.w": 9.0,
+        "tiers.2.exits.heads.0.w": 0.0})
+
+
+def test_beta_zero_takes_the_tier_means_exactly() -> None:
+    """With β = 0 (FedAvg) the tiers' own parameters are their tier's example-weighted mean,
+    bit for bit, and a shared one the client-weighted mean of the tier means."""
+    method = _method(**{"inclusivefl-beta": 0.0})
+    state = _global_state(method)
+    noise = torch.Generator().manual_seed(2)
+    updates = [ClientUpdate(pid, tier, {k: v + torch.randn(v.shape, generator=noise)
+                                        for k, v in method.client_payload(state, tier).items()},
+                            examples)
+               for pid, tier, examples in [(0, 0, 10), (1, 0, 30), (2, 1, 60)]]
+    merged = method.aggregate(state, updates)
+    tier0 = {method.global_name(k, 0): (updates[0].state[k].double() * 0.25  # in float64
+                                        + updates[1].state[k].double() * 0.75).float()
+             for k in updates[0].state}
+    tier1 = {method.global_name(k, 1): v for k, v in updates[2].state.items()}
+    for key, value in merged.items():
+        if key.startswith("tiers.0."):
+            expected = tier0[key]
+        elif key.startswith("tiers.1.") or key not in tier0:
+            expected = tier1[key]
+        else:  # (2·tier-0 mean + 1·tier-1 mean)/3, in float64
+            expected = ((2 * tier0[key].double() + tier1[key].double()) / 3).float()
+        assert torch.equal(value, expected), key
+
+
+def test_fedadam_one_state_per_tier_two_rounds_by_hand() -> None:
+    method = _method(**{"server-update": "fedadam", "fedadam-lr": 1.0})  # exits 1, 3
+    state = _toy_state(method)
+    round1 = [_toy_client(method, state, 0, 10, 1.0), _toy_client(method, state, 0, 30, 3.0),
+              _toy_client(method, state, 1, 60, 6.0, b2=4.0, b3=8.0)]
+    state = method.aggregate(state, round1)
+    # First step of a fresh Adam state along g: m = 0.1·g, v = 0.001·g², w = 0.1·g/(√v + 1e-6)
+    # = f(g): f(2.5) = 3.1622376607, f(2) = 3.1622276610, f(6) = 3.1622609936.
+    # Tier 0: g0 = 2.5 (top block mixed with zero momentum: 0.8·2.5 = 2); tier 1: g1 = 6
+    # (block 2: 4, block 3: 8). Shared: (2·f(2.5) + 1·f(6))/3 = 3.1622454383
+    # (one Adam step on the merged update, example-weighted 4.6, would give 3.1622559).
+    _assert_toy({k: state[k] for k in ("backbone.cls_token", "tiers.0.block.w",
+                                       "tiers.0.exits.heads.0.w")},
+                {"backbone.cls_token": 3.1622454383, "tiers.0.block.w": 3.1622276610,
+                 "tiers.0.exits.heads.0.w": 3.1622376607})
+    # momentum for round 2: m̄1 = mean of g1 over blocks 2, 3 = (4 + 8)/2 = 6
+    round2 = [_toy_client(method, state, 0, 5, -1.0), _toy_client(method, state, 1, 7, 2.0)]
+    state = method.aggregate(state, round2)
+    # tier 0, g = −1, its own moments: m = 0.9·0.25 − 0.1 = 0.125,
+    #   v = 0.999·0.00625 + 0.001 = 0.00724375, step 0.125/(√v + 1e-6) = 1.4686664826
+    # tier 1, g = 2: m = 0.9·0.6 + 0.2 = 0.74, v = 0.999·0.036 + 0.004 = 0.039964,
+    #   step 0.74/(√v + 1e-6) = 3.7016476081
+    # shared: ((3.1622454383 + 1.4686664826) + (3.1622454383 + 3.7016476081))/2
+    # tier 0's top block, g = 0.2·6 + 0.8·(−1) = 0.4: m = 0.9·0.2 + 0.04 = 0.22,
+    #   v = 0.999·0.004 + 0.00016 = 0.004156: 3.1622276610 + 0.22/(√v + 1e-6)
+    _assert_toy({k: state[k] for k in ("backbone.cls_token", "tiers.0.block.w",
+                                       "tiers.0.exits.heads.0.w", "backbone.blocks.1.w")},
+                {"backbone.cls_token": 5.7474024837, "tiers.0.block.w": 6.5747709933,
+                 "tiers.0.exits.heads.0.w": 4.6309041432,
+                 "backbone.blocks.1.w": 3.1622609936 + 3.7016476081})  # tier 1 alone
 
 
 # -- evaluation -----------------------------------------------------------------------------

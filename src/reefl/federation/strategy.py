@@ -28,21 +28,29 @@ class ClientInfo:
     num_examples: int
 
 
-def sample_clients(cfg: RunConfig, server_round: int, partition_ids: list[int]) -> list[int]:
-    """The partition ids trained in ``server_round``: a fraction of them, uniformly at
-    random whatever their tier, from a generator seeded by (seed, round)."""
+def sample_clients(cfg: RunConfig, server_round: int, partition_ids: list[int],
+                   eligible: list[int] | None = None) -> list[int]:
+    """The partition ids trained in ``server_round``: the round's quota,
+    max(1, round(fraction-train × all of ``partition_ids``)), drawn uniformly at random
+    whatever their tier from ``eligible`` (default: all of them; every one of them if
+    fewer), with a generator seeded by (seed, round). With every id eligible the draw is the
+    same whatever the method."""
     count = max(1, round(cfg.fraction_train * len(partition_ids)))
+    pool = sorted(partition_ids if eligible is None else eligible)
+    if not pool:
+        return []
     rng = np.random.default_rng([cfg.seed, server_round])
-    return sorted(int(p) for p in rng.choice(sorted(partition_ids), size=count, replace=False))
+    return sorted(int(p) for p in rng.choice(pool, size=min(count, len(pool)), replace=False))
 
 
 def round_participants(cfg: RunConfig, server_round: int, tiers: dict[int, int],
                        takes_part: Callable[[int], bool]) -> list[int]:
-    """The partition ids that train in ``server_round``: the seeded sample over all of
-    ``tiers`` (partition id -> tier), then only those whose tier ``takes_part``. Filtering
-    after sampling keeps the draw the same for every method."""
-    sampled = sample_clients(cfg, server_round, list(tiers))
-    return [pid for pid in sampled if takes_part(tiers[pid])]
+    """The partition ids that train in ``server_round``: the quota of all of ``tiers``
+    (partition id -> tier) drawn from those whose tier ``takes_part`` (``sample_clients``;
+    ExclusiveFL: the deepest tier alone). When every tier takes part, it is the draw over
+    all ids, the same for every such method."""
+    eligible = [pid for pid, tier in tiers.items() if takes_part(tier)]
+    return sample_clients(cfg, server_round, list(tiers), eligible)
 
 
 def weighted_metrics(updates: list[ClientUpdate]) -> dict[str, float]:

@@ -1,9 +1,12 @@
 """ExclusiveFL (METHOD §6): only the clients that can afford the full model take part.
 
-Each round the server draws the same seeded sample as every other method and then drops the
-clients below tier K − 1 (``takes_part``); a round where none remain is skipped. The
-remaining clients train the full backbone and every exit's head (``PerExitHeads``) on Σ CE,
-without distillation; the server takes the per-parameter example-weighted mean (FedAvg).
+Each round the round's quota, max(1, round(fraction-train × all clients)), is sampled from
+the clients of tier K − 1 alone (all of them if fewer; ``takes_part`` says which tiers may
+be sampled, ``federation.strategy.round_participants`` draws), as the official code's
+``BudgetClientManager`` (the sample size from all clients, drawn from those whose budget
+reaches the last exit). A run without tier-(K − 1) clients skips every round. The sampled
+clients train the full backbone and every exit's head (``PerExitHeads``) on Σ CE, without
+distillation; the server takes the per-parameter example-weighted mean (FedAvg).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ class ExclusiveFL(Method):
         return self.build_heads_model(tier)
 
     def takes_part(self, tier: int) -> bool:
-        """Only the deepest tier (clients that afford every block) trains."""
+        """Only the deepest tier (clients that afford every block) may be sampled: the
+        round's quota is drawn from its clients alone."""
         return tier == self.num_exits - 1
 
     def new_loss_state(self, held_out: HeldOutCE | None = None) -> None:

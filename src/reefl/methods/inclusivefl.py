@@ -21,31 +21,49 @@ same checkpoint block when ``pretrained`` is set. In a regime other than ``full`
 LoRA/adapter/SSF parameters are per tier like the block itself, and momentum distillation
 mixes their updates (the frozen block weights never change).
 
+**Server update** (METHOD §6, as the official ``src/server/strategies/inclusivefl.py``,
+``InclusiveFL.aggregate_fit``), ``aggregate``: the sampled tiers are processed shallowest
+first; for each tier t with clients,
+
+1. the example-weighted mean of its clients (``weighted_mean_per_key``), and its
+   pseudo-gradients g_t = mean_t − w over every parameter the tier returned, shared or its
+   own (w the global value, the tier's own copy for its top block and head);
+2. momentum distillation on its top block (t < K − 1 only; heads and shared blocks are left
+   alone): g_t ← β·m̄_{t+1} + (1 − β)·g_t per parameter, with m̄_{t+1} the momentum tier t + 1
+   left in the previous round (zero if tier t + 1 had no clients in that round, or it is
+   round 1); β is ``inclusivefl-beta`` (0.2);
+3. the tier's server step: ``fedavg`` w_t = w + g_t (the plain tier mean where nothing was
+   mixed); ``fedadam`` one FedAdam step (``federation.aggregate.FedAdam``, β1 0.9, β2 0.999,
+   τ 1e-6, no bias correction, η = ``fedadam-lr``, default METHOD's 1e-3) along g_t, with
+   one optimiser state per tier (the tier's moments for every parameter it holds, shared
+   ones included, updated only in rounds it has clients);
+4. tier t's momentum for the next round (t > 0): m̄_t = the element-wise mean over the blocks
+   above tier t − 1's exit, e_{t−1}+1..e_t, of g_t's same-named tensors (block e_t's after
+   step 2's mixing: the official code saves the mixed value; pre-Adam under ``fedadam``).
+
+Then each tier's top block and head take w_t; a shared parameter becomes the mean of the
+w_t of the tiers that returned it, weighted by their number of clients (not examples);
+a parameter nobody returned keeps its value, and a tier without clients keeps its copies and
+FedAdam state and leaves no momentum. With β = 0 and ``fedavg`` this is plain per-tier
+averaging, exactly (tier means as they are, shared ones then client-weighted). The
+momentum and the tiers' FedAdam states live on the method object, which lives on the server
+for the whole run. η 1e-3 suits fine-tuning a pretrained model; from scratch (the embedded
+default) the first step moves each weight by only ≈ 3.2e-3.
+
 Choices where METHOD.md is silent:
 
-* **Top block = the single block e_t**, not the run e_{t−1}+1..e_t. METHOD keeps "each
-  tier's top block" per tier and passes updates "to the shallower tier's top block"
-  (singular); InclusiveFL keeps only each model's top layer group-private so that the
-  layers below stay shared with the deeper models. With K = L the two readings coincide;
-  with K = 4, L = 12 the blocks e_{t−1}+1..e_t − 1 are shared by tiers t..K−1.
-* **Aggregation**: the example-weighted mean over the clients that hold each parameter
-  (METHOD §4's rule, with renamed tier copies): a tier copy is averaged over its own tier's
-  clients; a shared parameter over every sampled client of every tier that holds it
-  (equivalently: tier means weighted by each tier's example total). A parameter nobody
-  returned keeps its value (no server step, FedAdam moments untouched).
-* **Momentum distillation** acts on the top blocks' pseudo-gradients g_t = mean_t − w_t
-  only (heads and shared blocks are left alone), deepest tier first:
-  m_{K−1} = g_{K−1},  m_t = β·m_{t+1} + (1 − β)·g_t,  and m_t replaces g_t. So m_{t+1} is
-  the deeper tier's already-mixed update and the deep knowledge is carried down every tier.
-  A tier without clients this round gets no update (its top block keeps its value) and
-  passes m_{t+1} on unchanged to tier t − 1; a tier with no deeper update uses its own g_t.
-  β is ``inclusivefl-beta`` (0.2).
-* **Server update** (``server-update``): ``fedavg`` applies the (mixed) pseudo-gradients with
-  server learning rate 1 (w ← w + Δ, i.e. the plain mean where nothing was mixed);
-  ``fedadam`` applies FedAdam (``federation.aggregate.FedAdam``, β1 0.9, β2 0.999, τ 1e-6,
-  no bias correction, η = ``fedadam-lr``, default METHOD's 1e-3) to every returned
-  parameter, with moments per global name. η 1e-3 suits fine-tuning a pretrained model;
-  from scratch (the embedded default) the first step moves each weight by only ≈ 3.2e-3.
+* **Top block = the single block e_t**, as the official code for t < K − 1 (its
+  ``personalized_block_id = (t + 1)·L/K − 1``, i.e. e_t with evenly spaced exits); the
+  layers below stay shared with the deeper tiers, so with K = 4, L = 12 the blocks
+  e_{t−1}+1..e_t − 1 are shared by tiers t..K−1. The official code keeps the deepest tier's
+  whole last run e_{K−2}+1..e_{K−1} per tier; only that tier holds those blocks, so keeping
+  them shared (``backbone.blocks.*``, except e_{K−1}) gives the same values.
+* The blocks of the momentum follow ``exit-blocks`` (the official code assumes even spacing).
+  A parameter name that some of those blocks lack is averaged over the blocks that have it
+  (never the case: every block of a tier trains the same names).
+* The official "no distillation" configs (``inclusiveFL_nodis_*.yaml``) do not select the
+  InclusiveFL strategy (per-parameter averaging without per-tier copies); here it is
+  ``inclusivefl-beta = 0``, this method with nothing mixed.
 * **Evaluation**: exit k is read from tier k's own sub-model (shared trunk up to e_k − 1,
   then tier k's block and head); the global model's forward computes all K with one pass of
   the shared trunk, branching into each tier's top block.
@@ -56,6 +74,7 @@ Choices where METHOD.md is silent:
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -67,22 +86,38 @@ from reefl.methods.losses import exit_cross_entropies
 from reefl.models import Block, EarlyExitModel, PerExitHeads, VisionTransformer
 
 
-def momentum_distillation(updates: list[dict[str, torch.Tensor]], beta: float
-                          ) -> list[dict[str, torch.Tensor]]:
-    """Mix each tier's top-block pseudo-gradient with the deeper tiers' (deepest first).
+def momentum_distillation(top_update: dict[str, torch.Tensor],
+                          momentum: dict[str, torch.Tensor], beta: float
+                          ) -> dict[str, torch.Tensor]:
+    """A tier's top-block pseudo-gradient mixed with the deeper tier's momentum.
 
-    ``updates[t]`` is g_t, tier t's top-block pseudo-gradient by block-relative parameter
-    name, empty when no client of tier t returned it. Returns m_t per tier, with g_t's keys:
-    m_t = β·m_{t+1} + (1 − β)·g_t, where m_{t+1} is the last mixed value from a deeper tier
-    (a tier without update passes it on unchanged), and m_t = g_t when there is none.
+    ``top_update`` is g_t by block-relative parameter name; ``momentum`` is m̄_{t+1} by the
+    same names (empty, i.e. zero, when the deeper tier left none). Returns
+    β·m̄_{t+1} + (1 − β)·g_t for every name of g_t.
     """
-    carried: dict[str, torch.Tensor] = {}
-    mixed: list[dict[str, torch.Tensor]] = [{} for _ in updates]
-    for tier in reversed(range(len(updates))):
-        for name, g in updates[tier].items():
-            carried[name] = g if name not in carried else beta * carried[name] + (1 - beta) * g
-        mixed[tier] = {name: carried[name] for name in updates[tier]}
-    return mixed
+    return {name: beta * momentum[name] + (1 - beta) * g if name in momentum
+            else (1 - beta) * g for name, g in top_update.items()}
+
+
+def block_mean(blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean over ``blocks`` (each: block-relative name -> tensor) of the tensors
+    of each name, over the blocks that have it: a tier's momentum m̄_t from its
+    pseudo-gradients of the blocks above the shallower tier's exit."""
+    names = list(dict.fromkeys(name for block in blocks for name in block))
+    means = {}
+    for name in names:
+        held = [block[name] for block in blocks if name in block]
+        means[name] = torch.stack(held).sum(dim=0) / len(held)
+    return means
+
+
+@dataclass
+class ServerState:
+    """What InclusiveFL's server keeps across rounds: each tier's momentum m̄_t from the last
+    round (absent: zero) and, under FedAdam, each tier's own optimiser."""
+
+    momentum: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    adams: dict[int, FedAdam] = field(default_factory=dict)
 
 
 class TierTop(nn.Module):
@@ -130,8 +165,7 @@ class InclusiveFL(Method):
 
     def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
         super().__init__(cfg, task)
-        self._adam = (FedAdam(AdamHyperParams(lr=cfg.fedadam_lr))
-                      if cfg.server_update == "fedadam" else None)
+        self._server = ServerState()  # the state kept across rounds
 
     def _head(self, tier: int) -> PerExitHeads:
         return PerExitHeads(self.cfg.backbone["embed_dim"], self.task.num_classes,
@@ -174,23 +208,69 @@ class InclusiveFL(Method):
 
     def aggregate(self, global_state: dict[str, torch.Tensor],
                   updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
-        """Per-parameter example-weighted means (tier copies within their tier), pseudo-
-        gradients, momentum distillation of the top blocks, then the server step."""
-        renamed = [({self.global_name(k, u.tier): v for k, v in u.state.items()},
-                    u.num_examples) for u in updates]
-        averaged = weighted_mean_per_key(global_state, renamed)
-        returned = {k for state, _ in renamed for k in state}
-        deltas = {k: averaged[k] - w for k, w in global_state.items() if k in returned}
-        deltas = self._distil(deltas)
-        if self._adam is not None:
-            return self._adam.step(global_state, deltas)
-        return {k: w + deltas[k] if k in deltas else w for k, w in global_state.items()}
+        """Tier by tier, shallowest first: the tier's mean, its pseudo-gradients with the
+        top block distilled, its own server step and its momentum for the next round; then
+        the tiers' own parameters set and the shared ones averaged over the tiers weighted by
+        number of clients (module docstring)."""
+        by_tier: dict[int, list[ClientUpdate]] = {}
+        for update in updates:
+            by_tier.setdefault(update.tier, []).append(update)
+        merged = dict(global_state)
+        shared_sum: dict[str, torch.Tensor] = {}
+        shared_clients: dict[str, int] = {}
+        momentum: dict[int, dict[str, torch.Tensor]] = {}
+        for tier in sorted(by_tier):
+            clients = by_tier[tier]
+            stepped, deltas = self._tier_step(global_state, tier, clients)
+            for key, value in stepped.items():
+                if key.startswith("tiers."):
+                    merged[key] = value
+                else:
+                    shared_sum[key] = shared_sum.get(key, 0) + value.to(torch.float64) * len(
+                        clients)
+                    shared_clients[key] = shared_clients.get(key, 0) + len(clients)
+            if tier > 0:
+                momentum[tier] = self._momentum(tier, deltas)
+        for key, total in shared_sum.items():
+            merged[key] = (total / shared_clients[key]).to(global_state[key].dtype)
+        self._server.momentum = momentum  # a tier without clients leaves none (zero)
+        return merged
 
-    def _distil(self, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``deltas`` with every tier's top-block pseudo-gradient replaced by its mix."""
-        prefixes = [f"tiers.{t}.block." for t in range(self.num_exits)]
-        per_tier = [{k[len(p):]: d for k, d in deltas.items() if k.startswith(p)}
-                    for p in prefixes]
-        mixed = momentum_distillation(per_tier, self.cfg.inclusivefl_beta)
-        return {**deltas, **{p + name: d for p, tier_mix in zip(prefixes, mixed, strict=True)
-                             for name, d in tier_mix.items()}}
+    def _tier_step(self, global_state: dict[str, torch.Tensor], tier: int,
+                   clients: list[ClientUpdate]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Tier ``tier``'s new value w_t of every parameter it returned and its (distilled)
+        pseudo-gradients g_t, by global name."""
+        renamed = [({self.global_name(k, tier): v for k, v in u.state.items()}, u.num_examples)
+                    for u in clients]
+        keys = list(dict.fromkeys(k for state, _ in renamed for k in state))
+        weights = {k: global_state[k] for k in keys}
+        mean = weighted_mean_per_key(weights, renamed)
+        deltas = {k: mean[k] - w for k, w in weights.items()}
+        mixed = self._distil(tier, deltas)
+        deltas.update(mixed)
+        if self.cfg.server_update == "fedadam":
+            adam = self._server.adams.setdefault(
+                tier, FedAdam(AdamHyperParams(lr=self.cfg.fedadam_lr)))
+            return adam.step(weights, deltas), deltas
+        # FedAvg: the tier mean itself where nothing was mixed (exact), w + g_t where it was
+        return {k: weights[k] + deltas[k] if k in mixed else mean[k] for k in keys}, deltas
+
+    def _distil(self, tier: int, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tier ``tier``'s top-block pseudo-gradients mixed with tier ``tier`` + 1's momentum
+        of the previous round, by global name; none for the deepest tier or when β = 0."""
+        beta = self.cfg.inclusivefl_beta
+        if tier == self.num_exits - 1 or beta == 0:
+            return {}
+        prefix = f"tiers.{tier}.block."
+        top = {k[len(prefix):]: d for k, d in deltas.items() if k.startswith(prefix)}
+        mixed = momentum_distillation(top, self._server.momentum.get(tier + 1, {}), beta)
+        return {prefix + name: d for name, d in mixed.items()}
+
+    def _momentum(self, tier: int, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """m̄_t: the mean of tier ``tier``'s pseudo-gradients over blocks e_{t−1}+1..e_t (the
+        blocks above tier t − 1's exit), by block-relative name."""
+        low, top = self.exit_blocks[tier - 1] + 1, self.exit_blocks[tier]
+        prefixes = [f"backbone.blocks.{b}." for b in range(low, top)] + [f"tiers.{tier}.block."]
+        return block_mean([{k[len(p):]: d for k, d in deltas.items() if k.startswith(p)}
+                           for p in prefixes])

@@ -9,11 +9,20 @@ parts and exit modules) into its regime's form, in place:
 * ``lora``: on every backbone block's ``attn.q`` and ``attn.v``, y = W x + b + (α/r)·B A x
   with A [r, in] (Kaiming-uniform, as PEFT) and B [out, r] (zeros);
 * ``sa`` (sequential adapter): after the attention and after the MLP of every block, the
-  sub-layer's output o becomes o + up(GELU(down(o))), d → ``adapter-dim`` → d;
-* ``pa`` (parallel adapter): beside them, o becomes o + up(GELU(down(x))), where x is the
+  sub-layer's output o becomes o + up(ReLU(down(o))), d → ``adapter-dim`` → d;
+* ``pa`` (parallel adapter): beside them, o becomes o + up(ReLU(down(x))), where x is the
   sub-layer's own input (the normed tokens);
 * ``ssf`` (scale and shift): y ↦ γ ⊙ y + β after the patch embedding, q, k, v, the attention
   projection, both MLP linears, both block norms, and every exit head's norm.
+
+Initialisation (METHOD §5, as the official code): both adapter Linears like every Linear of
+the ViT (vit.py's ``trunc_normal_``, std 0.02 truncated at ±2 std, and zero bias; down's
+weight drawn before up's), so the up-projection is not zero; SSF's γ ~ N(1, 0.02) and then
+β ~ N(0, 0.02), plain (untruncated) normals (the official ``init_ssf_scale_shift``:
+``nn.init.normal_(scale, mean=1, std=.02)``, ``nn.init.normal_(shift, std=.02)``); LoRA's A
+Kaiming-uniform and B zero. All are drawn from torch's global generator as the model is
+built, so ``Method.initial_state``, which builds under the run's seed, gives every process
+the same values.
 
 Besides the exit modules, only the parameters a regime adds train; the backbone's own
 parameters are frozen in every regime but ``full``.
@@ -33,11 +42,14 @@ are ``Block`` instances too, but they are part of the exit module and never adap
 
 Choices where METHOD.md is silent:
 
-* **Every regime starts as the model it adapts**: LoRA's B, the adapters' up-projections and
-  SSF's shift start at zero and SSF's scale at one (the SSF paper draws them from N(1, 0.02)
-  and N(0, 0.02)); so a pretrained backbone's features are exactly preserved in round 1.
-* Adapters use GELU (the backbone's activation); their down-projection starts like a
-  ``nn.Linear`` (Kaiming-uniform weights, uniform bias), the up-projection at zero.
+* **Only LoRA starts as the model it adapts** (B is zero): a pretrained backbone's
+  features are exactly preserved in round 1 under LoRA, but not under SA/PA (a small random
+  residual, its up-projection drawn like any ViT Linear) or SSF (γ, β random around 1, 0),
+  as in the official code.
+* The adapters have no LayerNorm of their own and scale 1 (the official configs'
+  ``adapter_layernorm_option: null``, ``adapter_scalar`` 1.0) and no dropout.
+* The truncation is vit.py's, the same as for the backbone's Linears: the official code's
+  ``trunc_normal_`` cuts at ±2 absolute (±100 std at std 0.02, in effect untruncated).
 * SSF on a norm acts after the norm's own affine map; on the exit heads' norms (which train in
   every regime) it is a re-parametrisation and adds no expressive power, kept to follow §5.
 * **Why not PEFT for LoRA**: PEFT renames the adapted layer's weights (``q.weight`` becomes
@@ -59,7 +71,7 @@ from torch import nn
 
 from reefl.config import REGIMES
 from reefl.models.heads import ExitHead
-from reefl.models.vit import Block, PatchEmbed
+from reefl.models.vit import Block, PatchEmbed, trunc_normal_
 
 
 @dataclass(frozen=True)
@@ -75,16 +87,18 @@ class Regime:
 
 # -- the added modules and their hooks ------------------------------------------------------
 class Adapter(nn.Module):
-    """Bottleneck d → ``hidden`` → d with GELU; starts as the zero map (``up`` is zero)."""
+    """Bottleneck d → ``hidden`` → d with ReLU; both Linears initialised like the ViT's
+    (truncated normal std 0.02, zero bias: down's weight drawn first, then up's)."""
 
     def __init__(self, dim: int, hidden: int, sequential: bool) -> None:
         super().__init__()
         self.sequential = sequential
         self.down = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = nn.ReLU()
         self.up = nn.Linear(hidden, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        for linear in (self.down, self.up):
+            trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(x)))
@@ -126,9 +140,12 @@ def add_adapter(sublayer: nn.Module, dim: int, hidden: int, sequential: bool) ->
 
 
 def add_scale_shift(module: nn.Module, channels: int) -> None:
-    """SSF after ``module``: ``ssf_scale`` (ones) and ``ssf_shift`` (zeros) of ``channels``."""
-    module.ssf_scale = nn.Parameter(torch.ones(channels))
-    module.ssf_shift = nn.Parameter(torch.zeros(channels))
+    """SSF after ``module``: ``ssf_scale`` ~ N(1, 0.02), then ``ssf_shift`` ~ N(0, 0.02), of
+    ``channels`` (plain normals, as the official code)."""
+    module.ssf_scale = nn.Parameter(torch.empty(channels))
+    module.ssf_shift = nn.Parameter(torch.empty(channels))
+    nn.init.normal_(module.ssf_scale, mean=1.0, std=0.02)
+    nn.init.normal_(module.ssf_shift, mean=0.0, std=0.02)
     module.register_forward_hook(_ssf_hook)
 
 
