@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from reefl.config import ConfigError, RunConfig
 from reefl.data import (
     DATA_SOURCES,
     DataError,
@@ -289,3 +290,20 @@ def test_crop_pipeline_trains_on_crops_and_evaluates_on_resized_images():
     expected = (torch.nn.functional.interpolate(stored.float() / 255, size=(16, 16),
                                                 mode="bilinear", antialias=True) - 0.5) / 0.25
     torch.testing.assert_close(plain_eval, expected, atol=1e-5, rtol=0)
+
+
+def test_train_and_test_examples_sample_the_pool_and_the_test_set() -> None:
+    full = build()
+    small = build_federated_data(replace(OPTIONS, alpha=0.1, train_examples=400,
+                                         test_examples=150))
+    shards = np.concatenate(small.client_indices)
+    assert len(small.test_indices) == 150 and set(small.test_indices) <= set(full.test_indices)
+    pool = set(np.concatenate(full.client_indices)) | set(
+        range(len(full.train))) - set(full.test_indices)
+    assert len(shards) <= 400 and set(shards) <= pool and not set(shards) & set(full.test_indices)
+    assert np.array_equal(small.test_indices, np.sort(small.test_indices))
+    again = build_federated_data(replace(OPTIONS, alpha=0.1, train_examples=400,
+                                         test_examples=150))
+    assert np.array_equal(again.test_indices, small.test_indices)  # seeded
+    with pytest.raises(ConfigError, match="^train-examples must be an integer >= 0"):
+        RunConfig.from_flat({"train-examples": -1})

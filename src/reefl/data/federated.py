@@ -46,6 +46,11 @@ class DataOptions:
     test_fraction: float = 0.2
     local_test_fraction: float = 0.2
     seed: int = 0
+    train_examples: int = 0
+    """If > 0, a seeded uniform sample of this many training examples is partitioned (label
+    skew only): for experiments that must be small."""
+    test_examples: int = 0
+    """If > 0, the global test set is a seeded uniform sample of this many examples."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,8 @@ def _label_skew(spec: DataSpec, options: DataOptions, partitioner: str) -> Feder
     else:
         pool, test_idx = stratified_split(spec.train.labels, options.test_fraction, options.seed)
         test = spec.train
+    pool = _sample(pool, options.train_examples, [options.seed, 6])
+    test_idx = _sample(test_idx, options.test_examples, [options.seed, 7])
     pool_labels = np.asarray(spec.train.labels[pool])
     if partitioner == "dirichlet":
         positions = dirichlet_partition(pool_labels, options.num_clients, options.alpha,
@@ -127,6 +134,14 @@ def _label_skew(spec: DataSpec, options: DataOptions, partitioner: str) -> Feder
                          [test_idx[i] for i in local], mean, std, partitioner)
 
 
+def _sample(indices: np.ndarray, count: int, seed: list[int]) -> np.ndarray:
+    """``count`` of ``indices`` drawn uniformly without replacement (sorted), or all of them
+    when ``count`` is 0 or not smaller."""
+    if count <= 0 or count >= len(indices):
+        return indices
+    return np.sort(np.random.default_rng(seed).choice(indices, size=count, replace=False))
+
+
 def resolve_partitioner(spec: DataSpec, partitioner: str) -> str:
     """``auto``: natural when the source has natural ids, else Dirichlet."""
     if partitioner not in PARTITIONERS:
@@ -143,6 +158,9 @@ def resolve_partitioner(spec: DataSpec, partitioner: str) -> str:
 def _natural(spec: DataSpec, options: DataOptions) -> FederatedData:
     """One client per natural id, each id's data split into local train and test per class;
     the global test set is the source's test split, else the union of the local tests."""
+    if options.train_examples or options.test_examples:
+        raise DataError("train-examples and test-examples apply to label-skew partitions "
+                        "(partitioner dirichlet or equal-dirichlet), not to natural ids")
     groups = np.asarray(spec.train.groups)
     chosen = select_groups(groups, options.num_clients, spec.natural or "sample", options.seed)
     labels = np.asarray(spec.train.labels)

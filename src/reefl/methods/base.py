@@ -110,7 +110,7 @@ class TierModels:
             "img_size": cfg.img_size, "patch_size": bb["patch_size"],
             "in_chans": self.task.in_chans, "embed_dim": bb["embed_dim"],
             "depth": self.exit_blocks[tier] + 1, "num_heads": bb["num_heads"],
-            "mlp_ratio": bb["mlp_ratio"], **widths,
+            "mlp_ratio": bb["mlp_ratio"], "layer_scale": bb.get("layer_scale"), **widths,
         })
 
     def build_heads_model(self, tier: int) -> EarlyExitModel:

