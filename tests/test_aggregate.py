@@ -1,4 +1,4 @@
-"""Per-parameter aggregation over the clients that hold each parameter (METHOD §4)."""
+"""Per-parameter aggregation over the clients that hold each parameter (docs/method.md §4)."""
 
 from __future__ import annotations
 

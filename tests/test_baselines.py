@@ -1,5 +1,5 @@
 """DepthFL (mutual KL, FedDyn), ExclusiveFL (sampling from the deepest tier) and the per-exit heads
-(METHOD §6) against hand-computed values."""
+(docs/method.md §6) against hand-computed values."""
 
 from __future__ import annotations
 

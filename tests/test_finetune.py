@@ -1,4 +1,4 @@
-"""Fine-tuning regimes (METHOD §5): the maths of LoRA, adapters and SSF, what trains in each
+"""Fine-tuning regimes (docs/method.md §5): the maths of LoRA, adapters and SSF, what trains in each
 regime, that nothing frozen moves, and pretrained weights in the federated model."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_adapters_read_the_output_in_sequence_and_the_input_in_parallel(sequenti
     torch.testing.assert_close(sublayer(x), torch.tensor(expected))
 
 
-# -- initialisation (METHOD §5, as the official code) ------------------------------------------
+# -- initialisation (docs/method.md §5, as the official code) ----------------------------
 def test_adapter_linears_start_like_the_vit_s_truncated_normal_with_zero_bias() -> None:
     sublayer = nn.Linear(192, 192)
     torch.manual_seed(3)

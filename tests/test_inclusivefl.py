@@ -1,5 +1,5 @@
-"""InclusiveFL (METHOD §6): momentum distillation, the FedAdam step, the per-tier global state,
-payload/aggregate naming and the exit evaluator, against hand-computed values."""
+"""InclusiveFL (docs/method.md §6): momentum distillation, the FedAdam step, the per-tier global
+state, payload/aggregate naming and the exit evaluator, against hand-computed values."""
 
 from __future__ import annotations
 

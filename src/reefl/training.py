@@ -19,7 +19,7 @@ from reefl.methods.losses import exit_cross_entropies
 
 
 def server_learning_rate(server_round: int, cfg: RunConfig) -> float:
-    """Cosine from lr-max to a floor of lr-min over the run, no warm-up (METHOD §3):
+    """Cosine from lr-max to a floor of lr-min over the run, no warm-up (docs/method.md §3):
     lr(r) = max(lr_min, lr_max/2 · (1 + cos(π·r/R)))."""
     cosine = 0.5 * cfg.lr_max * (1 + math.cos(math.pi * server_round / cfg.num_server_rounds))
     return max(cfg.lr_min, cosine)

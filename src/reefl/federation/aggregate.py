@@ -77,7 +77,7 @@ def sliced_mean(
 
 @dataclass(frozen=True)
 class AdamHyperParams:
-    """FedAdam's server hyper-parameters; defaults are METHOD §6's (InclusiveFL)."""
+    """FedAdam's server hyper-parameters; defaults are docs/method.md §6's (InclusiveFL)."""
 
     lr: float = 1e-3
     beta1: float = 0.9

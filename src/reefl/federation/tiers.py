@@ -8,7 +8,7 @@ from reefl.config import RunConfig
 def tier_of(partition_id: int, cfg: RunConfig) -> int:
     """Tier of client ``partition_id`` under ``cfg.tier_rule``.
 
-    ``maximum`` mode: K − 1 for everyone (every client affords the full model; METHOD §1).
+    ``maximum`` mode: K − 1 for everyone (every client affords the full model; docs/method.md §1).
     ``round-robin``: ``partition_id mod K``. ``ratios``: the ids 0..N−1 are cut into K
     consecutive runs whose lengths follow ``tier-ratios``, shallowest tier first.
     """

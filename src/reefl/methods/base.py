@@ -114,7 +114,7 @@ class TierModels:
         })
 
     def build_heads_model(self, tier: int) -> EarlyExitModel:
-        """The baselines' sub-model (METHOD §6): the backbone cut at exit ``tier`` and one
+        """The baselines' sub-model (docs/method.md §6): the backbone cut at exit ``tier`` and one
         LayerNorm + Linear head per exit 0..tier."""
         heads = PerExitHeads(self.cfg.backbone["embed_dim"], self.task.num_classes,
                              self.exit_blocks[: tier + 1])

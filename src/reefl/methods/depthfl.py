@@ -1,5 +1,5 @@
 """DepthFL (Kim et al., ICLR 2023): depth-scaled tiers with one head per exit and mutual
-self-distillation; FedAvg or FedDyn server update (METHOD §6).
+self-distillation; FedAvg or FedDyn server update (docs/method.md §6).
 
 A tier-t client trains the backbone cut at exit t and heads 0..t (``PerExitHeads``: no Ree,
 no modulation) with
@@ -18,7 +18,7 @@ single-exit client has no KL.
   server keeps h (zero at first) and, for every parameter p returned this round,
   h_p ← h_p − α·(m_p/N)·(avg_p − w_p);  w_p ← avg_p − h_p/α.
 
-Choices for FedDyn where METHOD.md is silent:
+Choices for FedDyn where docs/method.md is silent:
 
 * m_p (the "#updaters") is the number of this round's clients that returned p, and avg_p
   their *plain* mean (FedDyn's Algorithm 1), with N = ``num-clients`` for every p. Then

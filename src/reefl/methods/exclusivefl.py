@@ -1,4 +1,4 @@
-"""ExclusiveFL (METHOD §6): only the clients that can afford the full model take part.
+"""ExclusiveFL (docs/method.md §6): only the clients that can afford the full model take part.
 
 Each round the round's quota, max(1, round(fraction-train × all clients)), is sampled from
 the clients of tier K − 1 alone (all of them if fewer; ``takes_part`` says which tiers may

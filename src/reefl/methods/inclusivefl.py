@@ -1,5 +1,5 @@
 """InclusiveFL (Liu et al., KDD 2022): per-tier top blocks and heads, shared lower blocks, and
-momentum distillation from deeper to shallower tiers (METHOD §6).
+momentum distillation from deeper to shallower tiers (docs/method.md §6).
 
 A tier-t client trains the backbone cut after exit t's block e_t with a single LayerNorm +
 Linear head on that block's class token, on the CE of that one exit (no distillation).
@@ -21,7 +21,7 @@ same checkpoint block when ``pretrained`` is set. In a regime other than ``full`
 LoRA/adapter/SSF parameters are per tier like the block itself, and momentum distillation
 mixes their updates (the frozen block weights never change).
 
-**Server update** (METHOD §6, as the official ``src/server/strategies/inclusivefl.py``,
+**Server update** (docs/method.md §6, as the official ``src/server/strategies/inclusivefl.py``,
 ``InclusiveFL.aggregate_fit``), ``aggregate``: the sampled tiers are processed shallowest
 first; for each tier t with clients,
 
@@ -34,7 +34,7 @@ first; for each tier t with clients,
    round 1); β is ``inclusivefl-beta`` (0.2);
 3. the tier's server step: ``fedavg`` w_t = w + g_t (the plain tier mean where nothing was
    mixed); ``fedadam`` one FedAdam step (``federation.aggregate.FedAdam``, β1 0.9, β2 0.999,
-   τ 1e-6, no bias correction, η = ``fedadam-lr``, default METHOD's 1e-3) along g_t, with
+   τ 1e-6, no bias correction, η = ``fedadam-lr``, default the paper's 1e-3) along g_t, with
    one optimiser state per tier (the tier's moments for every parameter it holds, shared
    ones included, updated only in rounds it has clients);
 4. tier t's momentum for the next round (t > 0): m̄_t = the element-wise mean over the blocks
@@ -50,7 +50,7 @@ momentum and the tiers' FedAdam states live on the method object, which lives on
 for the whole run. η 1e-3 suits fine-tuning a pretrained model; from scratch (the embedded
 default) the first step moves each weight by only ≈ 3.2e-3.
 
-Choices where METHOD.md is silent:
+Choices where the method (docs/method.md) is silent:
 
 * **Top block = the single block e_t**, as the official code for t < K − 1 (its
   ``personalized_block_id = (t + 1)·L/K − 1``, i.e. e_t with evenly spaced exits); the

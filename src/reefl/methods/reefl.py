@@ -1,5 +1,5 @@
 """ReeFL (Lee et al., ICML 2024): one shared Ree exit module, self-distillation from the
-client's own best exit chosen on the fly (METHOD §2–3).
+client's own best exit chosen on the fly (docs/method.md §2–3).
 
 Ablations (run-config switches): ``exit-module = "heads"`` replaces the shared Ree by one
 LayerNorm + Linear head per exit (``modulation`` then has nothing to act on);
@@ -30,7 +30,7 @@ from reefl.methods.losses import (
 )
 from reefl.models import EarlyExitModel, Ree
 
-HELD_OUT_FRACTION = 0.2  # METHOD §3, variant dynamic
+HELD_OUT_FRACTION = 0.2  # docs/method.md §3, variant dynamic
 DISTILLATIONS = ("none", "forward", "all", "dynamic_ma", "dynamic")
 EXIT_MODULES = ("ree", "heads")
 

@@ -1,4 +1,4 @@
-"""ScaleFL (Ilhan et al., CVPR 2023): tiers scaled in width as well as depth (METHOD §6).
+"""ScaleFL (Ilhan et al., CVPR 2023): tiers scaled in width as well as depth (docs/method.md §6).
 
 A tier-t client trains a backbone cut after exit t's block *and* narrowed to width w_t
 (``scalefl-widths``, default 0.4, 0.55, 0.75, 1.0), with one LayerNorm + Linear head per exit
@@ -6,7 +6,7 @@ A tier-t client trains a backbone cut after exit t's block *and* narrowed to wid
 exit into its shallower ones; the server averages every element over the clients that updated
 it; exit k is evaluated with tier k's width and depth.
 
-Choices where METHOD.md is silent, or departs from the rest of the project:
+Choices where the method (docs/method.md) is silent, or departs from the rest of the project:
 
 * **Exit blocks and widths as ScaleFL ran them** (docs/method.md §6): with K = 4 exits of a
   12-block backbone the exits sit after blocks 3, 5, 8, 11 (not §1's 2, 5, 8, 11) and the
@@ -36,12 +36,12 @@ Choices where METHOD.md is silent, or departs from the rest of the project:
   leading block of the checkpoint's, as in ``models.pretrained.fit_to(allow_narrower=True)``.
 * **Attention scale** follows the narrow model's own head size, (a_t / H)^−0.5, as a model
   of that width would be built and trained on its own.
-* **Aggregation weights.** METHOD §6 says ScaleFL "averages each element over the clients that
-  updated it (count-based)", in contrast with §4's example-weighted average; we read
+* **Aggregation weights.** docs/method.md §6 says ScaleFL "averages each element over the
+  clients that updated it (count-based)", in contrast with §4's example-weighted average; we read
   "count-based" as each client counting once (HeteroFL's element-wise ``count``, on which
   ScaleFL's slicing builds), not weighted by its number of examples.
 * **Distillation** has a constant weight (``scalefl-kd-weight``, 0.05) and its own temperature
-  (``scalefl-kd-temperature``, 3.0): METHOD gives ScaleFL no λ(r) ramp, and ReeFL's
+  (``scalefl-kd-temperature``, 3.0): the method gives ScaleFL no λ(r) ramp, and ReeFL's
   ``kd-temperature`` defaults to 1, so it cannot be shared.
 * Floors are taken as ⌊w·n + 1e-9⌋ so that float error (0.29·100 = 28.999…) does not drop a
   channel.

@@ -1,4 +1,4 @@
-"""Fine-tuning regimes (METHOD §5): which parameters of a model train, and the small modules
+"""Fine-tuning regimes (docs/method.md §5): which parameters of a model train, and the small modules
 that LoRA, adapters and SSF add to the backbone.
 
 ``apply_regime(model, regime)`` turns a freshly built model (any mix of ``VisionTransformer``
@@ -15,7 +15,7 @@ parts and exit modules) into its regime's form, in place:
 * ``ssf`` (scale and shift): y ↦ γ ⊙ y + β after the patch embedding, q, k, v, the attention
   projection, both MLP linears, both block norms, and every exit head's norm.
 
-Initialisation (METHOD §5, as the official code): both adapter Linears like every Linear of
+Initialisation (docs/method.md §5, as the official code): both adapter Linears like every Linear of
 the ViT (vit.py's ``trunc_normal_``, std 0.02 truncated at ±2 std, and zero bias; down's
 weight drawn before up's), so the up-projection is not zero; SSF's γ ~ N(1, 0.02) and then
 β ~ N(0, 0.02), plain (untruncated) normals (the official ``init_ssf_scale_shift``:
@@ -40,7 +40,7 @@ called with, so ``copy.deepcopy`` of an adapted module adapts the copy with its 
 ``PerExitHeads``, the ``ExitModule`` protocol of the exit loop); Ree's own transformer layers
 are ``Block`` instances too, but they are part of the exit module and never adapted.
 
-Choices where METHOD.md is silent:
+Choices where the method (docs/method.md) is silent:
 
 * **Only LoRA starts as the model it adapts** (B is zero): a pretrained backbone's
   features are exactly preserved in round 1 under LoRA, but not under SA/PA (a small random

@@ -10,7 +10,8 @@ from reefl.models.vit import trunc_normal_
 
 
 class ExitHead(nn.Module):
-    """Classifier of one exit. LayerNorm eps 1e-5 as in METHOD §2 (the backbone uses 1e-6)."""
+    """Classifier of one exit. LayerNorm eps 1e-5 as in docs/method.md §2 (the backbone uses
+    1e-6)."""
 
     def __init__(self, dim: int, num_classes: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -22,7 +23,7 @@ class ExitHead(nn.Module):
 
 
 class PerExitHeads(nn.Module):
-    """One ``ExitHead`` per exit on that exit block's class token; nothing else (METHOD §6).
+    """One ``ExitHead`` per exit on that exit block's class token; nothing else (docs/method.md §6).
 
     The exit module of the baselines (and of ReeFL's ``exit-module = "heads"`` ablation): no
     shared module, no modulation, the backbone's tokens pass through untouched. The linear

@@ -1,4 +1,4 @@
-"""Loading pretrained DeiT weights into ``VisionTransformer`` (METHOD §1 and §5).
+"""Loading pretrained DeiT weights into ``VisionTransformer`` (docs/method.md §1 and §5).
 
 A checkpoint is found (``resolve_checkpoint``), read (``read_checkpoint``), renamed to this
 project's parameter names (``to_backbone_names``) and fitted to the shapes of the model being

@@ -1,4 +1,4 @@
-"""Ree, the recurrent early-exit module shared by every exit and every tier (METHOD §2).
+"""Ree, the recurrent early-exit module shared by every exit and every tier (docs/method.md §2).
 
 After each backbone block Ree reads the sequence [meta token, class tokens of the earlier
 blocks, the current class token], plus a learned depth position embedding, through a small

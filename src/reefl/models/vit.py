@@ -24,7 +24,7 @@ class Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v maps of width ``attn_dim``.
 
     The backbone uses ``attn_dim = dim`` and the usual head-size scaling; Ree uses a narrow
-    ``attn_dim`` with scale ``attn_dim ** -0.5`` (METHOD §2), hence both are parameters.
+    ``attn_dim`` with scale ``attn_dim ** -0.5`` (docs/method.md §2), hence both are parameters.
     """
 
     def __init__(self, dim: int, num_heads: int, attn_dim: int | None = None,
