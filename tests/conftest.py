@@ -26,10 +26,9 @@ def tiny_cfg() -> RunConfig:
 def timm_checkpoint(backbone: torch.nn.Module, num_classes: int = 10) -> dict[str, torch.Tensor]:
     """``backbone``'s weights as a timm/DeiT checkpoint: q, k and v fused into ``attn.qkv``,
     plus the final ``norm`` and ``head`` that a DeiT file carries (and the loader drops)."""
-    state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    for key in [k for k in state if ".attn.q." in k]:
-        parts = [state.pop(key.replace(".attn.q.", f".attn.{n}.")) for n in "qkv"]
-        state[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat(parts)
+    from reefl.pretrain import to_deit_names
+
+    state = {k: v.detach().clone() for k, v in to_deit_names(backbone.state_dict()).items()}
     dim = state["cls_token"].shape[-1]
     state |= {"norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim),
               "head.weight": torch.randn(num_classes, dim), "head.bias": torch.zeros(num_classes)}

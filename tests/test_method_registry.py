@@ -112,7 +112,7 @@ def test_fedadam_is_a_server_option_of_every_method(name: str) -> None:
     torch.testing.assert_close(stepped["a"], expected.float())
     assert abs(abs(step[0].item()) - 0.0316228) < 1e-6
     assert stepped["idle"].item() == 5.0  # nobody returned it: no step, no moments
-    assert set(fedadam._fedadam.moments) == {"a"}
+    assert set(fedadam.fedadam.moments) == {"a"}
 
 
 def test_server_update_values_follow_the_method() -> None:

@@ -25,10 +25,10 @@ from reefl.pretrain import (
     central_data,
     check_options,
     checkpoint_state,
-    learning_rate,
     to_deit_names,
     write_outputs,
 )
+from reefl.training import cosine_lr
 
 TINY_BACKBONE = "depth=2 num-exits=2 embed-dim=16 num-heads=2 seed=3"
 TINY_RUN = ('num-clients=4 num-exits=2 depth=2 embed-dim=16 num-heads=2 num-server-rounds=2 '
@@ -133,6 +133,7 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_learning_rate_is_a_cosine_down_to_the_floor() -> None:
+    learning_rate = cosine_lr  # the one schedule, shared with the federated rounds
     assert learning_rate(0, 100, 0.002, 0.0001) == pytest.approx(0.002)
     assert learning_rate(50, 100, 0.002, 0.0001) == pytest.approx(0.001)
     assert learning_rate(99, 100, 0.002, 0.0001) == pytest.approx(0.0001)  # floor

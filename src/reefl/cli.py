@@ -267,7 +267,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     import json
 
     from reefl.data import DataError, build_federated_data
-    from reefl.data.summary import format_summary, partition_summary, plot_label_histogram
+    from reefl.data.summary import (
+        dataset_slug,
+        format_summary,
+        partition_summary,
+        plot_label_histogram,
+    )
     from reefl.launcher import LaunchError, resolved_config
 
     try:
@@ -277,8 +282,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         return _error(str(err), err.exit_code)
     except DataError as err:
         return _error(f"dataset: {err}", 2)
-    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(cfg.dataset).name)
-    path = args.output or Path(cfg.output_dir) / f"data-{slug}-s{cfg.seed}.png"
+    path = args.output or Path(cfg.output_dir) / f"data-{dataset_slug(cfg.dataset)}-s{cfg.seed}.png"
     summary = partition_summary(data)
     plot_label_histogram(data, path)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))

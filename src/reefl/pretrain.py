@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -44,11 +43,18 @@ from torch.utils.data import DataLoader
 
 from reefl.config import RunConfig
 from reefl.data import DataSpec, FederatedData, Split, load_source
-from reefl.data.federated import IMAGENET_MEAN, IMAGENET_STD, _stats, input_pipeline
+from reefl.data.federated import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _stats,
+    input_pipeline,
+    sample_indices,
+)
 from reefl.data.loaders import client_loader, test_loader
+from reefl.data.summary import dataset_slug
 from reefl.models.pretrained import load_backbone
 from reefl.models.vit import VisionTransformer, trunc_normal_
-from reefl.training import autocast
+from reefl.training import autocast, cosine_lr
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
 # the run-config keys that decide what is trained, recorded in the JSON beside the checkpoint
@@ -120,8 +126,7 @@ class Classifier(nn.Module):
 def default_output(cfg: RunConfig) -> Path:
     """``<output-dir>/pretrain-<dataset>-<model>.safetensors`` (a path's last component
     stands for the data set, with anything but letters, digits, - and _ replaced by -)."""
-    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(cfg.dataset).name)
-    return Path(cfg.output_dir) / f"pretrain-{slug}-{cfg.model}.safetensors"
+    return Path(cfg.output_dir) / f"pretrain-{dataset_slug(cfg.dataset)}-{cfg.model}.safetensors"
 
 
 def info_path(checkpoint: Path) -> Path:
@@ -161,9 +166,7 @@ def check_options(output: Path, epochs: int, max_examples: int | None,
 
 def _subset(length: int, limit: int | None, seed: int) -> np.ndarray:
     """All indices 0..length-1, or a seeded random ``limit`` of them (sorted)."""
-    if limit is None or limit >= length:
-        return np.arange(length)
-    return np.sort(np.random.default_rng([seed, 7]).permutation(length)[:limit])
+    return sample_indices(np.arange(length), limit or 0, [seed, 7])
 
 
 def central_data(spec: DataSpec, seed: int, max_examples: int | None = None) -> FederatedData:
@@ -191,24 +194,16 @@ def build_classifier(cfg: RunConfig, num_classes: int, in_chans: int) -> Classif
     """The run's backbone (``cfg.backbone``, full depth) + norm + head, initialised from
     ``seed`` (the global RNG is left as it was), then from ``pretrained`` if it is set."""
     bb = cfg.backbone
-    # LayerScale only where the backbone has it (passed as the run's build_backbone does)
-    extra = {} if bb.get("layer_scale") is None else {"layer_scale": bb["layer_scale"]}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         backbone = VisionTransformer(img_size=cfg.img_size, patch_size=bb["patch_size"],
                                      in_chans=in_chans, embed_dim=bb["embed_dim"],
                                      depth=bb["depth"], num_heads=bb["num_heads"],
-                                     mlp_ratio=bb["mlp_ratio"], **extra)
+                                     mlp_ratio=bb["mlp_ratio"], layer_scale=bb["layer_scale"])
         model = Classifier(backbone, num_classes)
     if cfg.pretrained:
         load_backbone(model.backbone, cfg.pretrained, cfg.model)
     return model
-
-
-def learning_rate(step: int, total: int, lr_max: float, lr_min: float) -> float:
-    """Cosine from ``lr_max`` (step 0) down to a floor of ``lr_min`` over ``total`` steps,
-    the shape of the federated schedule: max(lr_min, lr_max/2 · (1 + cos(π·step/total)))."""
-    return max(lr_min, 0.5 * lr_max * (1 + math.cos(math.pi * step / max(total, 1))))
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -359,7 +354,7 @@ def pretrain(cfg: RunConfig, epochs: int, output: Path | None = None,
                                   weight_decay=cfg.weight_decay)
 
     def schedule(step: int) -> float:
-        return learning_rate(step, total_steps, cfg.lr_max, cfg.lr_min)
+        return cosine_lr(step, total_steps, cfg.lr_max, cfg.lr_min)
 
     n_params = sum(p.numel() for p in model.backbone.parameters())
     log(f"pretraining the {cfg.model} backbone ({len(model.backbone.blocks)} blocks, "

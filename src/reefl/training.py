@@ -18,11 +18,15 @@ from reefl.methods.base import HeldOutCE
 from reefl.methods.losses import exit_cross_entropies
 
 
+def cosine_lr(step: int, total: int, lr_max: float, lr_min: float) -> float:
+    """Cosine from ``lr_max`` (step 0) to a floor of ``lr_min`` over ``total`` steps, no
+    warm-up: max(lr_min, lr_max/2 · (1 + cos(π·step/total)))."""
+    return max(lr_min, 0.5 * lr_max * (1 + math.cos(math.pi * step / max(total, 1))))
+
+
 def server_learning_rate(server_round: int, cfg: RunConfig) -> float:
-    """Cosine from lr-max to a floor of lr-min over the run, no warm-up (docs/method.md §3):
-    lr(r) = max(lr_min, lr_max/2 · (1 + cos(π·r/R)))."""
-    cosine = 0.5 * cfg.lr_max * (1 + math.cos(math.pi * server_round / cfg.num_server_rounds))
-    return max(cfg.lr_min, cosine)
+    """The round's lr (docs/method.md §3): ``cosine_lr`` over the run's rounds."""
+    return cosine_lr(server_round, cfg.num_server_rounds, cfg.lr_max, cfg.lr_min)
 
 
 def autocast(cfg: RunConfig, device: torch.device) -> AbstractContextManager:

@@ -112,8 +112,8 @@ def _label_skew(spec: DataSpec, options: DataOptions, partitioner: str) -> Feder
     else:
         pool, test_idx = stratified_split(spec.train.labels, options.test_fraction, options.seed)
         test = spec.train
-    pool = _sample(pool, options.train_examples, [options.seed, 6])
-    test_idx = _sample(test_idx, options.test_examples, [options.seed, 7])
+    pool = sample_indices(pool, options.train_examples, [options.seed, 6])
+    test_idx = sample_indices(test_idx, options.test_examples, [options.seed, 7])
     pool_labels = np.asarray(spec.train.labels[pool])
     if partitioner == "dirichlet":
         positions = dirichlet_partition(pool_labels, options.num_clients, options.alpha,
@@ -134,7 +134,7 @@ def _label_skew(spec: DataSpec, options: DataOptions, partitioner: str) -> Feder
                          [test_idx[i] for i in local], mean, std, partitioner)
 
 
-def _sample(indices: np.ndarray, count: int, seed: list[int]) -> np.ndarray:
+def sample_indices(indices: np.ndarray, count: int, seed: list[int]) -> np.ndarray:
     """``count`` of ``indices`` drawn uniformly without replacement (sorted), or all of them
     when ``count`` is 0 or not smaller."""
     if count <= 0 or count >= len(indices):

@@ -11,6 +11,12 @@ import numpy as np
 from reefl.data.federated import FederatedData
 
 
+def dataset_slug(dataset: str) -> str:
+    """A file-name part for ``dataset`` (a name, or a path's last component), with anything
+    but letters, digits, - and _ replaced by -."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(dataset).name)
+
+
 def label_counts(data: FederatedData) -> np.ndarray:
     """[clients, classes] number of training examples of each class on each client."""
     labels = np.asarray(data.train.labels)

@@ -21,7 +21,7 @@ from reefl.data import test_loader
 from reefl.evaluation import evaluate_exits
 from reefl.federation.client_app import ClientSetup, client_round
 from reefl.federation.inputs import run_data
-from reefl.federation.strategy import round_participants, weighted_metrics
+from reefl.federation.strategy import round_participants, train_metrics, weighted_metrics
 from reefl.federation.tiers import client_tier
 from reefl.methods import ClientUpdate, build_method
 from reefl.training import server_learning_rate
@@ -51,9 +51,8 @@ def run_in_process(cfg: RunConfig, on_round: RoundCallback | None = None
             payload = {k: v.clone() for k, v in method.client_payload(state, tiers[pid]).items()}
             trained, metrics = client_round(setup, pid, tiers[pid], server_round, lr, payload,
                                             client_states[pid])
-            train_metrics = {k: float(v) for k, v in metrics.items() if k.startswith("train-")}
             updates.append(ClientUpdate(pid, tiers[pid], trained, int(metrics["num-examples"]),
-                                        train_metrics))
+                                        train_metrics(metrics)))
         record: dict[str, Any] = {"round": server_round, "lr": lr}
         if updates:
             state = method.aggregate(state, updates)

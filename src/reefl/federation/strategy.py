@@ -3,7 +3,7 @@ checked replies, and the method's server update."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -51,6 +51,11 @@ def round_participants(cfg: RunConfig, server_round: int, tiers: dict[int, int],
     all ids, the same for every such method."""
     eligible = [pid for pid, tier in tiers.items() if takes_part(tier)]
     return sample_clients(cfg, server_round, list(tiers), eligible)
+
+
+def train_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
+    """The training metrics of a client's reply (``train-*``), as floats."""
+    return {k: float(v) for k, v in metrics.items() if k.startswith("train-")}
 
 
 def weighted_metrics(updates: list[ClientUpdate]) -> dict[str, float]:
@@ -125,8 +130,8 @@ class TieredStrategy(Strategy):
         if {k: v.shape for k, v in state.items()} != self.sent_shapes[pid]:
             log(WARNING, "client %s sent parameters that do not match tier %s; ignored", pid, tier)
             return None
-        train_metrics = {k: float(v) for k, v in metrics.items() if k.startswith("train-")}
-        return ClientUpdate(pid, tier, state, int(metrics["num-examples"]), train_metrics)
+        return ClientUpdate(pid, tier, state, int(metrics["num-examples"]),
+                            train_metrics(metrics))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

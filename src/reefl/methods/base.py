@@ -21,6 +21,7 @@ The federation and training code only talk to these two.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -206,10 +207,6 @@ class Method(TierModels, ABC):
         if "name" in cls.__dict__ and cls.name:
             register_method(cls.spec())
 
-    def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
-        super().__init__(cfg, task)
-        self._fedadam = (FedAdam(AdamHyperParams(lr=cfg.fedadam_lr))
-                         if cfg.server_update == "fedadam" else None)
 
     @classmethod
     def spec(cls) -> MethodSpec:
@@ -222,9 +219,9 @@ class Method(TierModels, ABC):
         setting's own rule is checked already). Nothing by default."""
 
     def default_exit_blocks(self) -> list[int]:
-        """Exit blocks when ``exit-blocks`` is not given: docs/method.md §1's even spacing."""
-        depth, k = self.cfg.backbone["depth"], self.cfg.num_exits
-        return [(i + 1) * depth // k - 1 for i in range(k)]
+        """Exit blocks when ``exit-blocks`` is not given: docs/method.md §1's even spacing
+        (``RunConfig.exit_block_list``)."""
+        return self.cfg.exit_block_list
 
     @abstractmethod
     def build_architecture(self, tier: int) -> EarlyExitModel:
@@ -295,8 +292,13 @@ class Method(TierModels, ABC):
         moments per parameter, kept across rounds) along the pseudo-gradient merged − w of
         every parameter some client returned."""
         merged = self.merge(global_state, updates)
-        if self._fedadam is None:
+        if self.cfg.server_update != "fedadam":
             return merged
         returned = {name for u in updates for name in u.state}
         deltas = {name: merged[name] - w for name, w in global_state.items() if name in returned}
-        return self._fedadam.step(global_state, deltas)
+        return self.fedadam.step(global_state, deltas)
+
+    @functools.cached_property
+    def fedadam(self) -> FedAdam:
+        """The server's FedAdam optimiser (moments kept across rounds), made on first use."""
+        return FedAdam(AdamHyperParams(lr=self.cfg.fedadam_lr))
