@@ -188,6 +188,10 @@ class RunConfig:
     eval_batch_size: int = 256
     output_dir: str = "outputs"
     run_name: str = ""
+    resume: bool = False
+    round_timeout: float = 3600.0
+    roll_call_timeout: float = 60.0
+    max_update_norm: float = 0.0
     method_settings: tuple[tuple[str, Any], ...] = ()
     """Every registered method's settings (kebab-case key, value), sorted by key: read them
     as attributes like the core fields (``cfg.feddyn_alpha``)."""
@@ -321,6 +325,10 @@ class RunConfig:
         _require("lr-min", 0 < self.lr_min <= self.lr_max, "a number in (0, lr-max]")
         _require("clip-value", self.clip_value >= 0, "a number >= 0 (0 turns clipping off)")
         _require("weight-decay", self.weight_decay >= 0, "a number >= 0")
+        _require("round-timeout", self.round_timeout > 0, "a number of seconds > 0")
+        _require("roll-call-timeout", self.roll_call_timeout > 0, "a number of seconds > 0")
+        _require("max-update-norm", self.max_update_norm >= 0,
+                 "a number >= 0 (0 turns the bound off)")
         self._validate_exits(depth)
         self._validate_tiers()
         bb = self.backbone

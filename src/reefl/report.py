@@ -11,6 +11,21 @@ if TYPE_CHECKING:
     import torch
 
 
+RUN_CONTROL_KEYS = ("resume",)
+"""Run-config keys that say how a run is driven, not what it computes: left out when two
+runs' configs are compared (a resumed run is the same run)."""
+
+
+def config_digest(flat: dict[str, Any]) -> str:
+    """A short fingerprint of a flat run config (``RunConfig.to_flat()``) without the
+    ``RUN_CONTROL_KEYS``: equal digests, same run. Written into final.json and the
+    checkpoint, so a finished or saved run is only reused or resumed for the same config."""
+    import hashlib
+
+    kept = {k: v for k, v in flat.items() if k not in RUN_CONTROL_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def default_run_name(method: str, seed: int, now: float | None = None) -> str:
     """``<method>-s<seed>-<YYYYmmdd-HHMMSS>``: sortable and readable."""
     return f"{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
