@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from reefl.config import ConfigError, RunConfig
+from reefl.federation.replies import RoundRecord
 from reefl.federation.strategy import (
     ClientInfo,
+    Roster,
     TieredStrategy,
     round_participants,
     sample_clients,
@@ -199,17 +200,20 @@ def test_exclusivefl_round_without_full_clients_is_skipped(
                                "fraction-train": 1.0})
     method = build_method(cfg, TASK)
     global_state = {k: v.detach() for k, v in method.build_global_model().state_dict().items()}
-    arrays = ArrayRecord(global_state)
-    roster = {pid: ClientInfo(node_id=100 + pid, tier=pid % 2, num_examples=10)
-              for pid in range(4)}
-    messages = list(TieredStrategy(cfg, method, roster).configure_train(
-        1, arrays, ConfigRecord(), None))
+    online = {100 + pid for pid in range(4)}
+    roster = Roster(cfg)
+    roster.clients = {pid: ClientInfo(node_id=100 + pid, tier=pid % 2, num_examples=10)
+                      for pid in range(4)}
+    messages, _ = TieredStrategy(cfg, method, roster).configure_train(
+        1, global_state, online, RoundRecord())
     assert sorted(m.metadata.dst_node_id for m in messages) == [101, 103]  # tier 1 only
     assert all(set(m.content["arrays"]) == set(global_state) for m in messages)
-    shallow = {pid: ClientInfo(100 + pid, 0, 10) for pid in range(4)}
-    strategy = TieredStrategy(cfg, method, shallow)
-    assert list(strategy.configure_train(1, arrays, ConfigRecord(), None)) == []
-    assert strategy.aggregate_train(1, []) == (None, None)  # Flower keeps the global model
+    roster.clients = {pid: ClientInfo(100 + pid, 0, 10) for pid in range(4)}
+    strategy = TieredStrategy(cfg, method, roster)
+    record = RoundRecord()
+    messages, sent = strategy.configure_train(1, global_state, online, record)
+    assert messages == [] and record.sampled == []
+    assert strategy.aggregate_train(1, global_state, [], sent, record) is None  # unchanged
     assert strategy.last_train_metrics == {}
 
 

@@ -316,12 +316,16 @@ class RunConfig:
         depth = self.backbone["depth"]
         _require("num-exits", 1 <= self.num_exits <= depth,
                  f"an integer from 1 to the number of blocks ({depth})")
+        # numpy seeds the partition and the sampling, and takes no negative seed
+        _require("seed", self.seed >= 0, "an integer >= 0", self.seed)
+        _require("mlp-ratio", self.mlp_ratio > 0, "a number > 0", self.mlp_ratio)
         _require("fraction-train", 0 < self.fraction_train <= 1, "a number in (0, 1]")
         _require("dirichlet-alpha", self.dirichlet_alpha > 0, "a number > 0")
         _require("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)")
         _require("kd-temperature", self.kd_temperature > 0, "a number > 0")
         _require("lora-alpha", self.lora_alpha > 0, "a number > 0")
         _require("fedadam-lr", self.fedadam_lr > 0, "a number > 0")
+        _require("lr-max", self.lr_max > 0, "a number > 0", self.lr_max)
         _require("lr-min", 0 < self.lr_min <= self.lr_max, "a number in (0, lr-max]")
         _require("clip-value", self.clip_value >= 0, "a number >= 0 (0 turns clipping off)")
         _require("weight-decay", self.weight_decay >= 0, "a number >= 0")

@@ -31,14 +31,40 @@ def default_run_name(method: str, seed: int, now: float | None = None) -> str:
     return f"{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
 
 
+class RunFolderError(Exception):
+    """A run folder that cannot be used as asked (one line)."""
+
+
 class RunFolder:
-    """``<output-dir>/<run-name>/`` holding config.json, metrics.jsonl, final.json and
-    model.safetensors."""
+    """``<output-dir>/<run-name>/`` holding config.json, metrics.jsonl, final.json,
+    model.safetensors and the checkpoint. ``create`` starts a new run there (never over an
+    old one); ``reopen`` continues one that was interrupted."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @classmethod
+    def create(cls, path: Path) -> RunFolder:
+        """A new, empty run folder; RunFolderError if ``path`` already holds something."""
+        if path.is_dir() and any(path.iterdir()):
+            raise RunFolderError(
+                f"run folder {path} already holds a run: resume it (reefl run --resume "
+                f"{path}, or run-config resume=true) or choose another run-name")
         path.mkdir(parents=True, exist_ok=True)
         (path / "metrics.jsonl").write_text("")
+        return cls(path)
+
+    @classmethod
+    def reopen(cls, path: Path, last_round: int) -> RunFolder:
+        """The folder of an interrupted run, its metrics.jsonl cut back to the records of
+        rounds 1..``last_round`` (those of a round after the checkpoint are redone)."""
+        metrics = path / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        kept = [line for line in lines if line.strip()
+                and json.loads(line).get("round", 0) <= last_round]
+        metrics.write_text("".join(line + "\n" for line in kept))
+        (path / "final.json").unlink(missing_ok=True)
+        return cls(path)
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         (self.path / name).write_text(json.dumps(payload, indent=2) + "\n")

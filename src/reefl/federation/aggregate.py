@@ -119,3 +119,13 @@ class FedAdam:
             stepped[key], m, v = fedadam_step(state[key], delta, m, v, self.hp)
             self.moments[key] = (m, v)
         return stepped
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The moments, as ``m/<name>`` and ``v/<name>`` (what a checkpoint saves)."""
+        return {f"{kind}/{key}": tensor for key, pair in self.moments.items()
+                for kind, tensor in zip("mv", pair, strict=True)}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Moments from ``state_dict``'s output (replacing any there are)."""
+        names = sorted({name[2:] for name in tensors})
+        self.moments = {name: (tensors[f"m/{name}"], tensors[f"v/{name}"]) for name in names}

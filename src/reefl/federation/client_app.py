@@ -1,4 +1,5 @@
-"""The Flower ClientApp: tell the server who it is, and train its tier's sub-model."""
+"""The Flower ClientApp: tell the server who it is, and train its tier's sub-model. It keeps
+nothing across rounds: what a method keeps per client travels with the server's messages."""
 
 from __future__ import annotations
 
@@ -53,49 +54,42 @@ def tier_model(method: Method, initial: dict[str, torch.Tensor], tier: int,
     return model
 
 
-def _identity(context: Context) -> tuple[RunConfig, int, int]:
+def _identity(context: Context) -> tuple[RunConfig, int, int, int]:
+    """This node's run config, partition id, tier and number of training examples (its
+    shard less the method's held-out part): a node config may state a tier or a budget."""
     cfg = RunConfig.from_flat(dict(context.run_config))
     partition_id = int(context.node_config["partition-id"])
-    return cfg, partition_id, client_tier(partition_id, cfg, dict(context.node_config))
-
-
-def _state_key(cfg: RunConfig) -> str:
-    """Where this client's method state lives in ``context.state``, which Flower keeps per
-    node across rounds (in simulation and on the Deployment Engine alike)."""
-    return f"{cfg.method}-client-state"
-
-
-def _load_client_state(context: Context, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """This client's state from earlier rounds (empty in its first round)."""
-    key = _state_key(cfg)
-    return context.state[key].to_torch_state_dict() if key in context.state else {}
+    data, _, method = _setup(cfg)
+    train_idx, _ = held_out_split(data, partition_id, method.held_out_fraction, cfg.seed)
+    tier = client_tier(partition_id, cfg, dict(context.node_config), len(train_idx))
+    return cfg, partition_id, tier, len(train_idx)
 
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
     """Answer the server's roll call: partition id, tier and number of training examples."""
-    cfg, partition_id, tier = _identity(context)
-    data, _, _ = _setup(cfg)
+    _, partition_id, tier, num_examples = _identity(context)
     record = ConfigRecord({"partition-id": partition_id, "tier": tier,
-                           "num-examples": len(data.client_indices[partition_id])})
+                           "num-examples": num_examples})
     return Message(RecordDict({"client": record}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Load what the server sent, train one round locally, send the same tensors back."""
-    cfg, partition_id, tier = _identity(context)
+    cfg, partition_id, tier, _ = _identity(context)
     data, pipeline, method = _setup(cfg)
     config = msg.content["config"]
     payload = msg.content["arrays"].to_torch_state_dict()
-    client_state = _load_client_state(context, cfg)
+    # the method's state of this client (FedDyn's g), which the server keeps across rounds
+    client_state = (msg.content["client-state"].to_torch_state_dict()
+                    if "client-state" in msg.content else {})
     state, metrics = client_round(
         ClientSetup(cfg, data, pipeline, method, _initial_state(cfg)), partition_id, tier,
         int(config["server-round"]), float(config["lr"]), payload, client_state)
-    if client_state:
-        context.state[_state_key(cfg)] = ArrayRecord(
-            {k: v.cpu() for k, v in client_state.items()})
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    if client_state:
+        content["client-state"] = ArrayRecord({k: v.cpu() for k, v in client_state.items()})
     return Message(content, reply_to=msg)
 
 

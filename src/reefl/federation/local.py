@@ -1,65 +1,133 @@
-"""The rounds of a run in one process, without Flower: for experiments with many short runs
-(one Flower simulation costs tens of seconds to start and stop) and for checking the app.
+"""The rounds of a run in one process, without Flower's engines: for experiments with many
+short runs (one Flower simulation costs tens of seconds to start and stop), for checking the
+app, and for tests that need clients to misbehave.
 
-It calls what the Flower apps call, in the same order: the strategy's seeded sampling
-(``round_participants``), the method's payload and server update, the ClientApp's
-``client_round`` (seeded per client and round) with each client's state kept here instead
-of in Flower's ``context.state``, and the ServerApp's evaluation of every exit. So a run gives
-the same global model as ``reefl run`` with the same config, bit for bit
-(``tests/test_local_run.py``). It writes no run folder: the caller gets the records.
+``LocalGrid`` stands in for Flower's Grid: it delivers each message to the ClientApp's own
+handlers (``client_app.describe`` and ``client_app.train``), called here with a Context per
+node, and returns their replies. The ServerApp's ``run_server`` drives it exactly as it drives
+a Flower grid, so a run gives the same global model as ``reefl run`` with the same config, bit
+for bit (``tests/test_local_run.py``), and writes the same run folder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from reefl.config import RunConfig
-from reefl.data import test_loader
-from reefl.evaluation import evaluate_exits
-from reefl.federation.client_app import ClientSetup, client_round
-from reefl.federation.inputs import run_data
-from reefl.federation.strategy import round_participants, train_metrics, weighted_metrics
-from reefl.federation.tiers import client_tier
-from reefl.methods import ClientUpdate, build_method
-from reefl.training import server_learning_rate
+from reefl.federation import client_app
+from reefl.federation.server_app import run_server
 
 RoundCallback = Callable[[dict[str, Any]], None]
+ReplyHook = Callable[[int, Message], Message | None]
+"""Called with (partition id, the client's reply): returns the reply to deliver (changed or
+not), or None to deliver nothing (as if the client timed out)."""
+
+RUN_ID = 1
+SERVER_NODE = 0
+
+
+@contextlib.contextmanager
+def _task_identity(node_id: int) -> Iterator[None]:
+    """Flower's process-wide identity (which messages read) set to ``node_id``, restored
+    after."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, node_id, RUN_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class LocalGrid:
+    """A grid of ``num-clients`` in-process nodes (node id = partition id + 1) running the
+    ClientApp's handlers. ``online`` is the set of node ids that answer; ``reply_hook`` may
+    change or drop any reply; ``node_config`` adds keys to every node's config."""
+
+    def __init__(self, cfg: RunConfig, reply_hook: ReplyHook | None = None,
+                 node_config: dict[int, dict[str, Any]] | None = None) -> None:
+        flat = cfg.to_flat()
+        self.reply_hook = reply_hook
+        self.contexts = {
+            pid + 1: Context(run_id=RUN_ID, node_id=pid + 1, state=RecordDict(),
+                             run_config=dict(flat),
+                             node_config={"partition-id": pid, "num-partitions": cfg.num_clients,
+                                          **(node_config or {}).get(pid, {})})
+            for pid in range(cfg.num_clients)
+        }
+        self.online = set(self.contexts)
+
+    def add_node(self, node_id: int, node_config: dict[str, Any], run_config: dict[str, Any]
+                 ) -> None:
+        """A further node (e.g. one that claims a partition id that is taken)."""
+        self.contexts[node_id] = Context(run_id=RUN_ID, node_id=node_id, state=RecordDict(),
+                                         run_config=dict(run_config), node_config=node_config)
+        self.online.add(node_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return sorted(self.online)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        """Each message handled by its node's ClientApp handler, in order; a handler that
+        raises gives an error reply, as Flower's ClientApp does."""
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            node = message.metadata.dst_node_id
+            if node not in self.online:
+                continue
+            reply = self._handle(message, node)
+            pid = int(self.contexts[node].node_config["partition-id"])
+            if self.reply_hook is not None:
+                reply = self.reply_hook(pid, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+    def _handle(self, message: Message, node: int) -> Message:
+        handler = {"query": client_app.describe, "train": client_app.train}[
+            message.metadata.message_type]
+        with _task_identity(node):
+            try:
+                return handler(message, self.contexts[node])
+            except Exception as err:  # what Flower turns into an error reply
+                return Message(Error(code=1, reason=f"{type(err).__name__}: {err}"),
+                               reply_to=message)
+
+
+def run_local(cfg: RunConfig, grid: LocalGrid | None = None,
+              on_round: RoundCallback | None = None) -> Path:
+    """``run_server`` on ``grid`` (default: every client online and well-behaved), writing
+    the run folder of ``cfg``; returns it."""
+    with _task_identity(SERVER_NODE):
+        return run_server(grid or LocalGrid(cfg), cfg, on_round)
 
 
 def run_in_process(cfg: RunConfig, on_round: RoundCallback | None = None
                    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Run every round of ``cfg`` here; returns the final global state and one record per
-    round (the training metrics, and the evaluation where it is due, as in metrics.jsonl).
-    ``on_round`` is called with each record as it is made."""
-    data, pipeline, task = run_data(cfg)
-    method = build_method(cfg, task)
-    initial = method.initial_state()
-    setup = ClientSetup(cfg, data, pipeline, method, initial)
-    tiers = {pid: client_tier(pid, cfg, {}) for pid in range(cfg.num_clients)}
-    client_states: dict[int, dict[str, torch.Tensor]] = {pid: {} for pid in tiers}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = test_loader(data, pipeline, cfg.eval_batch_size)
-    state, records = initial, []
-    for server_round in range(1, cfg.num_server_rounds + 1):
-        lr = server_learning_rate(server_round - 1, cfg)
-        updates = []
-        for pid in round_participants(cfg, server_round, tiers, method.takes_part):
-            # a copy, as a message would carry: training updates its tensors in place
-            payload = {k: v.clone() for k, v in method.client_payload(state, tiers[pid]).items()}
-            trained, metrics = client_round(setup, pid, tiers[pid], server_round, lr, payload,
-                                            client_states[pid])
-            updates.append(ClientUpdate(pid, tiers[pid], trained, int(metrics["num-examples"]),
-                                        train_metrics(metrics)))
-        record: dict[str, Any] = {"round": server_round, "lr": lr}
-        if updates:
-            state = method.aggregate(state, updates)
-            record.update(weighted_metrics(updates))
-        if server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds:
-            record.update(evaluate_exits(method.exit_evaluator(state), loader, cfg, device))
+    """Run every round of ``cfg`` here, into a temporary run folder; returns the final
+    global state and one record per round (the lines of metrics.jsonl). ``on_round`` is
+    called with each record as it is made."""
+    from safetensors.torch import load_file
+
+    records: list[dict[str, Any]] = []
+
+    def collect(record: dict[str, Any]) -> None:
         records.append(record)
         if on_round is not None:
             on_round(record)
-    return state, records
+
+    with tempfile.TemporaryDirectory(prefix="reefl-local-") as tmp:
+        local = dataclasses.replace(cfg, output_dir=tmp, run_name="in-process", resume=False)
+        run_dir = run_local(local, on_round=collect)
+        return load_file(str(run_dir / "model.safetensors")), records

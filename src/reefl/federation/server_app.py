@@ -1,14 +1,20 @@
-"""The Flower ServerApp: validate the config, roll-call the clients, run the rounds,
-evaluate every exit centrally, and write the run folder."""
+"""The Flower ServerApp: validate the config, roll-call the clients, run the rounds (looking
+for new SuperNodes before each and checking every reply), evaluate every exit centrally,
+checkpoint after every round, and write the run folder. With ``resume = true`` it continues
+the run in ``run-name`` from its checkpoint, ending exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from logging import INFO
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
@@ -16,100 +22,181 @@ from reefl.accounting import write_accounting
 from reefl.config import RunConfig
 from reefl.data import test_loader
 from reefl.evaluation import evaluate_exits
+from reefl.federation.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from reefl.federation.inputs import run_data
-from reefl.federation.strategy import ClientInfo, TieredStrategy
+from reefl.federation.replies import RoundRecord
+from reefl.federation.strategy import NO_NODE, ClientInfo, Roster, TieredStrategy
 from reefl.methods import build_method
-from reefl.report import RunFolder, default_run_name
+from reefl.report import RunFolder, RunFolderError, config_digest, default_run_name
 from reefl.training import server_learning_rate
 
 app = ServerApp()
 
-ROLL_CALL_TIMEOUT_S = 600.0
+ROLL_CALL_LOG_EVERY_S = 10.0
 
 
-def roll_call(grid: Grid, num_clients: int) -> dict[int, ClientInfo]:
-    """Wait for ``num_clients`` SuperNodes, ask each for its partition id, tier and size."""
-    deadline = time.monotonic() + ROLL_CALL_TIMEOUT_S
-    while len(node_ids := list(grid.get_node_ids())) < num_clients:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(node_ids)} of num-clients={num_clients} "
-                               "SuperNodes connected")
-        time.sleep(1.0)
-    messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node,
-                        message_type="query") for node in node_ids]
-    roster: dict[int, ClientInfo] = {}
-    for reply in grid.send_and_receive(messages, timeout=ROLL_CALL_TIMEOUT_S):
-        if reply.has_error():
-            raise RuntimeError(f"a client failed the roll call: {reply.error.reason}")
-        info = reply.content["client"]
-        pid = int(info["partition-id"])
-        if pid in roster:
-            raise RuntimeError(f"two SuperNodes claim partition-id {pid}")
-        roster[pid] = ClientInfo(reply.metadata.src_node_id, int(info["tier"]),
-                                 int(info["num-examples"]))
-    missing = sorted(set(range(num_clients)) - set(roster))
+def roll_call(grid: Grid, cfg: RunConfig, roster: Roster) -> RoundRecord:
+    """Wait until ``num-clients`` SuperNodes are online, at most ``roll-call-timeout``
+    seconds (saying how many there are every few seconds), then ask each who it is. The run
+    goes on with the partitions that answered; RuntimeError if none did."""
+    deadline = time.monotonic() + cfg.roll_call_timeout
+    next_log = time.monotonic() + ROLL_CALL_LOG_EVERY_S
+    while len(online := set(grid.get_node_ids())) < cfg.num_clients:
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        if now >= next_log:
+            log(INFO, "reefl: roll call: %s of num-clients=%s SuperNodes online (waiting up "
+                "to %.0f s more)", len(online), cfg.num_clients, deadline - now)
+            next_log = now + ROLL_CALL_LOG_EVERY_S
+        time.sleep(0.5)
+    record = RoundRecord()
+    record.joined, record.refused = roster.discover(grid, online, cfg.roll_call_timeout)
+    if not roster.clients:
+        raise RuntimeError(f"no SuperNode answered the roll call within roll-call-timeout="
+                           f"{cfg.roll_call_timeout:g} s ({len(online)} online)")
+    missing = sorted(set(range(cfg.num_clients)) - set(roster.clients))
     if missing:
-        raise RuntimeError(f"no SuperNode holds partition ids {missing}")
-    return roster
+        log(WARNING, "reefl: roll call: %s of %s partitions have a SuperNode; missing "
+            "partition ids %s (they join when their SuperNode connects)",
+            len(roster.clients), cfg.num_clients, _short(missing))
+    return record
+
+
+def _short(ids: list[int], most: int = 12) -> str:
+    return str(ids) if len(ids) <= most else f"{ids[:most]}... ({len(ids)} in all)"
+
+
+@dataclass
+class RunState:
+    """What the loop carries from round to round (and a checkpoint saves)."""
+
+    round: int
+    global_state: dict[str, torch.Tensor]
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
+    elapsed_before: float = 0.0  # seconds spent by earlier runs of this run (resumed)
+
+
+TOTALS = ("sampled", "used", "failed", "rejected", "clipped", "rounds_unchanged")
+
+
+def _open_run(cfg: RunConfig, digest: str, initial: dict[str, torch.Tensor]
+              ) -> tuple[RunFolder, RunState, Checkpoint | None]:
+    """The run folder (new, or reopened to resume) and the state to start from."""
+    run_dir = (Path(cfg.output_dir).expanduser() / cfg.run_name).resolve()
+    if not cfg.resume:
+        folder = RunFolder.create(run_dir)
+        folder.write_json("config.json", cfg.to_flat())
+        return folder, RunState(0, initial), None
+    checkpoint = load_checkpoint(run_dir, digest)
+    folder = RunFolder.reopen(run_dir, checkpoint.round)
+    log(INFO, "reefl: resuming after round %s of %s", checkpoint.round, cfg.num_server_rounds)
+    totals = {**dict.fromkeys(TOTALS, 0), **checkpoint.totals}
+    return folder, RunState(checkpoint.round, checkpoint.global_state, checkpoint.last_eval,
+                            totals, checkpoint.elapsed_seconds), checkpoint
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    started = time.monotonic()
-    cfg = RunConfig.from_flat(dict(context.run_config))
-    run_name = cfg.run_name or default_run_name(cfg.method, cfg.seed)
-    run_dir = Path(cfg.output_dir).expanduser() / run_name
-    folder = RunFolder(run_dir.resolve())
-    log(INFO, "reefl: run folder %s", folder.path)
-    folder.write_json("config.json", cfg.to_flat())
+    """The ServerApp: the run that ``context.run_config`` describes."""
+    run_server(grid, RunConfig.from_flat(dict(context.run_config)))
 
+
+def run_server(grid: Grid, cfg: RunConfig,
+               on_round: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Every round of ``cfg`` (or those after the checkpoint, when resuming) on the clients
+    that ``grid`` reaches; returns the run folder. ``on_round`` gets each round's
+    metrics.jsonl record once the round is checkpointed. The in-process driver
+    (``federation.local``) calls it with a grid of its own."""
+    started = time.monotonic()
+    if not cfg.run_name:
+        cfg = dataclasses.replace(cfg, run_name=default_run_name(cfg.method, cfg.seed))
+    digest = config_digest(cfg.to_flat())
     data, pipeline, task = run_data(cfg)
     method = build_method(cfg, task)
-    write_accounting(folder.path, method, cfg.img_size)
-    initial = method.initial_state()
+    try:
+        folder, run, checkpoint = _open_run(cfg, digest, method.initial_state())
+    except (RunFolderError, CheckpointError) as err:
+        raise RuntimeError(str(err)) from None
+    log(INFO, "reefl: run folder %s", folder.path)
+    if not (folder.path / "accounting.json").is_file():
+        write_accounting(folder.path, method, cfg.img_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = test_loader(data, pipeline, cfg.eval_batch_size)
 
-    roster = roll_call(grid, cfg.num_clients)
+    roster = Roster(cfg)
     strategy = TieredStrategy(cfg, method, roster)
-    last_eval: dict[str, object] = {}
-    round_started = time.monotonic()
+    if checkpoint is not None:
+        method.load_server_state(checkpoint.server_state)
+        strategy.client_states = checkpoint.client_states
+        for pid, seen in checkpoint.partitions.items():  # sampled as before, node or not
+            roster.clients[pid] = ClientInfo(NO_NODE, seen["tier"], seen["num-examples"])
+    joined = roll_call(grid, cfg, roster)
+    strategy.summary()
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by the strategy after every round: evaluate when due, log the round."""
-        nonlocal round_started
-        if server_round == 0:
-            return None
-        record: dict[str, object] = {
+    def save() -> None:
+        save_checkpoint(folder.path, Checkpoint(
+            run.round, digest, run.global_state, method.server_state(),
+            strategy.client_states,
+            {pid: {"tier": c.tier, "num-examples": c.num_examples}
+             for pid, c in roster.clients.items()},
+            run.last_eval, run.totals, run.elapsed_before + time.monotonic() - started))
+
+    if checkpoint is None:
+        save()  # round 0: a run stopped in its first round can be resumed too
+    first_round = run.round + 1
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
+        round_started = time.monotonic()
+        record = RoundRecord()
+        new_state = strategy.run_round(grid, server_round, run.global_state, record)
+        if server_round == first_round:  # the roll call's joins and refusals
+            record.joined.update(joined.joined)
+            record.refused.update(joined.refused)
+        if new_state is not None:
+            run.global_state = new_state
+        line: dict[str, Any] = {
             "round": server_round, "lr": server_learning_rate(server_round - 1, cfg),
-            **strategy.last_train_metrics,
+            **strategy.last_train_metrics, "model_updated": new_state is not None,
+            **record.as_json(),
         }
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds:
-            evaluator = method.exit_evaluator(arrays.to_torch_state_dict())
-            last_eval.clear()
-            last_eval.update(evaluate_exits(evaluator, loader, cfg, device))
-            record.update(last_eval)
-        record["round_seconds"] = time.monotonic() - round_started
-        record["elapsed_seconds"] = time.monotonic() - started
-        folder.append_metrics(record)
-        log(INFO, "reefl: %s", _progress_line(record, cfg.num_server_rounds))
-        round_started = time.monotonic()
-        if "exit_accuracy" not in record:
-            return None
-        return MetricRecord({"mean-accuracy": record["mean_accuracy"],
-                             "ensemble-accuracy": record["ensemble_accuracy"]})
+            evaluator = method.exit_evaluator(run.global_state)
+            run.last_eval = evaluate_exits(evaluator, loader, cfg, device)
+            line.update(run.last_eval)
+        _add_totals(run.totals, record, new_state is not None)
+        run.round = server_round
+        line["round_seconds"] = time.monotonic() - round_started
+        line["elapsed_seconds"] = run.elapsed_before + time.monotonic() - started
+        folder.append_metrics(line)
+        save()
+        log(INFO, "reefl: %s", _progress_line(line, cfg.num_server_rounds))
+        if on_round is not None:
+            on_round(line)
 
-    result = strategy.start(grid, ArrayRecord(initial), num_rounds=cfg.num_server_rounds,
-                            evaluate_fn=evaluate)
-    folder.save_model(result.arrays.to_torch_state_dict() if len(result.arrays) else initial)
+    folder.save_model(run.global_state)
     final = {
-        **last_eval, "method": cfg.method, "seed": cfg.seed, "rounds": cfg.num_server_rounds,
-        "exit_blocks": method.exit_blocks, "wall_seconds": time.monotonic() - started,
+        **run.last_eval, "method": cfg.method, "seed": cfg.seed, "rounds": cfg.num_server_rounds,
+        "exit_blocks": method.exit_blocks, "clients": run.totals, "config_digest": digest,
+        "wall_seconds": run.elapsed_before + time.monotonic() - started,
     }
     folder.write_json("final.json", final)
     log(INFO, "reefl: final mean accuracy over exits %.2f%%, ensemble %.2f%%",
         final.get("mean_accuracy", float("nan")), final.get("ensemble_accuracy", float("nan")))
     log(INFO, "reefl: run folder %s", folder.path)
+    return folder.path
+
+
+def _add_totals(totals: dict[str, int], record: RoundRecord, updated: bool) -> None:
+    """Add a round's participation to the run's totals (final.json's ``clients``)."""
+    for key in ("sampled", "used", "failed", "rejected", "clipped"):
+        totals[key] += len(getattr(record, key))
+    totals["rounds_unchanged"] += 0 if updated else 1
 
 
 def _progress_line(record: dict[str, object], num_rounds: int) -> str:

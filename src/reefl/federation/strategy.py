@@ -1,5 +1,6 @@
-"""The Flower strategy: seeded sampling over partition ids, per-tier sub-model messages,
-checked replies, and the method's server update."""
+"""The rounds' logic on the server: the roster of partitions and their SuperNodes, seeded
+sampling over partition ids, per-tier sub-model messages, checked replies, and the method's
+server update."""
 
 from __future__ import annotations
 
@@ -9,14 +10,23 @@ from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from reefl.config import RunConfig
+from reefl.federation.replies import (
+    RejectedReply,
+    RoundRecord,
+    SentTo,
+    bound_update,
+    checked_update,
+)
 from reefl.methods import ClientUpdate, Method
 from reefl.training import server_learning_rate
+
+NO_NODE = -1
+"""The node id of a partition whose SuperNode has not announced itself (yet) in this run."""
 
 
 @dataclass(frozen=True)
@@ -68,81 +78,207 @@ def weighted_metrics(updates: list[ClientUpdate]) -> dict[str, float]:
     return merged
 
 
-class TieredStrategy(Strategy):
-    """Each sampled client gets only its tier's trainable parameters and returns them with
-    its example count; the method merges the replies into the global model."""
+class Roster:
+    """The partition ids of the run and the SuperNode that holds each one now.
 
-    def __init__(self, cfg: RunConfig, method: Method, roster: dict[int, ClientInfo]) -> None:
+    Sampling is over partition ids, never node ids: a SuperNode that restarts (and gets a new
+    node id) and announces its partition id again takes that partition's place. A node that
+    announces a partition id held by another node that is still online is refused (the
+    newcomer, not the run). ``discover`` asks every online node not seen before who it is.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.clients: dict[int, ClientInfo] = {}  # partition id -> its holder now
+        self.refused: dict[int, str] = {}  # node id -> why
+        self.unanswered: set[int] = set()  # node ids asked that did not answer (asked again)
+
+    @property
+    def tiers(self) -> dict[int, int]:
+        return {pid: info.tier for pid, info in self.clients.items()}
+
+    def partition_of(self, node_id: int) -> int | None:
+        return next((pid for pid, info in self.clients.items() if info.node_id == node_id),
+                    None)
+
+    def discover(self, grid: Grid, online: set[int], timeout: float) -> tuple[
+            dict[int, int], dict[int, str]]:
+        """Ask the ``online`` nodes the roster does not know for their partition id, tier and
+        size (a ``query`` message); returns who joined (partition id -> node id) and who was
+        refused (node id -> reason)."""
+        known = {info.node_id for info in self.clients.values()} | set(self.refused)
+        new = sorted(online - known)
+        if not new:
+            return {}, {}
+        messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node,
+                            message_type="query") for node in new]
+        joined: dict[int, int] = {}
+        refused: dict[int, str] = {}
+        answered: set[int] = set()
+        for reply in _send(grid, messages, timeout):
+            node = reply.metadata.src_node_id
+            if node not in new or node in answered:
+                continue
+            answered.add(node)
+            try:
+                pid, info = self._announced(reply, node)
+            except ValueError as err:
+                refused[node] = str(err)
+                continue
+            holder = self.clients.get(pid)
+            if holder is not None and holder.node_id in online and holder.node_id != node:
+                refused[node] = (f"partition-id {pid} is held by node {holder.node_id}, "
+                                 "which is online")
+                continue
+            self.clients[pid] = info
+            joined[pid] = node
+        self.refused.update(refused)
+        self.unanswered = set(new) - answered
+        for node, reason in refused.items():
+            log(WARNING, "reefl: SuperNode %s refused: %s", node, reason)
+        return joined, refused
+
+    def _announced(self, reply: Message, node: int) -> tuple[int, ClientInfo]:
+        """The partition id and client info a roll-call reply announces; ValueError (one
+        line) if it is an error or out of range."""
+        if reply.has_error():
+            raise ValueError(f"roll call failed: {reply.error.reason}")
+        try:
+            info = reply.content["client"]
+            pid, tier, size = (info["partition-id"], info["tier"], info["num-examples"])
+        except (KeyError, TypeError):
+            raise ValueError("roll-call reply without partition-id, tier and num-examples"
+                             ) from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (pid, tier, size)):
+            raise ValueError("partition-id, tier and num-examples must be integers")
+        if not 0 <= pid < self.cfg.num_clients:
+            raise ValueError(f"partition-id {pid} is not in 0..{self.cfg.num_clients - 1} "
+                             "(num-clients)")
+        if not 0 <= tier < self.cfg.num_exits:
+            raise ValueError(f"tier {tier} is not in 0..{self.cfg.num_exits - 1}")
+        if size < 1:
+            raise ValueError(f"partition {pid} has no training examples")
+        return pid, ClientInfo(node, tier, size)
+
+
+def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """``grid.send_and_receive``, returning what arrived within ``timeout`` seconds (a
+    failure of the transport itself is logged and returns nothing: the round goes on)."""
+    if not messages:
+        return []
+    try:
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    except Exception as err:  # the SuperLink's connection: gRPC/HTTP errors of many kinds
+        log(WARNING, "reefl: sending %s messages failed: %s", len(messages), err)
+        return []
+
+
+class TieredStrategy:
+    """One training round of a tiered method: sample partition ids, send each sampled
+    client its tier's trainable parameters (and its state kept on the server), check every
+    reply (``replies.checked_update``), merge the usable ones with the method's server
+    update, and record who took part.
+
+    The ServerApp drives the rounds itself (rather than Flower's ``Strategy.start``) so that
+    it can start at any round (resume), save a checkpoint after each, and look for new
+    SuperNodes before each."""
+
+    def __init__(self, cfg: RunConfig, method: Method, roster: Roster) -> None:
         self.cfg = cfg
         self.method = method
         self.roster = roster
-        self.partition_of_node = {info.node_id: pid for pid, info in roster.items()}
-        self.global_state: dict[str, torch.Tensor] = {}
-        self.sent_shapes: dict[int, dict[str, torch.Size]] = {}
+        self.client_states: dict[int, dict[str, torch.Tensor]] = {}
         self.last_train_metrics: dict[str, float] = {}
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.global_state = arrays.to_torch_state_dict()
-        self.sent_shapes = {}
-        self.last_train_metrics = {}
+    def configure_train(self, server_round: int, global_state: dict[str, torch.Tensor],
+                        online: set[int], record: RoundRecord) -> tuple[
+                            list[Message], dict[int, SentTo]]:
+        """The round's messages (one per sampled partition whose node is online) and what
+        each was sent; a sampled partition without an online node is recorded as failed."""
         lr = server_learning_rate(server_round - 1, self.cfg)
-        tiers = {pid: info.tier for pid, info in self.roster.items()}
-        participants = round_participants(self.cfg, server_round, tiers, self.method.takes_part)
+        participants = round_participants(self.cfg, server_round, self.roster.tiers,
+                                          self.method.takes_part)
+        record.sampled = participants
         if not participants:
             log(INFO, "round %s: no sampled client takes part in %s; round skipped, the "
                 "global model is unchanged", server_round, self.cfg.method)
-        messages = []
+        messages, sent = [], {}
         for pid in participants:
-            info = self.roster[pid]
-            payload = self.method.client_payload(self.global_state, info.tier)
-            self.sent_shapes[pid] = {k: v.shape for k, v in payload.items()}
+            info = self.roster.clients[pid]
+            if info.node_id not in online:
+                record.failed[pid] = ("no SuperNode holds it" if info.node_id == NO_NODE
+                                      else f"its SuperNode (node {info.node_id}) is gone")
+                continue
+            payload = self.method.client_payload(global_state, info.tier)
             content = RecordDict({
                 "arrays": ArrayRecord(payload),
-                "config": ConfigRecord({"lr": lr, "server-round": server_round, **config}),
+                "config": ConfigRecord({"lr": lr, "server-round": server_round}),
             })
+            if pid in self.client_states:
+                content["client-state"] = ArrayRecord(self.client_states[pid])
             messages.append(Message(content, dst_node_id=info.node_id, message_type="train"))
-        return messages
+            sent[pid] = SentTo(pid, info.node_id, info.tier, info.num_examples, payload)
+        return messages, sent
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates = sorted((u for u in map(self._checked_update, replies) if u is not None),
-                         key=lambda u: u.partition_id)
+    def aggregate_train(self, server_round: int, global_state: dict[str, torch.Tensor],
+                        replies: Iterable[Message], sent: dict[int, SentTo],
+                        record: RoundRecord) -> dict[str, torch.Tensor] | None:
+        """The new global state from the usable replies, or None when no reply survived
+        (the model is unchanged and the log says so)."""
+        self.last_train_metrics = {}
+        by_node = {s.node_id: s for s in sent.values()}
+        updates, states = [], {}
+        for reply in replies:
+            target = by_node.get(reply.metadata.src_node_id)
+            if target is None:
+                log(WARNING, "round %s: a reply from node %s, which was not asked, ignored",
+                    server_round, reply.metadata.src_node_id)
+                continue
+            pid = target.partition_id
+            if pid in record.used or pid in record.rejected or pid in record.failed:
+                continue  # a second reply for the same message
+            if reply.has_error():
+                record.failed[pid] = f"client error: {' '.join(reply.error.reason.split())}"
+                continue
+            try:
+                update, state = checked_update(reply, target, self.method.keeps_client_state)
+            except RejectedReply as err:
+                record.rejected[pid] = str(err)
+                continue
+            if bound_update(update, target.payload, self.cfg.max_update_norm):
+                record.clipped.append(pid)
+            updates.append(update)
+            states[pid] = state
+            record.used.append(pid)
+        for pid in sent:
+            if pid not in record.used and pid not in record.rejected and pid not in record.failed:
+                record.failed[pid] = f"no reply within round-timeout={self.cfg.round_timeout:g} s"
+        for pid, reason in sorted({**record.failed, **record.rejected}.items()):
+            log(WARNING, "round %s: client %s not used: %s", server_round, pid, reason)
         if not updates:
-            if self.sent_shapes:  # clients were asked (a skipped round was logged already)
-                log(WARNING, "round %s: no usable replies; the global model is unchanged",
+            if sent:
+                log(WARNING, "round %s: no reply survived; the global model is unchanged",
                     server_round)
-            return None, None
-        self.global_state = self.method.aggregate(self.global_state, updates)
+            return None
+        updates.sort(key=lambda u: u.partition_id)
+        self.client_states.update({pid: s for pid, s in states.items() if s})
         self.last_train_metrics = weighted_metrics(updates)
-        return ArrayRecord(self.global_state), MetricRecord(self.last_train_metrics)
+        return self.method.aggregate(global_state, updates)
 
-    def _checked_update(self, reply: Message) -> ClientUpdate | None:
-        """The reply as an update, or None (with a warning) if it failed or does not return
-        exactly the names and shapes it was sent."""
-        if reply.has_error():
-            log(WARNING, "a client failed: %s", reply.error.reason)
-            return None
-        pid = self.partition_of_node[reply.metadata.src_node_id]
-        tier = self.roster[pid].tier
-        metrics = reply.content["metrics"]
-        state = reply.content["arrays"].to_torch_state_dict()
-        if {k: v.shape for k, v in state.items()} != self.sent_shapes[pid]:
-            log(WARNING, "client %s sent parameters that do not match tier %s; ignored", pid, tier)
-            return None
-        return ClientUpdate(pid, tier, state, int(metrics["num-examples"]),
-                            train_metrics(metrics))
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return []  # evaluation is centralised on the server (see server_app)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        return None
+    def run_round(self, grid: Grid, server_round: int, global_state: dict[str, torch.Tensor],
+                  record: RoundRecord) -> dict[str, torch.Tensor] | None:
+        """Look for new nodes, then configure, send, receive and aggregate one round."""
+        online = set(grid.get_node_ids())
+        if online - {c.node_id for c in self.roster.clients.values()} - set(
+                self.roster.refused):
+            record.joined, record.refused = self.roster.discover(
+                grid, online, self.cfg.roll_call_timeout)
+        messages, sent = self.configure_train(server_round, global_state, online, record)
+        replies = _send(grid, messages, self.cfg.round_timeout)
+        return self.aggregate_train(server_round, global_state, replies, sent, record)
 
     def summary(self) -> None:
-        tiers = [info.tier for info in self.roster.values()]
+        tiers = list(self.roster.tiers.values())
         log(INFO, "TieredStrategy: %s clients, tiers %s, fraction-train %s",
-            len(self.roster), {t: tiers.count(t) for t in sorted(set(tiers))},
+            len(tiers), {t: tiers.count(t) for t in sorted(set(tiers))},
             self.cfg.fraction_train)

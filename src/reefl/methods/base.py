@@ -198,6 +198,11 @@ class Method(TierModels, ABC):
     settings: ClassVar[tuple[Setting, ...]] = ()
     server_updates: ClassVar[tuple[str, ...]] = ("fedavg", "fedadam")
 
+    keeps_client_state: bool = False
+    """Whether ``finish_local`` keeps per-client state across rounds (FedDyn's g_i). The
+    server holds it, sends it with each training message and checkpoints it, so that it
+    survives restarts of clients and of the run."""
+
     held_out_fraction: float = 0.0
     """Share of each client's training data split off (seeded, the same every round) and not
     trained on; when > 0, ``new_loss_state`` receives the CE on it (``held_out``)."""
@@ -273,8 +278,8 @@ class Method(TierModels, ABC):
 
     def finish_local(self, params: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
                      client_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Entries of this client's state to set after local training (the ClientApp keeps
-        the state per client across rounds, in Flower's ``context.state``). By default none."""
+        """Entries of this client's state to set after local training (the server keeps the
+        state per client across rounds, see ``keeps_client_state``). By default none."""
         return {}
 
     def merge(self, global_state: dict[str, torch.Tensor],
@@ -297,6 +302,21 @@ class Method(TierModels, ABC):
         returned = {name for u in updates for name in u.state}
         deltas = {name: merged[name] - w for name, w in global_state.items() if name in returned}
         return self.fedadam.step(global_state, deltas)
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """Everything the server keeps across rounds besides the global model (FedAdam's
+        moments here; a method adds its own, e.g. FedDyn's h), by name: what a checkpoint
+        saves so that a resumed run continues exactly. Empty before the first round."""
+        if "fedadam" not in self.__dict__:  # never made: nothing to keep
+            return {}
+        return {f"fedadam/{k}": v for k, v in self.fedadam.state_dict().items()}
+
+    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``server_state`` returned (a resumed run)."""
+        adam = {k.removeprefix("fedadam/"): v for k, v in tensors.items()
+                if k.startswith("fedadam/")}
+        if adam:
+            self.fedadam.load_state_dict(adam)
 
     @functools.cached_property
     def fedadam(self) -> FedAdam:

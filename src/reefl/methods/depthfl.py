@@ -13,7 +13,8 @@ single-exit client has no KL.
 
 * ``fedavg`` (default): per-parameter example-weighted mean over the clients holding it.
 * ``feddyn`` (Acar et al., ICLR 2021), α = ``feddyn-alpha`` (0.1). Client i keeps g_i (zero
-  at first; in Flower's ``context.state``, so it survives rounds on any engine) and trains on
+  at first; held by the server, sent with each training message and checkpointed, so it
+  survives restarts of the client and of the run) and trains on
   loss − ⟨g_i, w⟩ + (α/2)·‖w − w_server‖², then sets g_i ← g_i − α·(w_new − w_server). The
   server keeps h (zero at first) and, for every parameter p returned this round,
   h_p ← h_p − α·(m_p/N)·(avg_p − w_p);  w_p ← avg_p − h_p/α.
@@ -83,6 +84,7 @@ class DepthFL(Method):
     def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
         super().__init__(cfg, task)
         self.feddyn = self.cfg.server_update == "feddyn"
+        self.keeps_client_state = self.feddyn
         self.server_h: Tensors = {}
 
     def build_architecture(self, tier: int) -> EarlyExitModel:
@@ -111,6 +113,15 @@ class DepthFL(Method):
         if not self.feddyn:
             return {}
         return feddyn_client_state(params, sent, client_state, self.cfg.feddyn_alpha)
+
+    def server_state(self) -> Tensors:
+        """FedAdam's moments and FedDyn's h (``feddyn-h/<name>``)."""
+        return {**super().server_state(), **{f"feddyn-h/{k}": v for k, v in self.server_h.items()}}
+
+    def load_server_state(self, tensors: Tensors) -> None:
+        super().load_server_state(tensors)
+        self.server_h = {k.removeprefix("feddyn-h/"): v for k, v in tensors.items()
+                         if k.startswith("feddyn-h/")}
 
     def aggregate(self, global_state: Tensors, updates: list[ClientUpdate]) -> Tensors:
         """FedAvg or FedAdam (``Method.aggregate``), or FedDyn's step from the plain per-key

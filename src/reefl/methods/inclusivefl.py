@@ -206,6 +206,28 @@ class InclusiveFL(Method):
         ces = exit_cross_entropies(logits[-1:], labels)
         return ces[0], [ces[0].item()]
 
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """Each tier's momentum (``momentum/<tier>/<name>``) and FedAdam moments
+        (``fedadam/<tier>/m|v/<name>``)."""
+        state = {f"momentum/{t}/{k}": v for t, m in self._server.momentum.items()
+                 for k, v in m.items()}
+        state.update({f"fedadam/{t}/{k}": v for t, adam in self._server.adams.items()
+                      for k, v in adam.state_dict().items()})
+        return state
+
+    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._server = ServerState()
+        for key, value in tensors.items():
+            kind, tier, name = key.split("/", 2)
+            if kind == "momentum":
+                self._server.momentum.setdefault(int(tier), {})[name] = value
+        for tier in {int(k.split("/")[1]) for k in tensors if k.startswith("fedadam/")}:
+            prefix = f"fedadam/{tier}/"
+            adam = FedAdam(AdamHyperParams(lr=self.cfg.fedadam_lr))
+            adam.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                  if k.startswith(prefix)})
+            self._server.adams[tier] = adam
+
     def aggregate(self, global_state: dict[str, torch.Tensor],
                   updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         """Tier by tier, shallowest first: the tier's mean, its pseudo-gradients with the

@@ -39,6 +39,11 @@ def _at_least_one(value: int) -> bool:
     return value >= 1
 
 
+def _positive(value: float) -> bool:
+    """The Ree MLP's width ratio: a negative one cannot build the module, 0 leaves it none."""
+    return value > 0
+
+
 class ReeFL(Method):
     """Backbone cut at the tier's exit, followed after every block by the shared Ree (or, as
     an ablation, by one head per exit)."""
@@ -47,7 +52,7 @@ class ReeFL(Method):
     settings = (
         Setting("ree-heads", 8, "an integer >= 1", _at_least_one),
         Setting("ree-attn-dim", 16, "an integer >= 1", _at_least_one),
-        Setting("ree-mlp-ratio", 1.35, "a number > 0", lambda v: v > 0),
+        Setting("ree-mlp-ratio", 1.35, "a number > 0", _positive),
         Setting("ree-depth", 1, "an integer >= 1", _at_least_one),
         Setting("ree-recurrent-steps", 1, "an integer >= 1", _at_least_one),
         Setting("modulation", True),
