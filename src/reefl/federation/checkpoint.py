@@ -73,7 +73,9 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     }
     path = run_dir / CHECKPOINT_NAME
     partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial),
+    # clone: states may hold views of one storage (LoRA's merged weights), which safetensors
+    # refuses to save as separate names
+    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(partial),
               metadata=metadata)
     with partial.open("rb") as stream:
         os.fsync(stream.fileno())

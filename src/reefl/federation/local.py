@@ -30,7 +30,8 @@ from reefl.federation.server_app import run_server
 RoundCallback = Callable[[dict[str, Any]], None]
 ReplyHook = Callable[[int, Message], Message | None]
 """Called with (partition id, the client's reply): returns the reply to deliver (changed or
-not), or None to deliver nothing (as if the client timed out)."""
+not), None to deliver nothing (as if the client timed out), or raises (as if the ClientApp
+had raised: the server gets an error reply)."""
 
 RUN_ID = 1
 SERVER_NODE = 0
@@ -87,19 +88,20 @@ class LocalGrid:
             if node not in self.online:
                 continue
             reply = self._handle(message, node)
-            pid = int(self.contexts[node].node_config["partition-id"])
-            if self.reply_hook is not None:
-                reply = self.reply_hook(pid, reply)
             if reply is not None:
                 replies.append(reply)
         return replies
 
-    def _handle(self, message: Message, node: int) -> Message:
+    def _handle(self, message: Message, node: int) -> Message | None:
         handler = {"query": client_app.describe, "train": client_app.train}[
             message.metadata.message_type]
+        context = self.contexts[node]
         with _task_identity(node):
             try:
-                return handler(message, self.contexts[node])
+                reply = handler(message, context)
+                if self.reply_hook is None:
+                    return reply
+                return self.reply_hook(int(context.node_config["partition-id"]), reply)
             except Exception as err:  # what Flower turns into an error reply
                 return Message(Error(code=1, reason=f"{type(err).__name__}: {err}"),
                                reply_to=message)

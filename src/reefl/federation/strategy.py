@@ -231,8 +231,10 @@ class TieredStrategy:
         for reply in replies:
             target = by_node.get(reply.metadata.src_node_id)
             if target is None:
+                node = reply.metadata.src_node_id
+                record.refused[node] = "sent a reply it was not asked for; ignored"
                 log(WARNING, "round %s: a reply from node %s, which was not asked, ignored",
-                    server_round, reply.metadata.src_node_id)
+                    server_round, node)
                 continue
             pid = target.partition_id
             if pid in record.used or pid in record.rejected or pid in record.failed:
