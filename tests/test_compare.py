@@ -227,20 +227,27 @@ def test_tier_costs_fall_back_to_the_run_config(tmp_path: Path) -> None:
 
 
 class FakeRunApp:
-    """Records calls; writes a finished run folder, or fails for the (method-run-name) given."""
+    """Records calls; writes a finished run folder (final.json with its config_digest, as the
+    ServerApp does), or fails for the (method-run-name) given."""
 
     def __init__(self, fail: set[str] = frozenset(), interrupt_at: int | None = None) -> None:
         self.calls: list[list[str]] = []
+        self.resumed: list[Path] = []
         self.fail = fail
         self.interrupt_at = interrupt_at
 
     def __call__(self, overrides: list[str], app_dir: Any = None,
-                 federation_overrides: Any = (), quiet: bool = False) -> Path:
+                 federation_overrides: Any = (), quiet: bool = False,
+                 resume: Path | None = None) -> Path:
         assert quiet
         self.calls.append(list(overrides))
         if self.interrupt_at == len(self.calls):
             raise KeyboardInterrupt
-        prepared = launcher.prepare_run(overrides, app_dir, federation_overrides)
+        if resume is not None:
+            self.resumed.append(resume)
+            prepared = launcher.prepare_resume(resume, app_dir, federation_overrides)
+        else:
+            prepared = launcher.prepare_run(overrides, app_dir, federation_overrides)
         name, seed = prepared.config["run-name"], prepared.config["seed"]
         if name in self.fail:
             raise RunFailed(f"run failed (flwr run exited with 1); run folder {prepared.run_dir}",
@@ -248,8 +255,8 @@ class FakeRunApp:
         bonus = 10.0 if prepared.config["modulation"] else 0.0
         accs = [50.0 + bonus + seed, 60.0 + bonus + seed]
         config = RunConfig.from_flat(prepared.config).to_flat()
-        return _folder(prepared.run_dir, _final(accs, seed, ensemble=70.0 + seed), config,
-                       params=[100, 200])
+        final = _final(accs, seed, ensemble=70.0 + seed, config_digest=prepared.digest)
+        return _folder(prepared.run_dir, final, config, params=[100, 200])
 
 
 COMMON = ["num-exits=2 depth=2", "num-server-rounds=1"]
@@ -295,9 +302,59 @@ def test_resume_reuses_finished_runs_of_the_same_config(tmp_path: Path, monkeypa
     assert len(fake.calls) == 2  # seed 0 reused, seed 1 run
     assert any("reused" in line for line in lines)
     assert again.results["reefl"][0].reused and not again.results["reefl"][1].reused
-    cmp.compare(entries, [0], tmp_path, [*COMMON, "local-epochs=2"], resume=True,
-                out=lambda _: None)
-    assert len(fake.calls) == 3  # a different config is run again
+    folder = tmp_path / "runs" / "reefl-s0"
+    with pytest.raises(RunConfigError, match=f"{folder} holds neither a finished run of this "
+                                             "config nor a checkpoint"):
+        cmp.compare(entries, [0], tmp_path, [*COMMON, "local-epochs=2"], resume=True,
+                    out=lambda _: None)
+    assert len(fake.calls) == 2  # a different config is neither reused nor run over it
+
+
+def test_a_final_json_is_reused_only_with_the_digest_of_the_config(
+        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """config.json is written when a run starts, so it says nothing about final.json: an old
+    final.json of another config (or of none) beside it is not reused."""
+    fake = FakeRunApp()
+    monkeypatch.setattr(launcher, "run_app", fake)
+    entries = parse_entries("reefl")
+    cmp.compare(entries, [0], tmp_path, COMMON, out=lambda _: None)
+    final_path = tmp_path / "runs" / "reefl-s0" / "final.json"
+    final = json.loads(final_path.read_text())
+    for stale in ({**final, "config_digest": "0123456789abcdef"},
+                  {k: v for k, v in final.items() if k != "config_digest"}):
+        final_path.write_text(json.dumps(stale))
+        with pytest.raises(RunConfigError, match="holds neither a finished run"):
+            cmp.compare(entries, [0], tmp_path, COMMON, resume=True, out=lambda _: None)
+    assert len(fake.calls) == 1
+
+
+def test_a_run_with_a_checkpoint_and_no_final_json_is_resumed(
+        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    fake = FakeRunApp()
+    monkeypatch.setattr(launcher, "run_app", fake)
+    entries = parse_entries("reefl")
+    cmp.compare(entries, [0], tmp_path, COMMON, out=lambda _: None)
+    folder = (tmp_path / "runs" / "reefl-s0").resolve()
+    (folder / "final.json").unlink()  # interrupted after a round was saved
+    (folder / launcher.CHECKPOINT_FILE).write_bytes(b"saved")
+    lines: list[str] = []
+    again = cmp.compare(entries, [0], tmp_path, COMMON, resume=True, out=lines.append)
+    assert fake.resumed == [folder] and fake.calls[-1] == []
+    assert again.results["reefl"][0].ok and any("resumed" in line for line in lines)
+
+
+def test_existing_run_folders_without_resume_are_an_error(
+        tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    fake = FakeRunApp()
+    monkeypatch.setattr(launcher, "run_app", fake)
+    args = ["compare", "-m", "reefl", "-o", str(tmp_path), *sum((["-c", c] for c in COMMON), [])]
+    assert cli_main(args) == 0
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    folder = (tmp_path / "runs" / "reefl-s0").resolve()
+    assert err.count("\n") == 1 and f"run folder {folder} already holds a run" in err
+    assert "pass --resume" in err
+    assert cli_main([*args, "--resume"]) == 0 and len(fake.calls) == 1
 
 
 def test_a_bad_config_stops_before_any_run(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
@@ -333,6 +390,6 @@ def test_cli_exit_codes(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: A
     assert "| reefl | 1/2 (failed: seed 1) |" in captured.out
     assert "1 run(s) failed: reefl seed 1" in captured.err
     monkeypatch.setattr(launcher, "run_app", FakeRunApp())
-    assert cli_main([*args[:4], "0", *args[5:]]) == 0
+    assert cli_main([*args[:4], "0", "--output-dir", str(tmp_path / "again"), *args[7:]]) == 0
     assert cli_main(["compare", "-m", "reefl[seed=2]", "-o", str(tmp_path)]) == 2
     assert "'seed' is set by compare" in capsys.readouterr().err

@@ -5,6 +5,7 @@ Only the smoke test (marked slow) starts Flower; every test stops what it starts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,14 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 
 from reefl import cli, launcher  # noqa: E402
 from reefl.launcher import RunConfigError  # noqa: E402
-
-LINUX = sys.platform.startswith("linux")
 
 TOY_PYPROJECT = """\
 [build-system]
@@ -212,13 +212,14 @@ def test_default_federation(cpus: int, clients: int, fraction: float, per_client
 
 def test_user_federation_config_wins(app: Path) -> None:
     run = launcher.prepare_run(
-        [], app_dir=app, federation_overrides=["num-supernodes=3", "init-args-num-cpus=2"]
+        [], app_dir=app, federation_overrides=["client-resources-num-cpus=3",
+                                               "init-args-num-cpus=2"]
     )
-    assert run.federation["num-supernodes"] == 3
+    assert run.federation["num-supernodes"] == 4  # num-clients
+    assert run.federation["client-resources-num-cpus"] == 3
     assert run.federation["init-args-num-cpus"] == 2
-    assert "client-resources-num-cpus" in run.federation
     arg = launcher.federation_arg(run.federation)
-    assert "num-supernodes=3" in arg and "init-args-num-cpus=2" in arg
+    assert "client-resources-num-cpus=3" in arg and "init-args-num-cpus=2" in arg
 
 
 def test_bad_federation_key_is_rejected_before_start(app: Path) -> None:
@@ -332,53 +333,95 @@ def test_validation_runs_on_the_merged_config(
 # -- process cleanup --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not LINUX, reason="process tree via /proc")
-def test_process_tree_stops_children_in_other_sessions() -> None:
-    # A parent whose child starts its own session and ignores SIGTERM, like Ray's agents.
-    code = (
-        "import subprocess, sys, time\n"
-        "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'], "
-        "start_new_session=True)\n"
-        "time.sleep(60)\n"
-    )
-    parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-    tree = launcher._ProcessTree()
-    tree.add_root(parent.pid)
+# A parent whose child starts its own session and ignores SIGTERM, like Ray's agents.
+STUBBORN = (
+    "import subprocess, sys, time\n"
+    "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'], "
+    "start_new_session=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def _parent_of_a_stubborn_child() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", STUBBORN], start_new_session=True)
+
+
+def _tree_of(parent: subprocess.Popen[bytes]) -> str:
+    """``parent`` and its child, once it has one, as a ``_recorded`` line."""
+    process = psutil.Process(parent.pid)
     deadline = time.monotonic() + 10
-    while len(tree.known) < 2 and time.monotonic() < deadline:
+    while not process.children() and time.monotonic() < deadline:
         time.sleep(0.05)
-        tree.snapshot()
-    assert len(tree.known) == 2
+    return json.dumps([[p.pid, p.create_time()] for p in [process, *process.children()]])
+
+
+def test_the_watchdog_stops_a_tree_across_sessions() -> None:
+    parent = _parent_of_a_stubborn_child()
+    tree = _tree_of(parent)
     try:
-        launcher._terminate_tree(tree, grace=2.0)
-        assert tree.alive() == []
+        assert len(launcher._recorded(tree)) == 2
+        watchdog = launcher._Watchdog(None)
+        watchdog.watch(parent.pid)
+        time.sleep(1.5)  # it has seen the child
+        watchdog.stop()
+        assert launcher._recorded(tree) == [p for p in launcher._recorded(tree)
+                                            if p.status() == psutil.STATUS_ZOMBIE]
     finally:
         parent.kill()
         parent.wait()
-        launcher._signal_all(tree.alive(), 9)
+        launcher.stop_processes(launcher._recorded(tree), grace=0.5)
 
 
-@pytest.mark.skipif(not LINUX, reason="process tree via /proc")
-def test_watchdog_stops_everything_when_the_launcher_dies(tmp_path: Path) -> None:
-    victim = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
-    )
+def test_a_reused_pid_is_not_ours() -> None:
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = psutil.Process(process.pid).create_time()
+        assert len(launcher._recorded(json.dumps([[process.pid, started]]))) == 1
+        # as if the pid now belonged to a process started at another time
+        assert launcher._recorded(json.dumps([[process.pid, started - 1.0]])) == []
+    finally:
+        process.kill()
+        process.wait()
+
+
+LAUNCHER_STANDIN = """
+import json, subprocess, sys, time
+from pathlib import Path
+import psutil
+from reefl import launcher
+link = launcher.LocalSuperLink(Path(sys.argv[1]), Path.cwd(), Path(sys.argv[1]) / "log")
+link.adopt(subprocess.Popen([sys.executable, "-c", sys.argv[2]], start_new_session=True))
+parent = psutil.Process(link._children[0].pid)
+while not parent.children():
+    time.sleep(0.05)
+time.sleep(1.5)  # the watchdog has seen the child
+print(json.dumps([[p.pid, p.create_time()] for p in [parent, *parent.children()]]), flush=True)
+time.sleep(60)
+"""
+
+
+def test_nothing_is_left_when_the_launcher_is_sigkilled(tmp_path: Path) -> None:
+    """A stand-in launcher starts a tree (a child in its own session that ignores SIGTERM)
+    and has it watched; SIGKILL it: the watchdog stops the tree and removes the FLWR_HOME."""
     home = tmp_path / "home"
     home.mkdir()
-    link = launcher.LocalSuperLink(home, tmp_path, tmp_path / "log")
+    stand_in = subprocess.Popen([sys.executable, "-c", LAUNCHER_STANDIN, str(home), STUBBORN],
+                                stdout=subprocess.PIPE, text=True)
+    assert stand_in.stdout is not None
+    tree = stand_in.stdout.readline() or "[]"
     try:
-        link._start_watchdog()
-        link.adopt(victim.pid)
-        assert link._watchdog is not None and link._watchdog.stdin is not None
-        link._watchdog.stdin.close()  # as if the launcher was SIGKILLed
-        link._watchdog.wait(15)
-        assert victim.wait(5) is not None
-        assert not home.exists()
+        assert len(launcher._recorded(tree)) == 2
+        stand_in.kill()
+        stand_in.wait()
+        deadline = time.monotonic() + 20
+        while (launcher._recorded(tree) or home.exists()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert launcher._recorded(tree) == [] and not home.exists()
     finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
+        stand_in.kill()
+        stand_in.wait()
+        launcher.stop_processes(launcher._recorded(tree), grace=0.5)
 
 
 # -- one real run (toy app) -------------------------------------------------------------------
@@ -390,11 +433,14 @@ def test_toy_app_smoke(
 ) -> None:
     app = make_app(tmp_path / "app")
     monkeypatch.chdir(tmp_path)
-    trees: list[launcher._ProcessTree] = []
+    trees: list[list[psutil.Process]] = []
     stop = launcher.LocalSuperLink.stop
 
     def recording_stop(self: launcher.LocalSuperLink) -> None:
-        trees.append(self.tree)
+        for child in self._children:  # the SuperLink (flwr run has ended), all below it
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(child.pid)
+                trees.append([process, *process.children(recursive=True)])
         stop(self)
 
     monkeypatch.setattr(launcher.LocalSuperLink, "stop", recording_stop)
@@ -405,21 +451,23 @@ def test_toy_app_smoke(
     assert json.loads((run_dir / "final.json").read_text()) == {"rounds": 2}
     assert "round 2: 2 replies" in out  # the ServerApp's log was streamed
     assert out.count(f"reefl: run folder {run_dir}") == 2
-    assert trees and all(tree.alive() == [] for tree in trees)  # nothing left running
+    assert len(trees[0]) >= 2  # the SuperLink and what it started (SuperExec...)
+    assert not any(launcher._running(p) for tree in trees for p in tree)  # nothing left
 
 
 def test_a_named_checkpoint_is_fetched_before_flower_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from reefl.launcher import RunConfigError, _fetch_checkpoint
+    from reefl.launcher import RunConfigError
+    from reefl.launcher import _check_pretrained as _fetch_checkpoint
     from reefl.models import pretrained
 
     source = tmp_path / "deit_tiny_patch16_224-a1311bcf.pth"
-    source.write_bytes(b"weights")
+    source.write_bytes(b"\x80\x02weights")  # a legacy torch pickle, as far as its header goes
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setitem(pretrained.OFFICIAL_URLS, "deit-tiny", source.as_uri())
     _fetch_checkpoint({"pretrained": "official", "model": "deit-tiny"}, quiet=True)
     cached = tmp_path / "torch" / "hub" / "checkpoints" / source.name
-    assert cached.read_bytes() == b"weights"
+    assert cached.read_bytes() == b"\x80\x02weights"
     _fetch_checkpoint({"pretrained": "", "model": "custom"}, quiet=True)  # nothing to fetch
     monkeypatch.setitem(pretrained.OFFICIAL_URLS, "deit-base", (tmp_path / "gone.pth").as_uri())
     with pytest.raises(RunConfigError, match="^pretrained: "):

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--federation-config", action="append", default=[], metavar="CONFIG",
         help=FEDERATION_CONFIG_HELP,
     )  # fmt: skip
+    run.add_argument(
+        "--resume", type=Path, default=None, metavar="RUN_DIR",
+        help="continue the interrupted run in RUN_DIR from its checkpoint.safetensors, with "
+             "exactly its config.json (no --run-config or --preset); a finished run's table "
+             "is printed",
+    )  # fmt: skip
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the logs")
     _add_compare(commands)
     _add_costs(commands)
@@ -170,7 +176,9 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     _add_app_option(compare)
     compare.add_argument(
         "--resume", action="store_true",
-        help="reuse a run folder that already holds a finished run with the same config",
+        help="reuse the run folders that hold a finished run of the same config, and continue "
+             "those with a checkpoint of it (without --resume, existing run folders are an "
+             "error)",
     )  # fmt: skip
 
 
@@ -197,7 +205,7 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from reefl.launcher import LaunchError, run_app
+    from reefl.launcher import LaunchError, RunInterrupted, run_app
 
     try:
         run_app(
@@ -205,11 +213,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             app_dir=args.app,
             federation_overrides=args.federation_config,
             quiet=args.quiet,
+            resume=args.resume,
         )
     except LaunchError as err:
         return _error(str(err), err.exit_code)
-    except KeyboardInterrupt:
-        return _error("interrupted; all Flower processes stopped", 130)
+    except KeyboardInterrupt as err:
+        hint = f"; {err.hint()}" if isinstance(err, RunInterrupted) else ""
+        return _error(f"interrupted; all Flower processes stopped{hint}", 130)
     return 0
 
 
@@ -226,7 +236,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return _error(str(err), err.exit_code)
     except KeyboardInterrupt:
         return _error("interrupted; all Flower processes stopped (finished runs are in the "
-                      "comparison files)", 130)
+                      "comparison files; the same command with --resume goes on)", 130)
 
 
 def cmd_costs(args: argparse.Namespace) -> int:

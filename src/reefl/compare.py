@@ -41,8 +41,6 @@ STD_KIND = "sample standard deviation (n - 1) over seeds"
 # Keys that compare itself sets for every run.
 SET_BY_COMPARE = {"method": "--methods", "seed": "--seeds", "output-dir": "--output-dir",
                   "run-name": "--output-dir (run folders are <DIR>/runs/<entry>-s<seed>)"}
-# Flower's own pattern for one key=value pair of --run-config.
-_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 _NAME = re.compile(r"[^\s\[\]\"',=]+")
 
 ENTRY_SYNTAX_HELP = (
@@ -99,15 +97,6 @@ def _split_top_level(text: str, what: str, early_close: str = "") -> list[str]:
     return parts
 
 
-def _check_pairs(text: str, where: str) -> dict[str, Any]:
-    """Parse ``k=v k2=v2`` like ``flwr run --run-config``; anything that is not a pair is an
-    error (Flower would silently drop it)."""
-    leftover = _PAIR.sub("", text).strip()
-    if leftover:
-        raise RunConfigError(f"{where}: '{leftover.split()[0]}' is not key=value")
-    return launcher.parse_overrides([text]) if text.strip() else {}
-
-
 def parse_entries(spec: str | Sequence[str]) -> list[Entry]:
     """Parse ``--methods`` (one string, or several that are joined with commas).
 
@@ -135,7 +124,7 @@ def parse_entries(spec: str | Sequence[str]) -> list[Entry]:
             pairs = _split_top_level(rest[:-1], what,
                                      early_close=f"{what}: nothing may follow the closing ']'")
             inner = " ".join(p.strip() for p in pairs if p.strip())
-        values = _check_pairs(inner, what)
+        values = launcher.parse_pairs(inner, what)
         for key in values:
             if key in SET_BY_COMPARE and key != "method":
                 raise RunConfigError(f"{what}: '{key}' is set by compare; use "
@@ -252,16 +241,25 @@ class Comparison:
         return [r for by_seed in self.results.values() for r in by_seed.values() if r.error]
 
 
-def _same_config(run_dir: Path, config: dict[str, Any]) -> bool:
-    """Whether ``run_dir`` holds a finished run of exactly ``config``."""
-    from reefl.config import ConfigError, RunConfig
-
-    try:
-        stored = json.loads((run_dir / "config.json").read_text())
-        json.loads((run_dir / "final.json").read_text())
-        return RunConfig.from_flat(config).to_flat() == stored
-    except (OSError, ValueError, ConfigError):
-        return False
+def existing_run(prepared: launcher.PreparedRun, resume: bool) -> str | None:
+    """What to do with the run's folder: None if it holds nothing yet (start the run);
+    with ``resume``, "reuse" if it holds a final.json of this very config (its
+    ``config_digest``), "resume" if it holds a checkpoint of it. Any other folder that
+    holds something is a RunConfigError naming it: the ServerApp would refuse to run there."""
+    run_dir = prepared.run_dir
+    if not launcher.holds_files(run_dir):
+        return None
+    if not resume:
+        raise RunConfigError(f"run folder {run_dir} already holds a run; pass --resume to reuse "
+                             "finished runs of the same config and continue interrupted ones, "
+                             "or choose another --output-dir")
+    if launcher.finished_final(run_dir, prepared.digest) is not None:
+        return "reuse"
+    if launcher.can_resume(run_dir, prepared.digest):
+        return "resume"
+    raise RunConfigError(f"run folder {run_dir} holds neither a finished run of this config nor "
+                         "a checkpoint of it to continue; remove it or choose another "
+                         "--output-dir")
 
 
 def _say(out: Callable[[str], None], message: str) -> None:
@@ -292,7 +290,9 @@ def compare(
     Checks every run's config before starting any (RunConfigError). A run that fails
     (``LaunchError``, including ``RunFailed``) is recorded and the others go on. On Ctrl-C the
     reports of the finished runs are written, then KeyboardInterrupt propagates. With
-    ``resume``, a run folder that already holds a finished run of the same config is reused.
+    ``resume``, a run folder that already holds a finished run of the same config is reused
+    and one with a checkpoint of it is continued (``existing_run``); without it, a run
+    folder that already holds something is a RunConfigError.
     """
     out = out or (lambda line: print(line, flush=True))
     output_dir = Path(output_dir).expanduser().resolve()
@@ -300,33 +300,37 @@ def compare(
     common = common_overrides(run_config)
     comparison = Comparison(list(entries), list(seeds), output_dir, common,
                             {e.label: {} for e in entries})
-    plan: list[tuple[Entry, int, list[str], launcher.PreparedRun]] = []
+    plan: list[tuple[Entry, int, list[str], launcher.PreparedRun, str | None]] = []
     for seed in seeds:
         for entry in entries:
             overrides = run_overrides(common, entry, seed, runs_dir)
             try:
-                prepared = launcher.prepare_run(overrides, app_dir, federation_config)
+                prepared = launcher.prepare_run(overrides, app_dir, federation_config,
+                                                existing_ok=True)
+                action = existing_run(prepared, resume)
             except RunConfigError as err:
                 raise RunConfigError(f"{entry.label} (seed {seed}): {err}") from None
-            plan.append((entry, seed, overrides, prepared))
+            plan.append((entry, seed, overrides, prepared, action))
     output_dir.mkdir(parents=True, exist_ok=True)
     _say(out, f"{len(plan)} runs ({len(entries)} entries × {len(seeds)} seeds) into {runs_dir}")
     try:
-        for index, (entry, seed, overrides, prepared) in enumerate(plan, 1):
+        for index, (entry, seed, overrides, prepared, action) in enumerate(plan, 1):
             tag = f"[{index}/{len(plan)}] {entry.label} · seed {seed}"
             result = RunResult(entry, seed, prepared.run_dir, config=prepared.config)
             comparison.results[entry.label][seed] = result
-            if resume and _same_config(prepared.run_dir, prepared.config):
+            if action == "reuse":
                 result.final = json.loads((prepared.run_dir / "final.json").read_text())
                 result.reused = True
                 result.seconds = float(result.final.get("wall_seconds", 0.0))
                 _say(out, f"{tag} · reused {prepared.run_dir} · {_accuracy_note(result.final)}")
                 continue
-            _say(out, f"{tag} · started ({prepared.run_dir})")
+            resumed = action == "resume"
+            _say(out, f"{tag} · {'resumed' if resumed else 'started'} ({prepared.run_dir})")
             started = time.monotonic()
             try:
-                run_dir = launcher.run_app(overrides, app_dir=app_dir,
-                                           federation_overrides=federation_config, quiet=True)
+                run_dir = launcher.run_app([] if resumed else overrides, app_dir=app_dir,
+                                           federation_overrides=federation_config, quiet=True,
+                                           resume=prepared.run_dir if resumed else None)
                 result.run_dir = Path(run_dir)
                 result.final = json.loads((result.run_dir / "final.json").read_text())
             except RunFailed as err:

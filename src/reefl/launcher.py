@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,6 +40,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 if TYPE_CHECKING:
     from reefl.config import RunConfig
@@ -61,6 +64,7 @@ CONNECTION = "reefl-local"
 SUPERLINK_START_TIMEOUT = 30.0
 STOP_GRACE = 5.0  # seconds a process gets between SIGTERM and SIGKILL
 CASCADE_GRACE = 2.0  # seconds SuperExec's children get to follow the SuperLink out
+CHECKPOINT_FILE = "checkpoint.safetensors"  # what the ServerApp saves after every round
 
 
 class LaunchError(Exception):
@@ -145,15 +149,37 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
     return flatten_dict(data["tool"]["flwr"]["app"].get("config", {}))
 
 
-def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``--run-config`` values, in order (later wins): key=value strings parsed exactly like
-    ``flwr run --run-config`` parses them, and TOML files (presets: their ``base`` resolved).
+# Flower's pattern for one key=value pair (flwr.common.config.parse_config_args).
+_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
-    Unlike Flower, files and key=value strings may be mixed, and a string with no
-    ``key=value`` pair in it is an error, not ignored.
+
+def parse_pairs(text: str, where: str) -> dict[str, Any]:
+    """One ``k=v k2=v2`` string parsed exactly like ``flwr run --run-config`` parses it.
+
+    Flower silently drops what its pattern does not match (``key=`` with no value, a stray
+    word); here that is a RunConfigError naming the token, prefixed by ``where``.
     """
     from flwr.common.config import parse_config_args
 
+    leftover = _PAIR.sub(" ", text).split()
+    if leftover:
+        token = leftover[0]
+        problem = "has no value" if token.endswith("=") else "is not key=value"
+        raise RunConfigError(f"{where}: '{token}' {problem} (in '{text}')")
+    try:
+        return parse_config_args([text])
+    except Exception as err:  # ValueError, click.ClickException: Flower's messages
+        message = getattr(err, "message", None) or str(err)
+        raise RunConfigError(f"{where}: {_one_line(message)}") from None
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``--run-config`` values, in order (later wins): key=value strings (``parse_pairs``)
+    and TOML files (presets: their ``base`` resolved).
+
+    Unlike Flower, files and key=value strings may be mixed, and anything in a string that
+    is not a ``key=value`` pair is an error, not ignored.
+    """
     from reefl.presets import PresetError, read_config_file
 
     values: dict[str, Any] = {}
@@ -163,14 +189,10 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
                 values.update(read_config_file(Path(item)))
             except PresetError as err:
                 raise RunConfigError(f"--run-config: {err}") from None
-            continue
-        if "=" not in item:
+        elif "=" not in item:
             raise RunConfigError(f"--run-config '{item}' is neither key=value nor a .toml file")
-        try:
-            values.update(parse_config_args([item]))
-        except Exception as err:  # ValueError, click.ClickException: Flower's messages
-            message = getattr(err, "message", None) or str(err)
-            raise RunConfigError(f"--run-config: {_one_line(message)}") from None
+        else:
+            values.update(parse_pairs(item, "--run-config"))
     return values
 
 
@@ -236,13 +258,16 @@ def _is_reefl_app(app_dir: Path) -> bool:
     return str(components.get("serverapp", "")).startswith("reefl.")
 
 
-def _validate(merged: dict[str, Any]) -> None:
-    """``reefl.config.validate``, turned into the launcher's one-line error."""
-    from reefl import config as reefl_config
+def _validate(merged: dict[str, Any]) -> str:
+    """``reefl.config``'s checks of a merged flat config (``RunConfig.from_flat``), turned
+    into the launcher's one-line error; returns the config's ``config_digest``, computed as
+    the ServerApp computes it (over ``RunConfig.from_flat(merged).to_flat()``)."""
+    from reefl.config import ConfigError, RunConfig
+    from reefl.report import config_digest
 
     try:
-        reefl_config.validate(merged)
-    except reefl_config.ConfigError as err:
+        return config_digest(RunConfig.from_flat(merged).to_flat())
+    except ConfigError as err:
         raise RunConfigError(_one_line(str(err))) from None
 
 
@@ -264,6 +289,7 @@ class PreparedRun:
     overrides: dict[str, Any]  # what is sent with `flwr run --run-config`
     federation: dict[str, Any]  # what is sent with `flwr run --federation-config`
     run_dir: Path
+    digest: str | None = None  # config_digest of a reefl run config, as the ServerApp has it
 
 
 def prepare_run(
@@ -272,12 +298,47 @@ def prepare_run(
     federation_overrides: Sequence[str] = (),
     cwd: Path | None = None,
     now: float | None = None,
+    existing_ok: bool = False,
 ) -> PreparedRun:
-    """Merge, complete and validate the config; raises RunConfigError. Starts nothing."""
+    """Merge, complete and validate the config; raises RunConfigError. Starts nothing.
+
+    An explicit ``run-name`` whose folder already holds something is an error unless
+    ``existing_ok`` (``reefl compare`` decides itself what to do with such a folder).
+    """
     cwd = (cwd or Path.cwd()).resolve()
     app = resolve_app_dir(app_dir, cwd)
+    return _prepare(app, parse_overrides(overrides), federation_overrides, cwd, now,
+                    existing_ok)
+
+
+def prepare_resume(
+    run_dir: Path | str,
+    app_dir: Path | str | None = None,
+    federation_overrides: Sequence[str] = (),
+    cwd: Path | None = None,
+) -> PreparedRun:
+    """The run that continues ``run_dir``: exactly its config.json (the resolved flat config
+    the ServerApp wrote) plus ``resume = true``, so the same output-dir and run-name.
+    RunConfigError if there is no readable config.json, or it names another folder."""
+    cwd = (cwd or Path.cwd()).resolve()
+    folder = (cwd / Path(run_dir).expanduser()).resolve()
+    try:
+        stored = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise RunConfigError(f"--resume: {folder} has no readable config.json, so it is no run "
+                             f"folder ({_one_line(str(err))})") from None
+    app = resolve_app_dir(app_dir, cwd)
+    prepared = _prepare(app, {**stored, "resume": True}, federation_overrides, cwd, None, True)
+    if prepared.run_dir != folder:
+        raise RunConfigError(f"--resume: {folder}/config.json is of run folder "
+                             f"{prepared.run_dir} (was the folder moved?)")
+    return prepared
+
+
+def _prepare(app: Path, user: dict[str, Any], federation_overrides: Sequence[str], cwd: Path,
+             now: float | None, existing_ok: bool) -> PreparedRun:
+    """``prepare_run`` once the user's overrides are parsed."""
     defaults = app_defaults(app)
-    user = parse_overrides(overrides)
     if _is_reefl_app(app):
         user = pack_method_options(defaults, user)
     merged = merge_config(defaults, user)
@@ -286,17 +347,57 @@ def prepare_run(
         if key not in merged:
             raise RunConfigError(f"the app's [tool.flwr.app.config] has no '{key}' key")
     output_dir = (cwd / Path(str(merged["output-dir"])).expanduser()).resolve()
-    run_name = str(merged["run-name"]).strip()
-    if not run_name:
-        run_name = _unique_run_name(output_dir, make_run_name(merged, now))
+    explicit = str(merged["run-name"]).strip()
+    run_name = explicit or _unique_run_name(output_dir, make_run_name(merged, now))
     if "/" in run_name or run_name in (".", ".."):
         raise RunConfigError(f"run-name must be a plain folder name, got '{run_name}'")
+    if explicit:
+        _check_run_folder(output_dir, run_name, existing_ok)
     sent["output-dir"] = merged["output-dir"] = str(output_dir)
     sent["run-name"] = merged["run-name"] = run_name
-    if _is_reefl_app(app):
-        _validate(merged)
+    digest = _validate(merged) if _is_reefl_app(app) else None
     federation = federation_config(merged, federation_overrides)
-    return PreparedRun(app, merged, sent, federation, output_dir / run_name)
+    return PreparedRun(app, merged, sent, federation, output_dir / run_name, digest)
+
+
+def holds_files(folder: Path) -> bool:
+    """Whether ``folder`` exists and is anything but an empty folder."""
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
+
+def _check_run_folder(output_dir: Path, run_name: str, existing_ok: bool) -> None:
+    """An explicit run-name must not name a folder that already holds something (a run's
+    files would be mixed, and the ServerApp refuses it), unless ``existing_ok``."""
+    folder = output_dir / run_name
+    if existing_ok or not holds_files(folder):
+        return
+    raise RunConfigError(f"run-name '{run_name}': {folder} already exists and is not empty; "
+                         f"continue that run with `reefl run --resume {folder}` or choose "
+                         "another run-name")
+
+
+def finished_final(run_dir: Path, digest: str | None) -> dict[str, Any] | None:
+    """``run_dir``'s final.json if it is there and says it is of the config with ``digest``
+    (its ``config_digest``), else None."""
+    try:
+        final = json.loads((run_dir / "final.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(final, dict) and digest is not None and final.get("config_digest") == digest
+    return final if ok else None
+
+
+def can_resume(run_dir: Path, digest: str | None) -> bool:
+    """Whether ``run_dir`` holds a checkpoint of a run whose config.json has ``digest``."""
+    from reefl.report import config_digest
+
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        return False
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(stored, dict) and digest is not None and config_digest(stored) == digest
 
 
 # -- federation (simulation) settings -------------------------------------------------------
@@ -337,25 +438,41 @@ def default_federation(config: dict[str, Any], cpus: int | None = None) -> dict[
 
 
 def federation_config(config: dict[str, Any], user: Sequence[str] = ()) -> dict[str, Any]:
-    """Default simulation settings, then the user's ``--federation-config`` on top."""
-    from flwr.common.config import parse_config_args
+    """Default simulation settings, then the user's ``--federation-config`` on top, checked
+    (``check_federation``) before anything starts."""
     from flwr.supercore.utils import simulation_config_from_json
 
-    items = [item for item in user if item]
-    for item in items:
+    parsed: dict[str, Any] = {}
+    for item in (item for item in user if item):
         if "=" not in item:
             raise RunConfigError(f"--federation-config '{item}' is not key=value")
-    try:
-        parsed = dict(parse_config_args(items or None))
-    except Exception as err:
-        message = getattr(err, "message", None) or str(err)
-        raise RunConfigError(f"--federation-config: {_one_line(message)}") from None
+        parsed.update(parse_pairs(item, "--federation-config"))
     merged = {**default_federation(config), **parsed}
     try:  # the same check `flwr run` makes, but before anything starts
         simulation_config_from_json({k.replace("-", "_"): v for k, v in merged.items()})
     except (ValueError, TypeError) as err:
         raise RunConfigError(f"--federation-config: {_one_line(str(err))}") from None
+    check_federation(config, merged)
     return merged
+
+
+def check_federation(config: dict[str, Any], federation: dict[str, Any]) -> None:
+    """Simulation settings Flower accepts but this run cannot use: a SuperNode count other
+    than ``num-clients`` (the ServerApp waits for one SuperNode per client), fewer than one
+    CPU per ClientApp (Ray divides by it) or a negative GPU share."""
+    clients, nodes = config.get("num-clients"), federation.get("num-supernodes")
+    if isinstance(clients, int) and nodes is not None and nodes != clients:
+        raise RunConfigError(f"--federation-config: num-supernodes={nodes} differs from the run "
+                             f"config's num-clients={clients}; they must be equal (leave "
+                             "num-supernodes out to get that)")
+    cpus = federation.get("client-resources-num-cpus", 1)
+    if cpus < 1:
+        raise RunConfigError("--federation-config: client-resources-num-cpus must be at "
+                             f"least 1, got {cpus}")
+    gpus = federation.get("client-resources-num-gpus", 0)
+    if gpus < 0:
+        raise RunConfigError("--federation-config: client-resources-num-gpus must be 0 or "
+                             f"more, got {gpus}")
 
 
 def toml_value(value: Any) -> str:
@@ -407,170 +524,164 @@ def _free_port() -> int:
 
 
 def write_flower_config(flwr_home: Path, port: int) -> Path:
-    """A private ``$FLWR_HOME/config.toml`` whose default connection is our SuperLink."""
-    path = flwr_home / "config.toml"
-    path.write_text(
-        "[superlink]\n"
-        f'default = "{CONNECTION}"\n\n'
-        f"[superlink.{CONNECTION}]\n"
-        f'address = "127.0.0.1:{port}"\n'
-        "insecure = true\n",
-        encoding="utf-8",
+    """A private ``$FLWR_HOME/config.toml`` whose default connection is our SuperLink,
+    serialized with Flower's own helpers (so ``flwr`` reads it back as it wrote it)."""
+    import tomli_w
+    from flwr.cli.flower_config import (
+        FLOWER_CONFIG_FILE,
+        SuperLinkConnection,
+        SuperLinkConnectionTomlKey,
+        serialize_superlink_connection,
     )
+
+    connection = SuperLinkConnection(CONNECTION, address=f"127.0.0.1:{port}", insecure=True)
+    config = {SuperLinkConnectionTomlKey.SUPERLINK: {
+        SuperLinkConnectionTomlKey.DEFAULT: CONNECTION,
+        CONNECTION: serialize_superlink_connection(connection),
+    }}
+    path = flwr_home / FLOWER_CONFIG_FILE
+    path.write_text(tomli_w.dumps(config), encoding="utf-8")
     return path
 
 
-def _proc_stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, pgid, start time) of a live process from /proc; None if gone or a zombie."""
+def _running(process: psutil.Process) -> bool:
+    """Whether ``process`` still runs: same pid *and* start time (psutil compares both, so a
+    reused pid is not ours), and not a zombie."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[1]), int(fields[2]), fields[19]
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
-            table[int(entry)] = stat
-    return table
-
-
-class _ProcessTree:
-    """Remembers every process below some roots (and their process groups), on Linux.
-
-    The SuperLink starts SuperExec in a new session, SuperExec starts flwr-simulation,
-    which starts Ray (gcs_server, raylet, agents, workers) in SuperExec's process group.
-    A dead parent's children are re-parented, so the tree is recorded while it is intact
-    (``snapshot`` every 0.5 s) and the process groups catch what was started in between.
-    The launcher's own process group is never included.
-    """
-
-    def __init__(self) -> None:
-        self.roots: list[int] = []
-        self.known: dict[int, str] = {}  # pid -> start time (guards against pid reuse)
-        self.groups: set[int] = set()
-        self.enabled = sys.platform.startswith("linux") and Path("/proc/self/stat").exists()
-        self._lock = threading.Lock()
-
-    def add_root(self, pid: int) -> None:
-        with self._lock:
-            self.roots.append(pid)
-        self.snapshot()
-
-    def snapshot(self) -> bool:
-        """Record the current tree; True if something new was seen."""
-        if not self.enabled:
-            return False
-        table = _proc_table()
-        children: dict[int, list[int]] = collections.defaultdict(list)
-        for pid, (ppid, _pgid, _start) in table.items():
-            children[ppid].append(pid)
-        with self._lock:
-            before = (len(self.known), len(self.groups))
-            stack = [pid for pid in self.roots if pid in table]
-            while stack:
-                pid = stack.pop()
-                self.known[pid] = table[pid][2]
-                self.groups.add(table[pid][1])
-                stack.extend(children.get(pid, ()))
-            self.groups.discard(os.getpgrp())
-            return (len(self.known), len(self.groups)) != before
-
-    def state(self) -> str:
-        with self._lock:
-            return json.dumps({"pids": {str(k): v for k, v in self.known.items()},
-                               "groups": sorted(self.groups)})  # fmt: skip
-
-    def alive(self) -> list[int]:
-        """Known processes still running, plus anything else in their process groups."""
-        if not self.enabled:
-            return []
-        with self._lock:
-            known, groups = dict(self.known), set(self.groups)
-        return [
-            pid
-            for pid, (_ppid, pgid, start) in _proc_table().items()
-            if pid != os.getpid() and (known.get(pid) == start or pgid in groups)
-        ]
-
-
-def _signal_all(pids: Sequence[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def _wait_gone(tree: _ProcessTree, timeout: float) -> list[int]:
+def _wait_gone(processes: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of ``processes`` still running after up to ``timeout`` seconds. A zombie counts
+    as gone: psutil.wait_procs waits until another process's zombie is reaped, which for
+    Ray's processes took the whole timeout (measured)."""
     deadline = time.monotonic() + timeout
-    while True:
-        alive = tree.alive()
-        if not alive or time.monotonic() >= deadline:
-            return alive
+    while (left := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
         time.sleep(0.1)
+    return left
 
 
-def _terminate_tree(tree: _ProcessTree, grace: float = STOP_GRACE) -> None:
-    """SIGTERM what is left of the tree, then SIGKILL (Ray's agents ignore SIGTERM)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        left = tree.alive()
-        if not left:
-            return
-        _signal_all(left, sig)
-        _wait_gone(tree, grace)
+def stop_processes(processes: Sequence[psutil.Process], grace: float = STOP_GRACE) -> None:
+    """SIGTERM ``processes``, then SIGKILL those still running after ``grace`` seconds (Ray's
+    agents ignore SIGTERM). psutil refuses to signal a pid that now belongs to another
+    process, so only these very processes are hit."""
+    for send in (psutil.Process.terminate, psutil.Process.kill):
+        left = [process for process in processes if _running(process)]
+        for process in left:
+            with contextlib.suppress(psutil.Error):
+                send(process)
+        processes = _wait_gone(left, grace)
 
 
-# Runs in its own session and reads the tree's state from a pipe. If the pipe closes
-# without "done" (the launcher was killed, e.g. SIGKILL by a test timeout), it stops the
-# processes the launcher last reported (and removes the private FLWR_HOME), so nothing
-# of the run is left behind.
-_WATCHDOG = r"""
-import json, os, shutil, signal, sys, time
-def stat(pid):
-    try:
-        raw = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return None
-    f = raw[raw.rfind(")") + 2:].split()
-    return None if f[0] in ("Z", "X") else (int(f[2]), f[19])
-def alive(state):
+def _recorded(line: str) -> list[psutil.Process]:
+    """The processes of a ``[[pid, start time], ...]`` JSON line that still run with that
+    start time (a reused pid is another process)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            s = stat(int(entry))
-            if s and (state["pids"].get(entry) == s[1] or s[0] in state["groups"]):
-                found.append(int(entry))
+    for pid, started in json.loads(line):
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            if process.create_time() == started:
+                found.append(process)
     return found
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-state = {"pids": {}, "groups": []}
-for line in sys.stdin:
-    if line.strip() == "done":
-        sys.exit(0)
-    state = json.loads(line)
-for sig in (signal.SIGTERM, signal.SIGKILL):
-    for pid in alive(state):
+
+
+def watchdog_main(flwr_homes: Sequence[str]) -> None:
+    """The watchdog process (``python -m reefl.launcher [FLWR_HOME]``; see ``_Watchdog``).
+
+    Reads the processes to watch (``_recorded`` lines) and records every process below them
+    every 0.5 s, while the tree is intact: SuperExec runs in a new session, and a dead
+    parent's children (Ray's) are re-parented out of the tree. On "stop", or when its input
+    closes because the launcher died (e.g. SIGKILLed), it stops them all: SIGTERM to the
+    watched ones (the SuperLink ends SuperExec, whose children follow and shut Ray down),
+    CASCADE_GRACE for the rest to follow, then SIGTERM and SIGKILL to what is left; after
+    the launcher's death it also removes the private FLWR_HOME.
+    """
+    roots: list[psutil.Process] = []
+    known: set[psutil.Process] = set()
+    ended, asked = threading.Event(), threading.Event()
+
+    def read() -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                asked.set()
+                break
+            roots.extend(_recorded(line))
+        ended.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    print("ready", flush=True)
+    while True:
+        for root in [root for root in roots if _running(root)]:
+            with contextlib.suppress(psutil.Error):
+                known.update([root, *root.children(recursive=True)])
+        if ended.wait(0.5):
+            break
+    stop_processes(roots)
+    _wait_gone(list(known), CASCADE_GRACE)
+    stop_processes(list(known))
+    if not asked.is_set():
+        for home in flwr_homes:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+class _Watchdog:
+    """The launcher's end of ``watchdog_main``: a process in its own session (so neither
+    Ctrl-C nor the launcher's death reaches it) that stops the processes it watches, and all
+    they start, on ``stop()`` or as soon as the launcher dies."""
+
+    def __init__(self, flwr_home: Path | None) -> None:
+        self.process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "reefl.launcher", *([str(flwr_home)] if flwr_home else [])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.process.stdout is not None
+        if self.process.stdout.readline() != "ready\n":
+            raise LaunchError("the process watchdog (python -m reefl.launcher) did not start")
+
+    def watch(self, pid: int) -> None:
+        """Watch ``pid``: a child of ours, not reaped yet, so its pid is not reused."""
+        with contextlib.suppress(OSError, ValueError):
+            assert self.process.stdin is not None
+            self.process.stdin.write(json.dumps([[pid, psutil.Process(pid).create_time()]]))
+            self.process.stdin.write("\n")
+            self.process.stdin.flush()
+
+    def stop(self) -> None:
+        """Stop every watched process now; return once they are stopped."""
+        with contextlib.suppress(OSError, ValueError):
+            assert self.process.stdin is not None
+            self.process.stdin.write("stop\n")
         try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-    deadline = time.monotonic() + 5
-    while alive(state) and time.monotonic() < deadline:
-        time.sleep(0.1)
-if len(sys.argv) > 1:
-    shutil.rmtree(sys.argv[1], ignore_errors=True)
-"""
+            self.process.communicate(timeout=CASCADE_GRACE + 2 * STOP_GRACE + 10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _stop_process(process: subprocess.Popen[Any]) -> None:
+    """Stop and reap a child of ours (Popen checks it was not reaped already, so its pid
+    still is this process)."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 class LocalSuperLink:
     """A ``flower-superlink --simulation`` of our own, on a free port, with a private
     FLWR_HOME; ``stop()`` ends it and every process it started.
 
-    Use as a context manager. ``adopt(pid)`` adds another process (the ``flwr run``
-    client) to what is watched and stopped.
+    Use as a context manager. ``adopt(process)`` adds another child process (the ``flwr
+    run`` client) to what is stopped with it.
     """
 
     def __init__(self, flwr_home: Path, cwd: Path, log_path: Path, owns_home: bool = True) -> None:
@@ -581,11 +692,9 @@ class LocalSuperLink:
         self.bin_dir = _flower_bin_dir()
         self.env = flower_env(flwr_home, self.bin_dir)
         self.process: subprocess.Popen[bytes] | None = None
-        self.tree = _ProcessTree()
         self.port = 0
-        self._watch_stop = threading.Event()
-        self._watcher: threading.Thread | None = None
-        self._watchdog: subprocess.Popen[str] | None = None
+        self._children: list[subprocess.Popen[Any]] = []
+        self._watchdog: _Watchdog | None = None
 
     def __enter__(self) -> LocalSuperLink:
         self.start()
@@ -608,8 +717,9 @@ class LocalSuperLink:
         return found
 
     def start(self, attempts: int = 3) -> None:
-        for attempt in range(attempts):
-            self._start_watchdog()
+        """Start the watchdog and the SuperLink (on another free port if it does not come
+        up); LaunchError, with everything stopped, if it never does."""
+        for _ in range(attempts):
             self.port = _free_port()
             command = self.command(self.port)
             write_flower_config(self.flwr_home, self.port)
@@ -623,39 +733,19 @@ class LocalSuperLink:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # Ctrl-C reaches only us; we stop it in order
                 )
-            self.adopt(self.process.pid)
-            self._start_watcher()
+            self.adopt(self.process)
             if self._wait_healthy():
                 return
             self.stop()
-            if attempt == attempts - 1:
-                raise LaunchError(
-                    f"flower-superlink did not start: {_tail(self.log_path, 1) or 'no output'}"
-                )
+        last = _tail(self.log_path, 1) or "no output"
+        raise LaunchError(f"flower-superlink did not start: {last}")
 
-    def adopt(self, pid: int) -> None:
-        self.tree.add_root(pid)
-        self._report()
-
-    def _start_watchdog(self) -> None:
-        if not self.tree.enabled or self._watchdog is not None:
-            return
-        self._watchdog = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-c", _WATCHDOG, *([str(self.flwr_home)] if self.owns_home else [])],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
-
-    def _report(self, message: str | None = None) -> None:
-        """Send the tree's state (or "done") to the watchdog."""
-        if self._watchdog is None or self._watchdog.stdin is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            self._watchdog.stdin.write((message or self.tree.state()) + "\n")
-            self._watchdog.stdin.flush()
+    def adopt(self, process: subprocess.Popen[Any]) -> None:
+        """Stop ``process`` (a child of ours), and all it starts, with the SuperLink."""
+        if self._watchdog is None:
+            self._watchdog = _Watchdog(self.flwr_home if self.owns_home else None)
+        self._children.append(process)
+        self._watchdog.watch(process.pid)
 
     def _wait_healthy(self) -> bool:
         import httpx
@@ -672,48 +762,15 @@ class LocalSuperLink:
             time.sleep(0.1)
         return False
 
-    def _start_watcher(self) -> None:
-        if self._watcher is not None:
-            return
-        self._watch_stop.clear()
-
-        def watch() -> None:
-            while not self._watch_stop.wait(0.5):
-                if self.tree.snapshot():
-                    self._report()
-
-        self._watcher = threading.Thread(target=watch, name="reefl-superlink-watch", daemon=True)
-        self._watcher.start()
-
     def stop(self) -> None:
-        """SIGTERM the SuperLink (it terminates SuperExec, whose children follow their
-        parent), then SIGTERM and finally SIGKILL whatever of the tree is left."""
-        self._watch_stop.set()
-        if self._watcher is not None:
-            self._watcher.join()
-            self._watcher = None
-        if self.tree.snapshot():
-            self._report()
-        process = self.process
-        if process is not None:
-            _stop_process(process)
-            _wait_gone(self.tree, CASCADE_GRACE)  # flwr-simulation shuts Ray down
-            _terminate_tree(self.tree)  # e.g. Ray processes of an interrupted run
-            if not self.tree.enabled:  # no /proc: at least the SuperLink's group
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signal.SIGKILL)
-            self.process = None
+        """Have the watchdog stop every process of the run, then reap our own children
+        (stopping them here, should the watchdog have failed)."""
         if self._watchdog is not None:
-            self._report("done")
-            with contextlib.suppress(OSError, ValueError):
-                assert self._watchdog.stdin is not None
-                self._watchdog.stdin.close()
-            try:
-                self._watchdog.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self._watchdog.kill()
-                self._watchdog.wait()
+            self._watchdog.stop()
             self._watchdog = None
+        for child in self._children:
+            _stop_process(child)
+        self._children.clear()
 
 
 @contextlib.contextmanager
@@ -760,29 +817,74 @@ def run_app(
     app_dir: Path | None = None,
     federation_overrides: Sequence[str] = (),
     quiet: bool = False,
+    resume: Path | str | None = None,
 ) -> Path:
     """Run the Flower app once in a local simulation; return the run folder.
 
+    With ``resume`` (a run folder; no ``overrides`` then) the run in that folder is
+    continued from its checkpoint (``prepare_resume``), or, if it already finished, its
+    table is printed and nothing is started.
+
     Raises RunConfigError (before anything starts) for a bad config, RunFailed if the run
-    did not write ``final.json``, LaunchError if Flower could not be started. Ctrl-C
-    (KeyboardInterrupt) propagates after every started process has been stopped.
+    did not write a final.json of its config (``run_failure``), LaunchError if Flower could
+    not be started. Ctrl-C gives RunInterrupted once every started process is stopped.
     """
-    prepared = prepare_run(overrides, app_dir, federation_overrides)
+    if resume is None:
+        prepared = prepare_run(overrides, app_dir, federation_overrides)
+    else:
+        prepared = _prepare_resumable(overrides, resume, app_dir, federation_overrides)
+        if finished_final(prepared.run_dir, prepared.digest) is not None:
+            _say(f"run {prepared.run_dir} has already finished", quiet)
+            _print_final(prepared, quiet)
+            return prepared.run_dir
     run_dir = prepared.run_dir
     _say(f"run folder {run_dir}", quiet)
-    if _is_reefl_app(prepared.app_dir) and prepared.config.get("dataset") != "embedded-mnist":
-        _prepare_data(prepared.config, quiet)  # the bundled digits need no decoding or check
-    _fetch_checkpoint(prepared.config, quiet)
-    _say(
-        f"app {prepared.app_dir}; simulation {federation_arg(prepared.federation)}",
-        quiet,
-    )
+    check_output_dir(run_dir.parent)
+    if _is_reefl_app(prepared.app_dir):
+        _check_pretrained(prepared.config, quiet)
+        if prepared.config.get("dataset") != "embedded-mnist":
+            _prepare_data(prepared.config, quiet)  # the bundled digits need no decoding or check
+    _say(f"app {prepared.app_dir}; simulation {federation_arg(prepared.federation)}", quiet)
     started = time.time()
+    try:
+        returncode, output, superlink_log = _run_flower(prepared, quiet)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir) from None
+    reason = run_failure(prepared, returncode, started)
+    if reason is not None:
+        if quiet:
+            sys.stderr.write(output)
+        if superlink_log and returncode != 0:
+            sys.stderr.write(f"--- flower-superlink output (last lines) ---\n{superlink_log}\n")
+        raise RunFailed(f"run failed ({reason}); run folder {run_dir}", run_dir)
+    _print_final(prepared, quiet)
+    _say(f"run folder {run_dir}", quiet)
+    return run_dir
+
+
+def _prepare_resumable(overrides: Sequence[str], run_dir: Path | str, app_dir: Path | None,
+                       federation_overrides: Sequence[str]) -> PreparedRun:
+    """``prepare_resume``, after checking that no other run config was asked for, and that
+    the folder can be continued: it finished, or it has a checkpoint."""
+    if any(overrides):
+        raise RunConfigError("--resume runs the folder's own config.json; --run-config and "
+                             "--preset cannot be given with it (--federation-config can)")
+    prepared = prepare_resume(run_dir, app_dir, federation_overrides)
+    if finished_final(prepared.run_dir, prepared.digest) is None and not (
+            prepared.run_dir / CHECKPOINT_FILE).is_file():
+        raise RunConfigError(f"--resume: {prepared.run_dir} has no {CHECKPOINT_FILE} (no "
+                             "round was saved), so there is nothing to resume")
+    return prepared
+
+
+def _run_flower(prepared: PreparedRun, quiet: bool) -> tuple[int, str, str]:
+    """Start a private SuperLink, run ``flwr run`` against it (its log streamed unless
+    ``quiet``) and stop every process again, also when interrupted. Returns flwr run's exit
+    code, the last lines of its output and of the SuperLink's log."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
     with tempfile.TemporaryDirectory(prefix="reefl-flwr-") as tmp:
         home = Path(tmp)
         superlink = LocalSuperLink(home, Path.cwd(), home / "superlink.log")
-        flwr_process: subprocess.Popen[str] | None = None
         try:
             superlink.start()
             command = flwr_run_command(
@@ -803,7 +905,7 @@ def run_app(
                 errors="replace",
                 bufsize=1,
             )
-            superlink.adopt(flwr_process.pid)
+            superlink.adopt(flwr_process)
             assert flwr_process.stdout is not None
             for line in flwr_process.stdout:
                 tail.append(line)
@@ -815,24 +917,60 @@ def run_app(
             if not quiet:
                 print("reefl: stopping Flower processes...", file=sys.stderr, flush=True)
             with _no_sigint():
-                _stop_process(flwr_process)
                 superlink.stop()
             raise
         with _no_sigint():
             superlink.stop()
-            superlink_log = _tail(superlink.log_path, 40)
-    final = run_dir / "final.json"
-    if returncode != 0 or not final.is_file() or final.stat().st_mtime < started - 1:
-        if quiet:
-            sys.stderr.write("".join(tail))
-        if superlink_log and returncode != 0:
-            sys.stderr.write(f"--- flower-superlink output (last lines) ---\n{superlink_log}\n")
-        reason = f"flwr run exited with {returncode}" if returncode else "no final.json written"
-        raise RunFailed(f"run failed ({reason}); run folder {run_dir}", run_dir)
-    if not quiet:
-        print(_final_table(prepared.app_dir, final), flush=True)
-        _say(f"run folder {run_dir}", quiet)
-    return run_dir
+        return returncode, "".join(tail), _tail(superlink.log_path, 40)
+
+
+def run_failure(prepared: PreparedRun, returncode: int, started: float) -> str | None:
+    """Why the run failed, or None. ``flwr run`` may exit 0 although the ServerApp failed,
+    so success is also a final.json written after ``started`` (time.time()) whose
+    ``config_digest``, once the ServerApp writes one, is that of the config sent."""
+    if returncode != 0:
+        return f"flwr run exited with {returncode}"
+    path = prepared.run_dir / "final.json"
+    try:
+        written = path.stat().st_mtime
+        final = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "no final.json written"
+    except (OSError, ValueError) as err:
+        return f"final.json unreadable: {_one_line(str(err))}"
+    if written < started - 1:
+        return "no final.json written by this run"
+    digest = final.get("config_digest") if isinstance(final, dict) else None
+    if digest is not None and digest != prepared.digest:
+        return f"final.json has config_digest {digest}, not {prepared.digest} of this run's config"
+    return None
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, raised once every Flower process is stopped; ``hint`` says how
+    the run can go on."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+    def hint(self) -> str:
+        if (self.run_dir / CHECKPOINT_FILE).is_file():
+            return f"continue it with `reefl run --resume {self.run_dir}`"
+        return f"no round was saved in {self.run_dir}, so it cannot be resumed"
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` and write (then remove) a probe file in it, so that a folder the
+    run cannot write stops it with one line before Flower starts, not at the end."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".reefl-probe-") as probe:
+            probe.write(b"ok")
+            probe.flush()
+    except OSError as err:
+        raise RunConfigError(f"output-dir '{output_dir}' cannot be written: "
+                             f"{err.strerror or err}") from None
 
 
 def _prepare_data(config: dict[str, Any], quiet: bool) -> None:
@@ -854,41 +992,37 @@ def _prepare_data(config: dict[str, Any], quiet: bool) -> None:
          f"{len(data.test_indices)} test examples ({time.monotonic() - started:.1f} s)", quiet)
 
 
-def _fetch_checkpoint(config: dict[str, Any], quiet: bool) -> None:
-    """Download a checkpoint named by ``pretrained`` (official/timm) into the cache now, with
-    a progress bar, so the Flower processes find it there instead of all fetching it."""
-    from reefl.config import PRETRAINED_SOURCES
-
-    if config.get("pretrained") not in PRETRAINED_SOURCES:
+def _check_pretrained(config: dict[str, Any], quiet: bool) -> None:
+    """The checkpoint of ``pretrained``, now: a named one (official/timm) downloaded into the
+    cache with a progress bar, so the Flower processes find it there instead of all fetching
+    it; and its header read (``check_checkpoint_file``), so that a file that is no checkpoint
+    stops the run with one line instead of a traceback in the middle of it."""
+    pretrained = str(config.get("pretrained") or "")
+    if not pretrained:
         return
-    from reefl.models.pretrained import CheckpointError, resolve_checkpoint
+    from reefl.config import PRETRAINED_SOURCES
+    from reefl.models.pretrained import CheckpointError, check_checkpoint_file, resolve_checkpoint
 
     try:
-        path = resolve_checkpoint(str(config["pretrained"]), str(config["model"]))
+        path = resolve_checkpoint(pretrained, str(config["model"]))
+        check_checkpoint_file(path)
     except (CheckpointError, OSError) as err:  # e.g. no network
         raise RunConfigError(_one_line(f"pretrained: {err}")) from None
-    _say(f"pretrained checkpoint {path}", quiet)
+    if pretrained in PRETRAINED_SOURCES:
+        _say(f"pretrained checkpoint {path}", quiet)
 
 
-def _stop_process(process: subprocess.Popen[str] | None) -> None:
-    if process is None or process.poll() is not None:
+def _print_final(prepared: PreparedRun, quiet: bool) -> None:
+    """reefl's per-exit table of final.json, or the raw JSON for another app."""
+    if quiet:
         return
-    process.terminate()
-    try:
-        process.wait(STOP_GRACE)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _final_table(app_dir: Path, final_path: Path) -> str:
-    """reefl's per-exit table, or the raw JSON for another app."""
-    final = json.loads(final_path.read_text())
-    if _is_reefl_app(app_dir):
+    final = json.loads((prepared.run_dir / "final.json").read_text())
+    if _is_reefl_app(prepared.app_dir):
         from reefl.report import format_final_table
 
-        return format_final_table(final)
-    return json.dumps(final, indent=2)
+        print(format_final_table(final), flush=True)
+    else:
+        print(json.dumps(final, indent=2), flush=True)
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -901,3 +1035,7 @@ def _tail(path: Path, lines: int) -> str:
 
 def _one_line(message: str) -> str:
     return " ".join(str(message).split())
+
+
+if __name__ == "__main__":
+    watchdog_main(sys.argv[1:])

