@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Error, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from safetensors.torch import load_file
 
 from reefl.config import RunConfig
@@ -89,6 +90,15 @@ def _raise(reply: Message) -> Message:
     raise RuntimeError("out of memory (injected)")
 
 
+def _superlink_error(reply: Message) -> Message:
+    """What the SuperLink delivers when the node went offline: an error reply to the
+    message, sent by the SuperLink (node id 1), not by the node."""
+    error = Message(Error(code=1, reason="node went offline (injected)"), reply_to=reply)
+    error.metadata.__dict__["_reply_to_message_id"] = reply.metadata.reply_to_message_id
+    error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    return error
+
+
 def _nan_metric(reply: Message) -> Message:
     metrics = dict(reply.content["metrics"])
     metrics["train-loss"] = float("nan")
@@ -100,6 +110,7 @@ SPOILERS: dict[str, tuple[Callable[[Message], Message | None], str, str]] = {
     # name: (what the bad client does, where it is recorded, words of the reason)
     "raises": (_raise, "failed", "out of memory"),
     "times-out": (lambda reply: None, "failed", "no reply within round-timeout"),
+    "node-gone": (_superlink_error, "failed", "SuperLink error: node went offline"),
     "nan": (lambda r: _set_tensor(r, _nan), "rejected", "non-finite"),
     "inf": (lambda r: _set_tensor(r, _inf), "rejected", "non-finite"),
     "wrong-shape": (lambda r: _set_tensor(r, _shape), "rejected", "has shape"),

@@ -35,6 +35,7 @@ class SentTo:
     tier: int
     max_examples: int
     payload: Tensors
+    message_id: str = ""  # set once sent: what the reply's reply_to_message_id names
 
 
 @dataclass

@@ -5,12 +5,13 @@ server update."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -173,6 +174,20 @@ def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
         return []
 
 
+def _addressee(reply: Message, by_message: dict[str, SentTo], by_node: dict[int, SentTo]
+               ) -> SentTo | None:
+    """Whom a reply answers: the message it replies to (by id; by sender when ids are not
+    set), and only if it comes from that message's node, or is an error reply the SuperLink
+    sent in the node's stead (e.g. the node went offline). None for anything else."""
+    sender = reply.metadata.src_node_id
+    target = by_message.get(reply.metadata.reply_to_message_id)
+    if target is None:
+        return None if by_message else by_node.get(sender)
+    if sender == target.node_id or (sender == SUPERLINK_NODE_ID and reply.has_error()):
+        return target
+    return None
+
+
 class TieredStrategy:
     """One training round of a tiered method: sample partition ids, send each sampled
     client its tier's trainable parameters (and its state kept on the server), check every
@@ -226,10 +241,11 @@ class TieredStrategy:
         """The new global state from the usable replies, or None when no reply survived
         (the model is unchanged and the log says so)."""
         self.last_train_metrics = {}
+        by_message = {s.message_id: s for s in sent.values() if s.message_id}
         by_node = {s.node_id: s for s in sent.values()}
         updates, states = [], {}
         for reply in replies:
-            target = by_node.get(reply.metadata.src_node_id)
+            target = _addressee(reply, by_message, by_node)
             if target is None:
                 node = reply.metadata.src_node_id
                 record.refused[node] = "sent a reply it was not asked for; ignored"
@@ -240,7 +256,8 @@ class TieredStrategy:
             if pid in record.used or pid in record.rejected or pid in record.failed:
                 continue  # a second reply for the same message
             if reply.has_error():
-                record.failed[pid] = f"client error: {' '.join(reply.error.reason.split())}"
+                who = "SuperLink" if reply.metadata.src_node_id != target.node_id else "client"
+                record.failed[pid] = f"{who} error: {' '.join(reply.error.reason.split())}"
                 continue
             try:
                 update, state = checked_update(reply, target, self.method.keeps_client_state)
@@ -277,6 +294,8 @@ class TieredStrategy:
                 grid, online, self.cfg.roll_call_timeout)
         messages, sent = self.configure_train(server_round, global_state, online, record)
         replies = _send(grid, messages, self.cfg.round_timeout)
+        sent = {pid: replace(target, message_id=message.metadata.message_id)
+                for message, (pid, target) in zip(messages, sent.items(), strict=True)}
         return self.aggregate_train(server_round, global_state, replies, sent, record)
 
     def summary(self) -> None:
