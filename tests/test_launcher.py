@@ -254,7 +254,7 @@ def test_private_flower_config_is_read_by_flwr(
 ) -> None:
     from flwr.cli.flower_config import read_superlink_connection
 
-    launcher.write_flower_config(tmp_path, 40123)
+    launcher.write_flower_config(tmp_path, "127.0.0.1:40123")
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     connection = read_superlink_connection(None)
     assert connection.name == launcher.CONNECTION
@@ -452,7 +452,7 @@ def test_toy_app_smoke(
     assert "round 2: 2 replies" in out  # the ServerApp's log was streamed
     assert out.count(f"reefl: run folder {run_dir}") == 2
     assert len(trees[0]) >= 2  # the SuperLink and what it started (SuperExec...)
-    assert not any(launcher._running(p) for tree in trees for p in tree)  # nothing left
+    assert not any(launcher.still_running(p) for tree in trees for p in tree)  # nothing left
 
 
 def test_a_named_checkpoint_is_fetched_before_flower_starts(

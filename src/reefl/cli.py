@@ -60,11 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
              "is printed",
     )  # fmt: skip
     run.add_argument("--quiet", "-q", action="store_true", help="do not stream the logs")
+    _add_deploy(commands)
     _add_compare(commands)
     _add_costs(commands)
     _add_data(commands)
     _add_pretrain(commands)
     return parser
+
+
+def _add_deploy(commands: argparse._SubParsersAction) -> None:
+    from reefl.deploy import add_deploy_parser
+
+    deploy = add_deploy_parser(commands)
+    _add_app_option(deploy)
+    _add_run_config_option(deploy, RUN_CONFIG_HELP)
 
 
 def _add_data(commands: argparse._SubParsersAction) -> None:
@@ -341,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _sigterm_as_exit():
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "deploy":
+            from reefl.deploy import cmd_deploy
+
+            return cmd_deploy(args)
         if args.command == "compare":
             return cmd_compare(args)
         if args.command == "costs":

@@ -517,15 +517,18 @@ def _flower_bin_dir() -> Path | None:
     return bin_dir if (bin_dir / exe).exists() else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def write_flower_config(flwr_home: Path, port: int) -> Path:
-    """A private ``$FLWR_HOME/config.toml`` whose default connection is our SuperLink,
-    serialized with Flower's own helpers (so ``flwr`` reads it back as it wrote it)."""
+def write_flower_config(flwr_home: Path, address: str, connection_name: str = CONNECTION,
+                        root_certificates: Path | None = None) -> Path:
+    """A private ``$FLWR_HOME/config.toml`` whose default connection is our SuperLink at
+    ``address``: TLS trusting ``root_certificates`` if given, else insecure. Serialized with
+    Flower's own helpers, so ``flwr`` reads it back as it wrote it."""
     import tomli_w
     from flwr.cli.flower_config import (
         FLOWER_CONFIG_FILE,
@@ -534,17 +537,22 @@ def write_flower_config(flwr_home: Path, port: int) -> Path:
         serialize_superlink_connection,
     )
 
-    connection = SuperLinkConnection(CONNECTION, address=f"127.0.0.1:{port}", insecure=True)
+    if root_certificates is None:
+        connection = SuperLinkConnection(connection_name, address=address, insecure=True)
+    else:
+        connection = SuperLinkConnection(connection_name, address=address,
+                                         root_certificates=str(root_certificates))
     config = {SuperLinkConnectionTomlKey.SUPERLINK: {
-        SuperLinkConnectionTomlKey.DEFAULT: CONNECTION,
-        CONNECTION: serialize_superlink_connection(connection),
+        SuperLinkConnectionTomlKey.DEFAULT: connection_name,
+        connection_name: serialize_superlink_connection(connection),
     }}
+    flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / FLOWER_CONFIG_FILE
     path.write_text(tomli_w.dumps(config), encoding="utf-8")
     return path
 
 
-def _running(process: psutil.Process) -> bool:
+def still_running(process: psutil.Process) -> bool:
     """Whether ``process`` still runs: same pid *and* start time (psutil compares both, so a
     reused pid is not ours), and not a zombie."""
     try:
@@ -558,17 +566,21 @@ def _wait_gone(processes: Sequence[psutil.Process], timeout: float) -> list[psut
     as gone: psutil.wait_procs waits until another process's zombie is reaped, which for
     Ray's processes took the whole timeout (measured)."""
     deadline = time.monotonic() + timeout
-    while (left := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
+    while (left := [p for p in processes if still_running(p)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
 
 
-def stop_processes(processes: Sequence[psutil.Process], grace: float = STOP_GRACE) -> None:
+def stop_processes(processes: Sequence[psutil.Process], grace: float = STOP_GRACE,
+                   kill_first: bool = False) -> None:
     """SIGTERM ``processes``, then SIGKILL those still running after ``grace`` seconds (Ray's
-    agents ignore SIGTERM). psutil refuses to signal a pid that now belongs to another
-    process, so only these very processes are hit."""
-    for send in (psutil.Process.terminate, psutil.Process.kill):
-        left = [process for process in processes if _running(process)]
+    agents ignore SIGTERM); SIGKILL alone with ``kill_first`` (as a crash would end them).
+    psutil refuses to signal a pid that now belongs to another process, so only these very
+    processes are hit."""
+    sends = (psutil.Process.kill,) if kill_first else (psutil.Process.terminate,
+                                                       psutil.Process.kill)
+    for send in sends:
+        left = [process for process in processes if still_running(process)]
         for process in left:
             with contextlib.suppress(psutil.Error):
                 send(process)
@@ -613,7 +625,7 @@ def watchdog_main(flwr_homes: Sequence[str]) -> None:
     threading.Thread(target=read, daemon=True).start()
     print("ready", flush=True)
     while True:
-        for root in [root for root in roots if _running(root)]:
+        for root in [root for root in roots if still_running(root)]:
             with contextlib.suppress(psutil.Error):
                 known.update([root, *root.children(recursive=True)])
         if ended.wait(0.5):
@@ -720,9 +732,9 @@ class LocalSuperLink:
         """Start the watchdog and the SuperLink (on another free port if it does not come
         up); LaunchError, with everything stopped, if it never does."""
         for _ in range(attempts):
-            self.port = _free_port()
+            self.port = free_port()
             command = self.command(self.port)
-            write_flower_config(self.flwr_home, self.port)
+            write_flower_config(self.flwr_home, f"127.0.0.1:{self.port}")
             with self.log_path.open("ab") as log:
                 self.process = subprocess.Popen(  # noqa: S603
                     command,
@@ -832,7 +844,7 @@ def run_app(
     if resume is None:
         prepared = prepare_run(overrides, app_dir, federation_overrides)
     else:
-        prepared = _prepare_resumable(overrides, resume, app_dir, federation_overrides)
+        prepared = prepare_resumable(overrides, resume, app_dir, federation_overrides)
         if finished_final(prepared.run_dir, prepared.digest) is not None:
             _say(f"run {prepared.run_dir} has already finished", quiet)
             _print_final(prepared, quiet)
@@ -862,8 +874,9 @@ def run_app(
     return run_dir
 
 
-def _prepare_resumable(overrides: Sequence[str], run_dir: Path | str, app_dir: Path | None,
-                       federation_overrides: Sequence[str]) -> PreparedRun:
+def prepare_resumable(overrides: Sequence[str], run_dir: Path | str,
+                      app_dir: Path | str | None = None,
+                      federation_overrides: Sequence[str] = ()) -> PreparedRun:
     """``prepare_resume``, after checking that no other run config was asked for, and that
     the folder can be continued: it finished, or it has a checkpoint."""
     if any(overrides):
