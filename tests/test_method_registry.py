@@ -143,3 +143,22 @@ def test_a_sixth_method_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     first = rounds[0]
     assert first["train-loss"] == pytest.approx(
         0.5 * (first["train-ce-exit0"] + first["train-ce-exit1"]), rel=1e-5)
+
+
+def test_the_config_digest_ignores_other_methods_at_their_defaults() -> None:
+    """SixthMethod is registered in this process only (the ServerApp's process never imports
+    this file): its setting at its default must not change a reefl run's fingerprint, or the
+    launcher and the ServerApp would disagree; a changed value, or a change of the run's
+    own settings, must change it; ``resume`` must not."""
+    from reefl.report import config_digest
+
+    base = RunConfig.from_flat({"method": "reefl"})
+    assert "sixth-ce-scale" in base.to_flat() and "sixth-ce-scale" not in base.identity()
+    assert "kd-temperature" in base.identity()  # reefl's own, at its default
+    same = {config_digest(RunConfig.from_flat({"method": "reefl", **extra}))
+            for extra in ({}, {"resume": True}, {"sixth-ce-scale": 1.0})}
+    assert same == {config_digest(base)}
+    changed = {config_digest(RunConfig.from_flat({"method": "reefl", **extra}))
+               for extra in ({"sixth-ce-scale": 2.0}, {"seed": 1}, {"kd-temperature": 2.0})}
+    assert len(changed) == 3 and config_digest(base) not in changed
+    assert "sixth-ce-scale" in RunConfig.from_flat({"method": SixthMethod.name}).identity()

@@ -57,7 +57,7 @@ def test_a_run_stopped_after_round_2_and_resumed_equals_an_unstopped_run(
     cut = _config(tmp_path, "cut", **extra)
     with pytest.raises(Stop):
         run_local(cut, on_round=_stop_after(2))
-    saved = load_checkpoint(tmp_path / "cut", config_digest(cut.to_flat()))
+    saved = load_checkpoint(tmp_path / "cut", config_digest(cut))
     assert saved.round == 2
     if extra.get("server-update") in ("feddyn", "fedadam"):
         assert saved.server_state  # FedDyn's h, FedAdam's moments, InclusiveFL's momentum
@@ -71,7 +71,7 @@ def test_a_run_stopped_after_round_2_and_resumed_equals_an_unstopped_run(
               for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4]
     final = json.loads((run_dir / "final.json").read_text())
-    assert final["config_digest"] == config_digest(cut.to_flat())
+    assert final["config_digest"] == config_digest(cut)
     assert final["clients"]["sampled"] == 8 and final["clients"]["used"] == 8
 
 
@@ -91,7 +91,7 @@ def test_a_run_stopped_inside_a_round_redoes_that_round(tmp_path: Path) -> None:
 
     with pytest.raises(Stop):
         run_local(cut, LocalGrid(cut, stop_in_round_3))
-    assert load_checkpoint(tmp_path / "cut", config_digest(cut.to_flat())).round == 2
+    assert load_checkpoint(tmp_path / "cut", config_digest(cut)).round == 2
     resumed = run_local(dataclasses.replace(cut, resume=True))
     assert all(torch.equal(_model(resumed)[k], whole[k]) for k in whole)
     assert not list(resumed.glob("*.partial"))
@@ -123,7 +123,7 @@ def test_checkpoint_is_replaced_whole(tmp_path: Path) -> None:
     run_dir = run_local(cfg)
     assert sorted(p.name for p in run_dir.iterdir() if "checkpoint" in p.name) == [
         CHECKPOINT_NAME]
-    saved = load_checkpoint(run_dir, config_digest(cfg.to_flat()))
+    saved = load_checkpoint(run_dir, config_digest(cfg))
     model = _model(run_dir)
     assert saved.round == 2 and all(torch.equal(saved.global_state[k], model[k]) for k in model)
     assert set(saved.partitions) == {0, 1, 2, 3}

@@ -227,6 +227,17 @@ class RunConfig:
                 if k != "method_settings"}
         return {**core, "method-options": "", **dict(self.method_settings)}
 
+    def identity(self) -> dict[str, Any]:
+        """What makes two configs the same run (``report.config_digest``): ``to_flat()``
+        without the settings of other methods that are at their defaults. So a method that
+        one process registered and another never imported (a test's, a plug-in's) does not
+        make the launcher's and the ServerApp's fingerprints differ, while any value that
+        was changed, and every setting of the run's own method, still counts."""
+        own = {s.key for s in method_spec(self.method).settings}
+        owners = _setting_owners()
+        return {k: v for k, v in self.to_flat().items()
+                if k not in owners or k in own or v != owners[k].default}
+
     def __getattr__(self, name: str) -> Any:
         """A method setting by its snake-case name (``cfg.inclusivefl_beta``)."""
         if name.startswith("__"):

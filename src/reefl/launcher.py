@@ -266,7 +266,7 @@ def _validate(merged: dict[str, Any]) -> str:
     from reefl.report import config_digest
 
     try:
-        return config_digest(RunConfig.from_flat(merged).to_flat())
+        return config_digest(RunConfig.from_flat(merged))
     except ConfigError as err:
         raise RunConfigError(_one_line(str(err))) from None
 
@@ -389,15 +389,16 @@ def finished_final(run_dir: Path, digest: str | None) -> dict[str, Any] | None:
 
 def can_resume(run_dir: Path, digest: str | None) -> bool:
     """Whether ``run_dir`` holds a checkpoint of a run whose config.json has ``digest``."""
+    from reefl.config import ConfigError, RunConfig
     from reefl.report import config_digest
 
-    if not (run_dir / CHECKPOINT_FILE).is_file():
+    if digest is None or not (run_dir / CHECKPOINT_FILE).is_file():
         return False
     try:
-        stored = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
+        stored = RunConfig.from_flat(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, TypeError, ConfigError):
         return False
-    return isinstance(stored, dict) and digest is not None and config_digest(stored) == digest
+    return config_digest(stored) == digest
 
 
 # -- federation (simulation) settings -------------------------------------------------------

@@ -10,19 +10,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from reefl.config import RunConfig
+
 
 RUN_CONTROL_KEYS = ("resume",)
 """Run-config keys that say how a run is driven, not what it computes: left out when two
 runs' configs are compared (a resumed run is the same run)."""
 
 
-def config_digest(flat: dict[str, Any]) -> str:
-    """A short fingerprint of a flat run config (``RunConfig.to_flat()``) without the
+def config_digest(cfg: RunConfig) -> str:
+    """A short fingerprint of a run config (``RunConfig.identity``) without the
     ``RUN_CONTROL_KEYS``: equal digests, same run. Written into final.json and the
     checkpoint, so a finished or saved run is only reused or resumed for the same config."""
     import hashlib
 
-    kept = {k: v for k, v in flat.items() if k not in RUN_CONTROL_KEYS}
+    kept = {k: v for k, v in cfg.identity().items() if k not in RUN_CONTROL_KEYS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 

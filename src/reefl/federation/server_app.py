@@ -117,7 +117,7 @@ def run_server(grid: Grid, cfg: RunConfig,
     started = time.monotonic()
     if not cfg.run_name:
         cfg = dataclasses.replace(cfg, run_name=default_run_name(cfg.method, cfg.seed))
-    digest = config_digest(cfg.to_flat())
+    digest = config_digest(cfg)
     data, pipeline, task = run_data(cfg)
     method = build_method(cfg, task)
     try:
