@@ -361,7 +361,7 @@ def test_the_watchdog_stops_a_tree_across_sessions() -> None:
     tree = _tree_of(parent)
     try:
         assert len(launcher._recorded(tree)) == 2
-        watchdog = launcher._Watchdog(None)
+        watchdog = launcher.Watchdog(None)
         watchdog.watch(parent.pid)
         time.sleep(1.5)  # it has seen the child
         watchdog.stop()

@@ -49,6 +49,7 @@ from reefl.launcher import (
     PreparedRun,
     RunConfigError,
     RunFailed,
+    Watchdog,
     finished_final,
     flower_env,
     free_port,
@@ -357,6 +358,7 @@ class LocalDeployment:
         self.superlink: TrackedProcess | None = None
         self.supernodes: list[SuperNode] = []
         self._processes: list[TrackedProcess] = []
+        self._watchdog: Watchdog | None = None  # stops everything should this process die
         self._stop_refresh = threading.Event()
         self._refresher: threading.Thread | None = None
 
@@ -391,6 +393,9 @@ class LocalDeployment:
         """Stop every process this deployment started, then remove a temporary work
         folder."""
         stop_tracked(self._processes)
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         self._stop_refresh.set()
         if self._refresher is not None:
             self._refresher.join()
@@ -413,9 +418,15 @@ class LocalDeployment:
 
     def _spawn(self, name: str, command: list[str], echo: IO[str] | None = None
                ) -> TrackedProcess:
+        """Start ``command`` with its log in the work folder, tracked here (to stop one
+        SuperNode alone) and by the launcher's watchdog (should ``reefl deploy`` itself be
+        killed, the watchdog stops every process and removes a temporary work folder)."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog(self.workdir if self._tmp is not None else None)
         log_path = self.workdir / f"{name}.log"
         process = TrackedProcess(name, command, self.env, self.workdir, log_path, echo)
         self._processes.append(process)
+        self._watchdog.watch(process.pid)
         return process
 
     def _exe(self, name: str) -> str:

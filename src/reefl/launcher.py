@@ -601,7 +601,7 @@ def _recorded(line: str) -> list[psutil.Process]:
 
 
 def watchdog_main(flwr_homes: Sequence[str]) -> None:
-    """The watchdog process (``python -m reefl.launcher [FLWR_HOME]``; see ``_Watchdog``).
+    """The watchdog process (``python -m reefl.launcher [FLWR_HOME]``; see ``Watchdog``).
 
     Reads the processes to watch (``_recorded`` lines) and records every process below them
     every 0.5 s, while the tree is intact: SuperExec runs in a new session, and a dead
@@ -639,7 +639,7 @@ def watchdog_main(flwr_homes: Sequence[str]) -> None:
             shutil.rmtree(home, ignore_errors=True)
 
 
-class _Watchdog:
+class Watchdog:
     """The launcher's end of ``watchdog_main``: a process in its own session (so neither
     Ctrl-C nor the launcher's death reaches it) that stops the processes it watches, and all
     they start, on ``stop()`` or as soon as the launcher dies."""
@@ -707,7 +707,7 @@ class LocalSuperLink:
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self._children: list[subprocess.Popen[Any]] = []
-        self._watchdog: _Watchdog | None = None
+        self._watchdog: Watchdog | None = None
 
     def __enter__(self) -> LocalSuperLink:
         self.start()
@@ -756,7 +756,7 @@ class LocalSuperLink:
     def adopt(self, process: subprocess.Popen[Any]) -> None:
         """Stop ``process`` (a child of ours), and all it starts, with the SuperLink."""
         if self._watchdog is None:
-            self._watchdog = _Watchdog(self.flwr_home if self.owns_home else None)
+            self._watchdog = Watchdog(self.flwr_home if self.owns_home else None)
         self._children.append(process)
         self._watchdog.watch(process.pid)
 
