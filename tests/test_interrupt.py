@@ -114,5 +114,7 @@ def test_sigint_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: P
         str(cut / "model.safetensors"))
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    rounds = [line for line in (cut / "metrics.jsonl").read_text().splitlines() if line]
-    assert [json.loads(line)["round"] for line in rounds] == list(range(1, 11))  # none twice
+    rounds = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == list(range(1, 11))  # none twice
+    # no round was saved with clients missing because they were being stopped
+    assert all(r["clients"]["used"] == [0, 1, 2] for r in rounds), [r["clients"] for r in rounds]

@@ -600,13 +600,28 @@ def _recorded(line: str) -> list[psutil.Process]:
     return found
 
 
+SERVER_APP_HOSTS = ("flwr-simulation", "flwr-serverapp")  # Flower's TaskType commands
+
+
+def _hosts_server_app(process: psutil.Process) -> bool:
+    """Whether ``process`` (one of ours) runs Flower's ServerApp: its command is one of
+    SERVER_APP_HOSTS (as a script, or run by the Python interpreter)."""
+    try:
+        return any(Path(arg).name in SERVER_APP_HOSTS for arg in process.cmdline()[:2])
+    except psutil.Error:
+        return False
+
+
 def watchdog_main(flwr_homes: Sequence[str]) -> None:
     """The watchdog process (``python -m reefl.launcher [FLWR_HOME]``; see ``Watchdog``).
 
     Reads the processes to watch (``_recorded`` lines) and records every process below them
     every 0.5 s, while the tree is intact: SuperExec runs in a new session, and a dead
     parent's children (Ray's) are re-parented out of the tree. On "stop", or when its input
-    closes because the launcher died (e.g. SIGKILLed), it stops them all: SIGTERM to the
+    closes because the launcher died (e.g. SIGKILLed), it stops them all: first SIGKILL to
+    the ServerApp's process, so that a run being stopped cannot save one more round with
+    the clients that are being stopped missing from it (measured: it did, and the resumed
+    run then differed from an unstopped one); then SIGTERM to the
     watched ones (the SuperLink ends SuperExec, whose children follow and shut Ray down),
     CASCADE_GRACE for the rest to follow, then SIGTERM and SIGKILL to what is left; after
     the launcher's death it also removes the private FLWR_HOME.
@@ -631,6 +646,7 @@ def watchdog_main(flwr_homes: Sequence[str]) -> None:
                 known.update([root, *root.children(recursive=True)])
         if ended.wait(0.5):
             break
+    stop_processes([p for p in known if _hosts_server_app(p)], kill_first=True)
     stop_processes(roots)
     _wait_gone(list(known), CASCADE_GRACE)
     stop_processes(list(known))

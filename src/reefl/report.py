@@ -78,7 +78,8 @@ class RunFolder:
     def save_model(self, state: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+        # clone: a state may hold views of one storage (LoRA), which safetensors refuses
+        save_file({k: v.detach().cpu().clone() for k, v in state.items()},
                   str(self.path / "model.safetensors"))
 
 
