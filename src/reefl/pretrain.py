@@ -54,7 +54,7 @@ from reefl.data.loaders import client_loader, test_loader
 from reefl.data.summary import dataset_slug
 from reefl.models.pretrained import load_backbone
 from reefl.models.vit import VisionTransformer, trunc_normal_
-from reefl.training import autocast, cosine_lr
+from reefl.training import autocast, cosine_lr, precision_line
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
 # the run-config keys that decide what is trained, recorded in the JSON beside the checkpoint
@@ -361,7 +361,7 @@ def pretrain(cfg: RunConfig, epochs: int, output: Path | None = None,
         f"width {model.backbone.embed_dim}, {n_params:,} parameters, {pipeline.channels} "
         f"input channels) on {spec.name}: {len(data.client_indices[0])} training examples, "
         f"{len(data.test_indices) or 'no'} test examples, {spec.num_classes} classes, "
-        f"{len(train_batches)} steps per epoch, {device.type}")
+        f"{len(train_batches)} steps per epoch, {device.type}; {precision_line(cfg, device)}")
     history: list[EpochResult] = []
     step = 0
     for epoch in range(1, epochs + 1):

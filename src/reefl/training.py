@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from functools import cache
 
 import torch
 from torch import nn
@@ -29,10 +30,43 @@ def server_learning_rate(server_round: int, cfg: RunConfig) -> float:
     return cosine_lr(server_round, cfg.num_server_rounds, cfg.lr_max, cfg.lr_min)
 
 
+BF16_MIN_EMBED_DIM = 192  # DeiT-Tiny and wider: matmuls large enough for bf16 to pay
+
+
+@cache
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that says so, or a CPU with
+    AVX-512 BF16 or AMX (elsewhere bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolved_precision(cfg: RunConfig, device: torch.device) -> str:
+    """``mixed-precision`` with ``auto`` decided: ``bf16`` for a backbone at least
+    ``BF16_MIN_EMBED_DIM`` wide on a device with native bf16, else ``fp32``. The embedded
+    default (width 64) stays fp32: there bf16 autocast costs more than it saves
+    (``benchmarks/train_step.py``)."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    wide = cfg.backbone["embed_dim"] >= BF16_MIN_EMBED_DIM
+    return "bf16" if wide and bf16_supported(device) else "fp32"
+
+
+def precision_line(cfg: RunConfig, device: torch.device) -> str:
+    """What training and evaluation compute in, and why, for the start of a run's log."""
+    chosen = resolved_precision(cfg, device)
+    why = (f"backbone width {cfg.backbone['embed_dim']}, native bf16 on {device.type}: "
+           f"{'yes' if bf16_supported(device) else 'no'}")
+    return f"precision {chosen} (mixed-precision={cfg.mixed_precision}; {why})"
+
+
 def autocast(cfg: RunConfig, device: torch.device) -> AbstractContextManager:
-    """bf16 autocast when ``mixed-precision = "bf16"``; weights and optimiser stay fp32."""
+    """bf16 autocast when the resolved precision is bf16; weights and optimiser stay fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=cfg.mixed_precision == "bf16")
+                          enabled=resolved_precision(cfg, device) == "bf16")
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: RunConfig, lr: float) -> torch.optim.Optimizer:

