@@ -9,10 +9,16 @@ never half of one. It holds
 * ``global/<name>``: the global model;
 * ``server/<name>``: the method's server state (``Method.server_state``: FedAdam's moments,
   FedDyn's h, InclusiveFL's momentum);
-* ``client/<partition id>/<name>``: the per-client states that live on the server (FedDyn's
-  g_i), which the server sends with each training message;
 * metadata (strings): the format, the round, the config's digest, and JSON for the partition
-  ids seen so far (with tier and size), the last evaluation and the participation totals.
+  ids seen so far (with tier and size), the last evaluation, the participation totals and
+  ``client_rounds``, the index of the per-client states that live on the server (FedDyn's
+  g_i): partition id -> the round whose file in ``<run_dir>/client-states/`` holds its state
+  (``client_store``). The states themselves are files of their own, written when a client
+  returns one, so the checkpoint does not grow with (or rewrite) the states of idle clients.
+
+A checkpoint of the first format (``reefl-checkpoint-1``) held those states itself, as
+``client/<partition id>/<name>`` tensors; it still loads, with them in
+``Checkpoint.legacy_client_states`` (moved into the store on resume).
 
 Client sampling and local training are seeded by (seed, round[, partition id]) and keep no
 random state across rounds, so the round number is all the randomness a resume needs.
@@ -29,7 +35,11 @@ from typing import Any
 import torch
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-FORMAT = "reefl-checkpoint-1"
+FORMAT = "reefl-checkpoint-2"
+LEGACY_FORMAT = "reefl-checkpoint-1"
+"""Client states as ``client/<pid>/<name>`` tensors in the checkpoint, no ``client_rounds``."""
+PARTIAL = ".partial"
+"""The suffix of a file being written (renamed to its own name once complete)."""
 
 Tensors = dict[str, torch.Tensor]
 
@@ -46,40 +56,55 @@ class Checkpoint:
     config_digest: str
     global_state: Tensors
     server_state: Tensors = field(default_factory=dict)
-    client_states: dict[int, Tensors] = field(default_factory=dict)
+    client_rounds: dict[int, int] = field(default_factory=dict)
+    """Partition id -> round of its state file in ``client-states/`` (``client_store``)."""
     partitions: dict[int, dict[str, int]] = field(default_factory=dict)
     """Partition id -> {"tier", "num-examples"} of every partition seen so far."""
     last_eval: dict[str, Any] = field(default_factory=dict)
     totals: dict[str, int] = field(default_factory=dict)
     elapsed_seconds: float = 0.0
+    legacy_client_states: dict[int, Tensors] = field(default_factory=dict)
+    """The client states a ``reefl-checkpoint-1`` file held itself (never written)."""
+
+
+def write_atomically(path: Path, tensors: Tensors,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Save ``tensors`` as safetensors at ``path`` so that ``path`` is never half written:
+    a temporary file in the same folder, fsync, rename, then fsync of the folder (so the
+    rename is on disk before anything that relies on it, e.g. deleting older files)."""
+    from safetensors.torch import save_file
+
+    partial = path.with_name(path.name + PARTIAL)
+    # contiguous clones: states may hold views of one storage (LoRA's merged weights), which
+    # safetensors refuses to save as separate names
+    save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+               for k, v in tensors.items()}, str(partial), metadata=metadata)
+    with partial.open("rb") as stream:
+        os.fsync(stream.fileno())
+    os.replace(partial, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` atomically (temporary file, fsync, rename); returns its path."""
-    from safetensors.torch import save_file
-
+    """Write ``checkpoint`` atomically (``write_atomically``); returns its path."""
     tensors = {f"global/{k}": v for k, v in checkpoint.global_state.items()}
     tensors.update({f"server/{k}": v for k, v in checkpoint.server_state.items()})
-    for pid, state in checkpoint.client_states.items():
-        tensors.update({f"client/{pid}/{k}": v for k, v in state.items()})
     metadata = {
         "format": FORMAT,
         "round": str(checkpoint.round),
         "config_digest": checkpoint.config_digest,
+        "client_rounds": json.dumps({str(k): v for k, v in checkpoint.client_rounds.items()}),
         "partitions": json.dumps({str(k): v for k, v in checkpoint.partitions.items()}),
         "last_eval": json.dumps(checkpoint.last_eval),
         "totals": json.dumps(checkpoint.totals),
         "elapsed_seconds": repr(checkpoint.elapsed_seconds),
     }
     path = run_dir / CHECKPOINT_NAME
-    partial = path.with_name(path.name + ".partial")
-    # clone: states may hold views of one storage (LoRA's merged weights), which safetensors
-    # refuses to save as separate names
-    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(partial),
-              metadata=metadata)
-    with partial.open("rb") as stream:
-        os.fsync(stream.fileno())
-    os.replace(partial, path)
+    write_atomically(path, tensors, metadata)
     return path
 
 
@@ -97,28 +122,35 @@ def load_checkpoint(run_dir: Path, config_digest: str) -> Checkpoint:
             tensors = {k: stream.get_tensor(k) for k in stream.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read {path}: {err}") from None
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise CheckpointError(f"{path} is not a reefl checkpoint ({FORMAT})")
     if metadata["config_digest"] != config_digest:
         raise CheckpointError(f"{path} was saved by a run of another config; resume with the "
                               "run folder's own config.json")
-    clients: dict[int, Tensors] = {}
-    for key, value in tensors.items():
-        if key.startswith("client/"):
-            _, pid, name = key.split("/", 2)
-            clients.setdefault(int(pid), {})[name] = value
     return Checkpoint(
         round=int(metadata["round"]),
         config_digest=metadata["config_digest"],
         global_state=_strip(tensors, "global/"),
         server_state=_strip(tensors, "server/"),
-        client_states=clients,
+        client_rounds={int(k): int(v)
+                       for k, v in json.loads(metadata.get("client_rounds", "{}")).items()},
         partitions={int(k): v for k, v in json.loads(metadata["partitions"]).items()},
         last_eval=json.loads(metadata["last_eval"]),
         totals=json.loads(metadata["totals"]),
         elapsed_seconds=float(metadata["elapsed_seconds"]),
+        legacy_client_states=_legacy_client_states(tensors),
     )
 
 
 def _strip(tensors: Tensors, prefix: str) -> Tensors:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _legacy_client_states(tensors: Tensors) -> dict[int, Tensors]:
+    """The ``client/<pid>/<name>`` tensors of a ``reefl-checkpoint-1`` file, by partition id
+    (none in the current format)."""
+    clients: dict[int, Tensors] = {}
+    for key, value in _strip(tensors, "client/").items():
+        pid, name = key.split("/", 1)
+        clients.setdefault(int(pid), {})[name] = value
+    return clients

@@ -28,12 +28,13 @@ from reefl.federation.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from reefl.federation.client_store import open_run_store
 from reefl.federation.inputs import run_data
 from reefl.federation.replies import RoundRecord
 from reefl.federation.strategy import NO_NODE, ClientInfo, Roster, TieredStrategy
 from reefl.methods import build_method
 from reefl.report import RunFolder, RunFolderError, config_digest, default_run_name
-from reefl.training import server_learning_rate
+from reefl.training import precision_line, server_learning_rate
 
 app = ServerApp()
 
@@ -115,6 +116,7 @@ def run_server(grid: Grid, cfg: RunConfig,
     metrics.jsonl record once the round is checkpointed. The in-process driver
     (``federation.local``) calls it with a grid of its own."""
     started = time.monotonic()
+    timings = {"server_started": time.time()}  # wall-clock marks for benchmarks/run_overhead
     if not cfg.run_name:
         cfg = dataclasses.replace(cfg, run_name=default_run_name(cfg.method, cfg.seed))
     digest = config_digest(cfg)
@@ -122,19 +124,20 @@ def run_server(grid: Grid, cfg: RunConfig,
     method = build_method(cfg, task)
     try:
         folder, run, checkpoint = _open_run(cfg, digest, method.initial_state())
+        client_store = open_run_store(folder.path, checkpoint)
     except (RunFolderError, CheckpointError) as err:
         raise RuntimeError(str(err)) from None
     log(INFO, "reefl: run folder %s", folder.path)
     if not (folder.path / "accounting.json").is_file():
         write_accounting(folder.path, method, cfg.img_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log(INFO, "reefl: %s", precision_line(cfg, device))
     loader = test_loader(data, pipeline, cfg.eval_batch_size)
 
     roster = Roster(cfg)
-    strategy = TieredStrategy(cfg, method, roster)
+    strategy = TieredStrategy(cfg, method, roster, client_store)
     if checkpoint is not None:
         method.load_server_state(checkpoint.server_state)
-        strategy.client_states = checkpoint.client_states
         for pid, seen in checkpoint.partitions.items():  # sampled as before, node or not
             roster.clients[pid] = ClientInfo(NO_NODE, seen["tier"], seen["num-examples"])
     joined = roll_call(grid, cfg, roster)
@@ -143,14 +146,16 @@ def run_server(grid: Grid, cfg: RunConfig,
     def save() -> None:
         save_checkpoint(folder.path, Checkpoint(
             run.round, digest, run.global_state, method.server_state(),
-            strategy.client_states,
+            client_store.index(),
             {pid: {"tier": c.tier, "num-examples": c.num_examples}
              for pid, c in roster.clients.items()},
             run.last_eval, run.totals, run.elapsed_before + time.monotonic() - started))
+        client_store.prune()  # after the checkpoint's rename: until then the old one needs them
 
     if checkpoint is None:
         save()  # round 0: a run stopped in its first round can be resumed too
     first_round = run.round + 1
+    timings["first_round_started"] = time.time()
     for server_round in range(first_round, cfg.num_server_rounds + 1):
         round_started = time.monotonic()
         record = RoundRecord()
@@ -179,11 +184,13 @@ def run_server(grid: Grid, cfg: RunConfig,
         if on_round is not None:
             on_round(line)
 
+    timings["last_round_finished"] = time.time()
     folder.save_model(run.global_state)
     final = {
         **run.last_eval, "method": cfg.method, "seed": cfg.seed, "rounds": cfg.num_server_rounds,
         "exit_blocks": method.exit_blocks, "clients": run.totals, "config_digest": digest,
         "wall_seconds": run.elapsed_before + time.monotonic() - started,
+        "timings": {**timings, "server_finished": time.time()},
     }
     folder.write_json("final.json", final)
     log(INFO, "reefl: final mean accuracy over exits %.2f%%, ensemble %.2f%%",

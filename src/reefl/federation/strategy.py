@@ -1,6 +1,8 @@
 """The rounds' logic on the server: the roster of partitions and their SuperNodes, seeded
 sampling over partition ids, per-tier sub-model messages, checked replies, and the method's
-server update."""
+server update. The per-client states the method keeps on the server (FedDyn's g_i) are in a
+``ClientStateStore`` (on disk in a run; RAM holds only which round each one is from): read
+for the clients a round samples, written for those whose reply is used."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from reefl.config import RunConfig
+from reefl.federation.client_store import ClientStateStore
 from reefl.federation.replies import (
     RejectedReply,
     RoundRecord,
@@ -190,19 +193,21 @@ def _addressee(reply: Message, by_message: dict[str, SentTo], by_node: dict[int,
 
 class TieredStrategy:
     """One training round of a tiered method: sample partition ids, send each sampled
-    client its tier's trainable parameters (and its state kept on the server), check every
-    reply (``replies.checked_update``), merge the usable ones with the method's server
-    update, and record who took part.
+    client its tier's trainable parameters (and its state kept on the server, from
+    ``client_store``), check every reply (``replies.checked_update``), merge the usable ones
+    with the method's server update, store the states they return, and record who took part.
+    Without a ``client_store`` the states are kept in memory (``ClientStateStore(None)``).
 
     The ServerApp drives the rounds itself (rather than Flower's ``Strategy.start``) so that
     it can start at any round (resume), save a checkpoint after each, and look for new
     SuperNodes before each."""
 
-    def __init__(self, cfg: RunConfig, method: Method, roster: Roster) -> None:
+    def __init__(self, cfg: RunConfig, method: Method, roster: Roster,
+                 client_store: ClientStateStore | None = None) -> None:
         self.cfg = cfg
         self.method = method
         self.roster = roster
-        self.client_states: dict[int, dict[str, torch.Tensor]] = {}
+        self.client_store = ClientStateStore() if client_store is None else client_store
         self.last_train_metrics: dict[str, float] = {}
 
     def configure_train(self, server_round: int, global_state: dict[str, torch.Tensor],
@@ -229,8 +234,9 @@ class TieredStrategy:
                 "arrays": ArrayRecord(payload),
                 "config": ConfigRecord({"lr": lr, "server-round": server_round}),
             })
-            if pid in self.client_states:
-                content["client-state"] = ArrayRecord(self.client_states[pid])
+            client_state = self.client_store.get(pid)
+            if client_state:
+                content["client-state"] = ArrayRecord(client_state)
             messages.append(Message(content, dst_node_id=info.node_id, message_type="train"))
             sent[pid] = SentTo(pid, info.node_id, info.tier, info.num_examples, payload)
         return messages, sent
@@ -280,7 +286,9 @@ class TieredStrategy:
                     server_round)
             return None
         updates.sort(key=lambda u: u.partition_id)
-        self.client_states.update({pid: s for pid, s in states.items() if s})
+        for pid, state in states.items():
+            if state:
+                self.client_store.put(pid, server_round, state)
         self.last_train_metrics = weighted_metrics(updates)
         return self.method.aggregate(global_state, updates)
 
