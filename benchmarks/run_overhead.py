@@ -46,11 +46,11 @@ class MemorySampler(threading.Thread):
     def __init__(self, every_s: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.every_s, self.peak, self.peak_total = every_s, {}, 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         me = psutil.Process()
-        while not self._stop.wait(self.every_s):
+        while not self._halt.wait(self.every_s):
             total = 0
             for proc in me.children(recursive=True):
                 try:
@@ -62,7 +62,7 @@ class MemorySampler(threading.Thread):
             self.peak_total = max(self.peak_total, total)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
@@ -97,9 +97,10 @@ def flower_run(overrides: list[str], out: Path) -> dict:
     }
 
 
-def pure_compute(overrides: list[str]) -> tuple[list[float], list[float]]:
+def pure_compute(overrides: list[str]) -> tuple[list[float], list[float], list[float]]:
     """Per round of the in-process run with one torch thread: the clients' training
-    seconds (sum over the round's clients) and the evaluation seconds (0 where none)."""
+    seconds (sum over the round's clients) and the evaluation seconds (0 where none); and
+    its final exit accuracies (the Flower run's, if the two are bit-identical)."""
     torch.set_num_threads(1)
     cfg = RunConfig.from_flat(_config(overrides))
     train, evaluation = [], []
@@ -112,8 +113,8 @@ def pure_compute(overrides: list[str]) -> tuple[list[float], list[float]]:
                           if "exit_accuracy" in record else 0.0)
         marks["last"] = now
 
-    run_in_process(cfg, on_round)
-    return train, evaluation
+    _, records = run_in_process(cfg, on_round)
+    return train, evaluation, records[-1]["exit_accuracy"]
 
 
 def _config(overrides: list[str]) -> dict:
@@ -133,7 +134,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             runs.append(flower_run(overrides, Path(tmp) / f"r{repeat}"))
             print(f"flower run {repeat + 1}: {runs[-1]['total']:.1f} s", flush=True)
-    train, evaluation = pure_compute(overrides)
+    train, evaluation, accuracy = pure_compute(overrides)
     pure = [t / workers + e for t, e in zip(train, evaluation, strict=True)]
     print(f"\nin-process pure compute: {sum(pure):.1f} s over {len(pure)} rounds "
           f"({workers} ClientApps at once)\n")
@@ -152,7 +153,9 @@ def main() -> None:
     print("\npeak RSS per process (run 1):")
     for name, rss in sorted(runs[0]["memory"].items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {rss / 2**20:7.0f} MiB  {name}")
-    print(f"\nexit accuracy (run 1): {runs[0]['accuracy']}")
+    print("\nexit accuracy: " + ", ".join(f"run {i}: {r['accuracy']}"
+                                          for i, r in enumerate(runs, 1))
+          + f"; in process: {accuracy}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from reefl.data import DataOptions, SourceOptions, build_federated_data, federated, load_source
 from reefl.data.federated import FederatedData, partition_path
@@ -70,3 +71,28 @@ def test_natural_partition_round_trips_through_the_cache_file(tmp_path):
     assert_same(read, computed)
     assert read.test is spec.test and read.local_test is spec.train
     assert len(read.client_groups) == 4 and all(g.startswith("writer") for g in read.client_groups)
+
+
+def test_partition_statistics_do_not_depend_on_the_thread_count(cache_dir):
+    """Whichever process partitions first (launcher, server, client) fixes the cached
+    statistics for all, so they must be the same with 1 or 2 threads (float32 reductions
+    otherwise differ in the last bits, which changed the embedded default's accuracies)."""
+    options = DataOptions(SourceOptions("embedded-mnist"), 20, "dirichlet", 1.0, 0.2, 0.2, 0)
+    spec = load_source(options.source)
+    threads = torch.get_num_threads()
+    try:
+        stats = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            data = federated._partition(spec, options)
+            stats.append((data.mean, data.std))
+    finally:
+        torch.set_num_threads(threads)
+    assert stats[0] == stats[1]
+    assert partition_path(options).name.startswith("partition-")
+
+
+def test_cached_partition_file_is_readable_by_others(cache_dir):
+    options = DataOptions(SourceOptions("embedded-mnist"), 4, "dirichlet", 1.0, 0.2, 0.2, 1)
+    build_federated_data(options)
+    assert partition_path(options).stat().st_mode & 0o777 == 0o644

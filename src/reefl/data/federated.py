@@ -39,7 +39,7 @@ MAX_SHIFT = 2  # "translate": digits tolerate small shifts; flips would make oth
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXACT_STATS_LIMIT = 1 << 26  # up to this many values, stats in one float32 pass
-PARTITION_VERSION = 1  # bump when a partitioner's output changes
+PARTITION_VERSION = 2  # bump when a partitioner's output changes (2: stats on one thread)
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ def _write_partition(path: Path, data: FederatedData) -> None:
         with os.fdopen(fd, "wb") as file:
             np.savez(file, test_indices=data.test_indices, shards=shards, shard_ends=shard_ends,
                      local=local, local_ends=local_ends, meta=np.array(json.dumps(meta)))
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache is shared by every user's run
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -262,7 +263,14 @@ def _stats(spec: DataSpec, pool: np.ndarray) -> tuple[tuple[float, ...], tuple[f
     if len(pool) * inputs[0].size <= EXACT_STATS_LIMIT:
         values = torch.from_numpy(np.asarray(inputs[pool])).float().div(scale)
         values = values.transpose(0, 1).flatten(1)
-        return tuple(values.mean(dim=1).tolist()), tuple(values.std(dim=1).tolist())
+        # one thread: a float32 reduction's last bits depend on the thread count, and the
+        # stats must not depend on which process (launcher, server, client) computed them
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return tuple(values.mean(dim=1).tolist()), tuple(values.std(dim=1).tolist())
+        finally:
+            torch.set_num_threads(threads)
     total, squares, count = np.zeros(channels), np.zeros(channels), 0
     for start in range(0, len(pool), 4096):
         chunk = np.asarray(inputs[pool[start:start + 4096]], dtype=np.float64) / scale
