@@ -193,7 +193,7 @@ def print_table(settings: list[Setting], flops: dict[tuple[str, str], float],
             plain = rate[PLAIN, regime, p] * flops[PLAIN, regime]
             cells.append(f"{rate[method, regime, p]:.2f} ({wall[method, regime, p]:.2f}) | "
                          f"{own / plain:.2f}×")
-        print(f"| {method} | {regime} | {flops[method, regime]:.1f} | {' | '.join(cells)} |")
+        print(f"| {method} | {regime} | {flops[method, regime]:.3g} | {' | '.join(cells)} |")
     if "bf16" in precisions and "bf16-sdpa" in precisions:
         print("\nbf16 (library's attention) over bf16-sdpa, per setting: " + ", ".join(
             f"{m}/{r} {rate[m, r, 'bf16'] / rate[m, r, 'bf16-sdpa']:.2f}×"
