@@ -34,10 +34,15 @@ ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK":
 
 
 def _reefl(*args: str) -> subprocess.Popen[str]:
-    """``reefl ...`` in its own process group (so a SIGINT to it reaches only this run)."""
+    """``reefl ...`` in its own process group (so a SIGINT to it reaches only this run), with
+    SIGINT at its default: an ignored SIGINT is inherited across exec, and Python then never
+    raises KeyboardInterrupt. A shell without job control starts background commands with
+    SIGINT ignored, so a `.ci/run` started with `&` made this run ignore the test's Ctrl-C
+    and finish (exit 0)."""
     return subprocess.Popen([sys.executable, "-m", "reefl.cli", *args], env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _saved_round(run_dir: Path) -> int:
