@@ -15,7 +15,11 @@ marks (final.json ``timings``):
   stopped).
 
 Pure compute of a round is the in-process run's training time of its clients divided by the
-ClientApps Flower runs at once, plus its evaluation. Memory is the resident set (RSS) of every
+ClientApps Flower runs at once, plus its evaluation. The same sum over the Flower run's own
+clients (their ``train-seconds``, divided likewise, plus the in-process evaluation) splits
+the difference in two: rounds against it is what Flower's messaging and scheduling add;
+it against the pure compute is how much slower the same clients train inside the
+simulation than alone in one process. Memory is the resident set (RSS) of every
 process of the run's tree, sampled every 0.2 s: pages shared between processes (torch's
 libraries, the memory-mapped data) are counted in each.
 
@@ -91,6 +95,8 @@ def flower_run(overrides: list[str], out: Path) -> dict:
         "startup": marks["first_round_started"] - marks["server_started"], "rounds": rounds,
         "finish_teardown": returned - marks["last_round_finished"],
         "round_seconds": [line["round_seconds"] for line in lines],
+        "client_train": [line.get("train-seconds", 0.0) * len(line["clients"]["used"])
+                         for line in lines],
         "evaluated": ["exit_accuracy" in line for line in lines],
         "memory": sampler.peak, "memory_total": sampler.peak_total,
         "accuracy": final["exit_accuracy"],
@@ -139,14 +145,16 @@ def main() -> None:
     print(f"\nin-process pure compute: {sum(pure):.1f} s over {len(pure)} rounds "
           f"({workers} ClientApps at once)\n")
     print("| run | total s | launch s | start-up s | rounds s | finish + teardown s | "
-          "fixed share | rounds / pure compute | peak RSS, all processes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "fixed share | rounds / pure compute | rounds / own clients' compute | "
+          "peak RSS, all processes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for index, r in enumerate(runs, 1):
         fixed = r["launch"] + r["startup"] + r["finish_teardown"]
-        ratio = r["rounds"] / sum(pure)
+        own = sum(r["client_train"]) / workers + sum(evaluation)
         print(f"| {index} | {r['total']:.1f} | {r['launch']:.1f} | {r['startup']:.1f} | "
               f"{r['rounds']:.1f} | {r['finish_teardown']:.1f} | {fixed / r['total']:.1%} | "
-              f"{ratio:.2f}× | {r['memory_total'] / 2**20:.0f} MiB |")
+              f"{r['rounds'] / sum(pure):.2f}× | {r['rounds'] / own:.2f}× | "
+              f"{r['memory_total'] / 2**20:.0f} MiB |")
     print("\nround time / pure compute, median over rounds: " + ", ".join(
         f"run {i}: {statistics.median(map(float.__truediv__, r['round_seconds'], pure)):.2f}×"
         for i, r in enumerate(runs, 1)))

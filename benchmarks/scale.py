@@ -13,7 +13,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from run_overhead import flower_run
+import psutil
+from run_overhead import _config, flower_run
+
+from reefl.launcher import default_federation
 
 
 def main() -> None:
@@ -30,15 +33,20 @@ def main() -> None:
                          f'num-server-rounds={args.rounds} eval-every={args.rounds} '
                          f'method="{args.method}" roll-call-timeout=600 {args.run_config}']
             run = flower_run(overrides, Path(tmp) / str(clients))
+            cpus = default_federation(_config(overrides))["client-resources-num-cpus"]
+            run["workers"] = max(1, psutil.cpu_count() // cpus)  # ClientApps at once
             rows.append((clients, run))
             print(f"{clients} clients: {run['total']:.0f} s", flush=True)
-    print("\n| clients | a round | s per round (median) | start-up s (roll call) | total s | "
+    print("\n| clients | a round | s per round (median) | clients' training s per round "
+          "(median, sum / ClientApps at once) | start-up s (roll call) | total s | "
           "peak RSS all processes | largest process |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for clients, r in rows:
         largest = max(r["memory"].items(), key=lambda kv: kv[1])
+        own = statistics.median(t / r["workers"] for t in r["client_train"])
         print(f"| {clients} | {clients // 10} | {statistics.median(r['round_seconds']):.1f} | "
-              f"{r['startup']:.1f} | {r['total']:.0f} | {r['memory_total'] / 2**20:.0f} MiB | "
+              f"{own:.1f} | {r['startup']:.1f} | {r['total']:.0f} | "
+              f"{r['memory_total'] / 2**20:.0f} MiB | "
               f"{largest[1] / 2**20:.0f} MiB ({largest[0]}) |")
 
 

@@ -195,3 +195,29 @@ def test_costs_command_prints_the_regime_table(capsys) -> None:
     assert "| frozen | 469,914 · 1.88 · 2.12% |" in out
     assert main(["costs", "-c", 'regime="prompt"']) == 2
     assert "regime must be one of" in capsys.readouterr().err
+
+
+def test_accounting_is_counted_once_per_model(tmp_path, monkeypatch) -> None:
+    """The second run of the same model (another seed) reads the record back from the cache
+    instead of counting again; another regime is counted anew."""
+    from reefl import accounting
+
+    monkeypatch.setenv("REEFL_CACHE_DIR", str(tmp_path / "cache"))
+    counted = []
+    real = accounting.accounting_record
+    monkeypatch.setattr(accounting, "accounting_record",
+                        lambda method, size=None: counted.append(size) or real(method, size))
+    task = TaskSpec(num_classes=10, in_chans=1)
+    base = {"img-size": 8, "patch-size": 4, "embed-dim": 16, "depth": 2, "num-heads": 2,
+            "num-exits": 2, "mlp-ratio": 2.0}
+    first = accounting.cached_accounting_record(build_method(RunConfig.from_flat(base), task))
+    again = accounting.cached_accounting_record(
+        build_method(RunConfig.from_flat({**base, "seed": 3, "num-server-rounds": 7}), task))
+    assert counted == [8]
+    assert again == first == json.loads(json.dumps(real(build_method(
+        RunConfig.from_flat(base), task), 8)))
+    lora = accounting.cached_accounting_record(
+        build_method(RunConfig.from_flat({**base, "regime": "lora"}), task))
+    assert counted == [8, 8]
+    assert lora["regime"] == "lora"
+    assert len(list((tmp_path / "cache" / "accounting").glob("*.json"))) == 2

@@ -27,8 +27,13 @@ attention kernel would otherwise not be counted at all).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,11 +180,63 @@ def accounting_record(method: Method, img_size: int | None = None) -> dict[str, 
     }
 
 
+NOT_IN_ACCOUNTING = ("seed", "run-name", "output-dir", "resume", "num-server-rounds",
+                     "eval-every", "round-timeout", "roll-call-timeout")
+"""Run-config keys that cannot change what ``accounting_record`` counts: left out of its
+cache key, so that runs differing only in them share one entry."""
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """SHA-256 over reefl's own source files: a cached count is only reused by the code
+    that made it."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def accounting_cache_path(method: Method, img_size: int) -> Path:
+    """Where ``cached_accounting_record`` keeps the record of ``method`` at ``img_size``:
+    under reefl's cache folder, named by a digest of the run config (less
+    ``NOT_IN_ACCOUNTING``), the task, the size, torch's version and reefl's source."""
+    from reefl.data.cache import cache_root
+
+    config = {k: v for k, v in method.cfg.identity().items() if k not in NOT_IN_ACCOUNTING}
+    key = json.dumps([config, method.task.num_classes, method.task.in_chans, img_size,
+                      torch.__version__, _source_digest()], sort_keys=True, default=str)
+    return cache_root() / "accounting" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def cached_accounting_record(method: Method, img_size: int | None = None) -> dict[str, Any]:
+    """``accounting_record``, counted once per model and kept in reefl's cache (a second
+    run of the same model, e.g. another seed, reads it back instead of spending a second
+    or more counting FLOPs on the meta device before its first round). Written to a
+    temporary file and renamed, so a reader never sees half a record."""
+    size = int(img_size if img_size is not None else method.cfg.img_size)
+    path = accounting_cache_path(method, size)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    record = accounting_record(method, size)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the recount
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-",
+                                         delete=False) as tmp:
+            tmp.write(json.dumps(record))
+        os.replace(tmp.name, path)
+    return record
+
+
 def write_accounting(folder_path: Path, method: Method, img_size: int | None = None
                      ) -> list[dict[str, Any]]:
-    """Write ``<folder_path>/accounting.json`` (see ``accounting_record``) and the regime
-    cost table ``costs.md``; return the tiers."""
-    record = accounting_record(method, img_size)
+    """Write ``<folder_path>/accounting.json`` (see ``accounting_record``; from the cache
+    when this model was counted before) and the regime cost table ``costs.md``; return the
+    tiers."""
+    record = cached_accounting_record(method, img_size)
     Path(folder_path, ACCOUNTING_FILE).write_text(json.dumps(record, indent=2) + "\n")
     table = format_regime_table(record["regimes"], current=method.cfg.regime)
     Path(folder_path, REGIME_TABLE_FILE).write_text(

@@ -44,6 +44,7 @@ from typing import IO
 
 import psutil
 
+from reefl.app_files import stage_app
 from reefl.launcher import (
     LaunchError,
     PreparedRun,
@@ -625,7 +626,9 @@ class LocalDeployment:
 
         config_file = self.workdir / f"run-config-{prepared.run_dir.name}.toml"
         config_file.write_text(tomli_w.dumps(prepared.overrides), encoding="utf-8")
-        command = [self._exe("flwr"), "run", str(prepared.app_dir), CONNECTION, "--stream",
+        app = stage_app(prepared.app_dir,
+                        Path(tempfile.mkdtemp(prefix="app-", dir=self.workdir)) / "app")
+        command = [self._exe("flwr"), "run", str(app), CONNECTION, "--stream",
                    "--run-config", str(config_file)]
         started = time.time()
         return ActiveRun(prepared, self._spawn("flwr-run", command, echo), started)

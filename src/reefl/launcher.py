@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from reefl.app_files import stage_app
+
 if TYPE_CHECKING:
     from reefl.config import RunConfig
 
@@ -938,7 +940,7 @@ def _run_flower(prepared: PreparedRun, quiet: bool) -> tuple[int, str, str]:
             superlink.start()
             command = flwr_run_command(
                 superlink._exe("flwr"),
-                prepared.app_dir,
+                stage_app(prepared.app_dir, home / "app"),
                 _write_run_config(home / "run-config.toml", prepared.overrides),
                 prepared.federation,
             )

@@ -19,12 +19,17 @@ from reefl.data import (
     held_out_loader,
     held_out_split,
 )
+from reefl.federation import simulation_fix
 from reefl.federation.inputs import run_data
 from reefl.federation.tiers import client_tier
 from reefl.methods import Method, build_method
 from reefl.training import train_locally
 
 app = ClientApp()
+
+# Flower's simulation process imports this module before its runtime starts polling the
+# SuperNodes' messages: the place to replace the poll's quadratic lookup (simulation_fix).
+simulation_fix.install()
 
 
 @lru_cache(maxsize=4)
