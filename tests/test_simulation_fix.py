@@ -1,28 +1,21 @@
-"""The simulation's message poll (``federation.simulation_fix``): the same messages, in the
-same order, marked delivered the same way as Flower's own ``get_message_ins``, and expired
-ones never handed out."""
+"""The simulation's message poll (``federation.simulation_fix``): one sweep hands out the
+same messages, in the same order, marked delivered the same way, as Flower's own sweep
+(``get_message_ins(node, limit=1)`` for every node); expired ones are never handed out."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from queue import Queue
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import InMemoryGrid
 
 from reefl.federation import simulation_fix
-
-GetMessageIns = Callable[..., list[Message]]
-
-
-def flower_get_message_ins() -> GetMessageIns:
-    """Flower's own method, whether or not ``install`` replaced it in this process."""
-    simulation_fix.install()
-    return simulation_fix.flower_original.get("get_message_ins",
-                                              InMemoryLinkState.get_message_ins)
 
 
 def simulation_state(monkeypatch: pytest.MonkeyPatch, nodes: int
@@ -43,49 +36,61 @@ def tags(messages: list[Message]) -> list[int]:
     return [int(m.content["config"]["tag"]) for m in messages]
 
 
-def poll_script(state: InMemoryLinkState, grid: InMemoryGrid, nodes: list[int],
-                get: GetMessageIns) -> list[object]:
-    """Messages for three nodes (two for the first, none for the third), then what a poll
-    of each node returns, twice, and which messages are marked delivered."""
-    a, b, c = nodes
-    push(grid, a, 1)
-    push(grid, b, 2)
-    push(grid, a, 3)
-    seen: list[object] = []
-    for node in (c, a, b, a, a, b):
-        seen.append(tags(get(state, node, limit=1)))
-    seen.append(sorted(int(m.content["config"]["tag"]) for m in state.message_ins_store.values()
-                       if m.metadata.delivered_at != ""))
-    push(grid, b, 4)
-    push(grid, b, 5)
-    seen.append(tags(get(state, b, limit=None)))
+def flower_sweep(state: InMemoryLinkState, nodes: list[int]) -> list[Message]:
+    """One sweep of Flower's own loop (vce_api.add_messages_to_queue)."""
+    return [m for node in nodes for m in state.get_message_ins(node_id=node, limit=1)]
+
+
+def sweeps(monkeypatch: pytest.MonkeyPatch, sweep) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """Messages for four nodes (three for the second, stored out of node order, none for
+    the last), then what four sweeps hand out, and a fifth after two more arrive."""
+    state, grid, (a, b, c, d) = simulation_state(monkeypatch, 4)
+    for node, tag in ((b, 1), (c, 2), (b, 3), (a, 4), (b, 5)):
+        push(grid, node, tag)
+    seen = [tags(sweep(state, [a, b, c, d])) for _ in range(4)]
+    push(grid, d, 6)
+    push(grid, a, 7)
+    seen.append(tags(sweep(state, [a, b, c, d])))
+    seen.append(sorted(tags([m for m in state.message_ins_store.values()
+                             if m.metadata.delivered_at == ""])))
     return seen
 
 
-def test_same_messages_and_order_as_flowers(monkeypatch: pytest.MonkeyPatch) -> None:
-    flower = poll_script(*simulation_state(monkeypatch, 3), get=flower_get_message_ins())
-    ours = poll_script(*simulation_state(monkeypatch, 3),
-                       get=simulation_fix.faster_get_message_ins)
-    assert flower == [[], [1], [2], [3], [], [], [1, 2, 3], [4, 5]]
-    assert ours == flower
+def test_same_messages_and_order_as_flowers_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    flower = sweeps(monkeypatch, flower_sweep)
+    assert flower == [[4, 1, 2], [3], [5], [], [7, 6], []]  # node order, then store order
+    assert sweeps(monkeypatch, simulation_fix.next_messages) == flower
 
 
-def test_expired_message_is_deleted_not_delivered(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_expired_message_is_deleted_and_the_next_one_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     state, grid, (a, b) = simulation_state(monkeypatch, 2)
     push(grid, a, 1, ttl=0.05)
-    push(grid, b, 2)
+    push(grid, a, 2)
+    push(grid, b, 3)
     time.sleep(0.1)
-    assert simulation_fix.faster_get_message_ins(state, a, limit=1) == []
-    assert tags(list(state.message_ins_store.values())) == [2]  # a's expired one is gone
-    assert tags(simulation_fix.faster_get_message_ins(state, b, limit=1)) == [2]
+    assert tags(simulation_fix.next_messages(state, [a, b])) == [2, 3]
+    assert sorted(tags(list(state.message_ins_store.values()))) == [2, 3]  # 1 is gone
 
 
-def test_limit_below_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    state, _, (a,) = simulation_state(monkeypatch, 1)
-    with pytest.raises(AssertionError):
-        simulation_fix.faster_get_message_ins(state, a, limit=0)
+def test_poll_fills_the_queue_until_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    state, grid, nodes = simulation_state(monkeypatch, 3)
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+    poller = threading.Thread(target=simulation_fix.poll_messages,
+                              args=(state, queue, dict.fromkeys(nodes, 0), stop))
+    poller.start()
+    for tag, node in enumerate(nodes):
+        push(grid, node, tag)
+    received = [queue.get(timeout=5) for _ in nodes]
+    stop.set()
+    poller.join(timeout=5)
+    assert not poller.is_alive()
+    assert sorted(tags(received)) == [0, 1, 2]
 
 
-def test_installed_in_a_process_that_has_the_in_memory_state() -> None:
-    assert simulation_fix.install()  # this test module imported the LinkState
-    assert InMemoryLinkState.get_message_ins is simulation_fix.faster_get_message_ins
+def test_installed_where_the_simulation_runtime_is_loaded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    assert simulation_fix.install()  # this module imported the runtime
+    assert vce_api.add_messages_to_queue is simulation_fix.poll_messages

@@ -28,7 +28,7 @@ from reefl.training import train_locally
 app = ClientApp()
 
 # Flower's simulation process imports this module before its runtime starts polling the
-# SuperNodes' messages: the place to replace the poll's quadratic lookup (simulation_fix).
+# SuperNodes' messages: the place to replace the poll's quadratic sweep (simulation_fix).
 simulation_fix.install()
 
 
