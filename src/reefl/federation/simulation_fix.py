@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 WRITTEN_FOR = "1.41.0"
 RUNTIME_MODULE = "flwr.server.superlink.fleet.vce.vce_api"
 SWEEP_INTERVAL_S = 0.1  # as Flower's loop
-flower_original: dict[str, Any] = {}  # what install() replaced (for tests and benchmarks)
 
 
 def next_messages(state: Any, node_ids: Sequence[int]) -> list[Message]:
@@ -81,9 +80,7 @@ def install() -> bool:
     runtime = sys.modules.get(RUNTIME_MODULE)
     if runtime is None or flwr.__version__ != WRITTEN_FOR:
         return False
-    if runtime.add_messages_to_queue is not poll_messages:
-        flower_original["add_messages_to_queue"] = runtime.add_messages_to_queue
-        runtime.add_messages_to_queue = poll_messages
+    runtime.add_messages_to_queue = poll_messages
     return True
 
 
