@@ -127,14 +127,20 @@ def _config(overrides: list[str]) -> dict:
     return prepare_run(overrides).config
 
 
+def clientapps_at_once(overrides: list[str]) -> int:
+    """How many ClientApps the simulation runs at once for this config: the machine's CPUs
+    over the CPUs the launcher gives each ClientApp."""
+    cpus = default_federation(_config(overrides))["client-resources-num-cpus"]
+    return max(1, psutil.cpu_count() // cpus)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("-c", "--run-config", default="")
     args = parser.parse_args()
     overrides = [args.run_config] if args.run_config else []
-    parallel = default_federation(_config(overrides))
-    workers = max(1, psutil.cpu_count() // parallel["client-resources-num-cpus"])
+    workers = clientapps_at_once(overrides)
     with tempfile.TemporaryDirectory(prefix="reefl-overhead-") as tmp:
         runs = []
         for repeat in range(args.repeats):

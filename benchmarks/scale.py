@@ -13,10 +13,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import psutil
-from run_overhead import _config, flower_run
-
-from reefl.launcher import default_federation
+from run_overhead import clientapps_at_once, flower_run
 
 
 def main() -> None:
@@ -33,8 +30,7 @@ def main() -> None:
                          f'num-server-rounds={args.rounds} eval-every={args.rounds} '
                          f'method="{args.method}" roll-call-timeout=600 {args.run_config}']
             run = flower_run(overrides, Path(tmp) / str(clients))
-            cpus = default_federation(_config(overrides))["client-resources-num-cpus"]
-            run["workers"] = max(1, psutil.cpu_count() // cpus)  # ClientApps at once
+            run["workers"] = clientapps_at_once(overrides)
             rows.append((clients, run))
             print(f"{clients} clients: {run['total']:.0f} s", flush=True)
     print("\n| clients | a round | s per round (median) | clients' training s per round "

@@ -108,6 +108,7 @@ def test_two_rounds_write_the_run_folder(extra: str, tmp_path: Path) -> None:
     final = json.loads((run_dir / "final.json").read_text())
     assert final["exit_accuracy"] == rounds[-1]["exit_accuracy"]
     assert final["method"] == config["method"] and final["seed"] == 3 and final["wall_seconds"] > 0
+    assert final["simulation_poll"] == "reefl"  # simulation_fix took effect in Flower's run
     assert 0 <= final["ensemble_accuracy"] <= 100
     if config["regime"] == "full":  # ten classes: two rounds already beat chance
         assert final["mean_accuracy"] > 10.0

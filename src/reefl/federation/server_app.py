@@ -22,6 +22,7 @@ from reefl.accounting import write_accounting
 from reefl.config import RunConfig
 from reefl.data import test_loader
 from reefl.evaluation import evaluate_exits
+from reefl.federation import simulation_fix
 from reefl.federation.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -141,6 +142,7 @@ def run_server(grid: Grid, cfg: RunConfig,
         for pid, seen in checkpoint.partitions.items():  # sampled as before, node or not
             roster.clients[pid] = ClientInfo(NO_NODE, seen["tier"], seen["num-examples"])
     joined = roll_call(grid, cfg, roster)
+    poll = simulation_fix.running_poll()  # the runtime's threads answered the roll call
     strategy.summary()
 
     def save() -> None:
@@ -190,6 +192,7 @@ def run_server(grid: Grid, cfg: RunConfig,
         **run.last_eval, "method": cfg.method, "seed": cfg.seed, "rounds": cfg.num_server_rounds,
         "exit_blocks": method.exit_blocks, "clients": run.totals, "config_digest": digest,
         "wall_seconds": run.elapsed_before + time.monotonic() - started,
+        "simulation_poll": poll,
         "timings": {**timings, "server_finished": time.time()},
     }
     folder.write_json("final.json", final)

@@ -84,6 +84,21 @@ def install() -> bool:
     return True
 
 
+def running_poll() -> str | None:
+    """Which loop polls the simulation's messages in this process now: ``"reefl"``
+    (``poll_messages``), ``"flower"`` (Flower's own, e.g. after a Flower upgrade), or None
+    where no simulation runtime runs (a deployment's ServerApp, the in-process driver). It
+    reads the running threads' targets, so it tells what actually runs, not what is
+    installed."""
+    for thread in threading.enumerate():
+        target = getattr(thread, "_target", None)
+        if target is poll_messages:
+            return "reefl"
+        if getattr(target, "__name__", None) == "add_messages_to_queue":
+            return "flower"
+    return None
+
+
 def simulation_state(nodes: int) -> tuple[Any, Any, list[int]]:
     """An in-memory LinkState, a grid on it and the ids of ``nodes`` SuperNodes, set up as
     Flower's simulation sets them up, for tests and benchmarks of the poll. Like the
