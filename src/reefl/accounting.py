@@ -164,6 +164,26 @@ def exit_flops(method: Method, img_size: int | None = None) -> list[int]:
     return [c["forward_flops"] for c in tier_costs(method, img_size)]
 
 
+def exit_flops_in(model: torch.nn.Module, in_chans: int, img_size: int) -> list[int]:
+    """FLOPs of one image to reach each exit of one ``EarlyExitModel``, counted in one pass
+    (the total so far as the exit loop reaches each exit), as ``tier_costs`` counts them:
+    on the CPU with the math attention kernel. For a causal method this equals
+    ``forward_flops`` of tier k for exit k; for a tier whose exits live in its own model
+    (ScaleFL's narrower tiers) it is the cost inside that model."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.zeros(1, in_chans, img_size, img_size, dtype=dtype)
+    reached: list[int] = []
+    was_training = model.training
+    model.eval()
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter, \
+            torch.no_grad():
+        model.exit_loop(x, lambda k, logits: reached.append(int(counter.get_total_flops())))
+    model.train(was_training)
+    return reached
+
+
 def accounting_record(method: Method, img_size: int | None = None) -> dict[str, Any]:
     """What ``accounting.json`` holds: the tiers plus what the numbers mean."""
     size = int(img_size if img_size is not None else method.cfg.img_size)

@@ -145,6 +145,7 @@ class RunConfig:
     audio_column: str = ""
     label_column: str = ""
     local_test_fraction: float = 0.2
+    validation_fraction: float = 0.0
     train_examples: int = 0
     test_examples: int = 0
     speech_classes: int = 12
@@ -192,6 +193,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     roll_call_timeout: float = 60.0
     max_update_norm: float = 0.0
+    personalised_epochs: int = 0
     method_settings: tuple[tuple[str, Any], ...] = ()
     """Every registered method's settings (kebab-case key, value), sorted by key: read them
     as attributes like the core fields (``cfg.feddyn_alpha``)."""
@@ -282,7 +284,7 @@ class RunConfig:
         source = SourceOptions(self.dataset, columns, self.img_size, self.speech_classes)
         return DataOptions(source, self.num_clients, self.partitioner, self.dirichlet_alpha,
                            self.test_fraction, self.local_test_fraction, self.seed,
-                           self.train_examples, self.test_examples)
+                           self.train_examples, self.test_examples, self.validation_fraction)
 
     @property
     def exit_block_list(self) -> list[int]:
@@ -309,6 +311,10 @@ class RunConfig:
                  self.speech_classes)
         _require("local-test-fraction", 0 <= self.local_test_fraction < 1,
                  "a number in [0, 1)", self.local_test_fraction)
+        _require("validation-fraction", 0 <= self.validation_fraction < 0.5,
+                 "a number in [0, 0.5)", self.validation_fraction)
+        _require("personalised-epochs", self.personalised_epochs >= 0,
+                 "an integer >= 0 (0: no personalised evaluation)", self.personalised_epochs)
         for key in ("train-examples", "test-examples"):
             _require(key, getattr(self, key.replace("-", "_")) >= 0,
                      "an integer >= 0 (0: all)", getattr(self, key.replace("-", "_")))

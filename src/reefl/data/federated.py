@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
@@ -58,6 +58,10 @@ class DataOptions:
     skew only): for experiments that must be small."""
     test_examples: int = 0
     """If > 0, the global test set is a seeded uniform sample of this many examples."""
+    validation_fraction: float = 0.0
+    """Share of the training pool held out from every client (per class, seeded): the
+    validation split that early-exit thresholds are calibrated on. 0: none, and the
+    partition is exactly what it is without this option."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class FederatedData:
     (client i's local test split: drawn from the global test set with the client's class
     mix, or, for natural partitions, split off the client's own data). Some of the three
     splits may be the same one.
-    ``mean``/``std`` are per-channel statistics of the training pool.
+    ``mean``/``std`` are per-channel statistics of the training pool (the shards).
     """
 
     spec: DataSpec
@@ -82,6 +86,9 @@ class FederatedData:
     std: tuple[float, ...]
     partitioner: str
     client_groups: tuple[str, ...] = ()
+    validation_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Indices of ``train`` that no client holds (``validation-fraction``): the data
+    that exit thresholds are calibrated on, never the test set."""
 
     @property
     def train(self) -> Split:
@@ -137,7 +144,8 @@ def _write_partition(path: Path, data: FederatedData) -> None:
     try:
         with os.fdopen(fd, "wb") as file:
             np.savez(file, test_indices=data.test_indices, shards=shards, shard_ends=shard_ends,
-                     local=local, local_ends=local_ends, meta=np.array(json.dumps(meta)))
+                     local=local, local_ends=local_ends, meta=np.array(json.dumps(meta)),
+                     validation=np.asarray(data.validation_indices, np.int64))
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache is shared by every user's run
         os.replace(tmp, path)
     except BaseException:
@@ -161,7 +169,8 @@ def _read_partition(path: Path, spec: DataSpec) -> FederatedData:
         spec, split(meta["test"]), arrays["test_indices"],
         unflatten(arrays["shards"], arrays["shard_ends"]), split(meta["local_test"]),
         unflatten(arrays["local"], arrays["local_ends"]), tuple(meta["mean"]),
-        tuple(meta["std"]), meta["partitioner"], tuple(meta["client_groups"]))
+        tuple(meta["std"]), meta["partitioner"], tuple(meta["client_groups"]),
+        arrays["validation"])
 
 
 def _partition(spec: DataSpec, options: DataOptions) -> FederatedData:
@@ -189,6 +198,8 @@ def _label_skew(spec: DataSpec, options: DataOptions, partitioner: str) -> Feder
         test = spec.train
     pool = sample_indices(pool, options.train_examples, [options.seed, 6])
     test_idx = sample_indices(test_idx, options.test_examples, [options.seed, 7])
+    pool, validation = hold_out_validation(pool, np.asarray(spec.train.labels),
+                                           options.validation_fraction, [options.seed, 8])
     pool_labels = np.asarray(spec.train.labels[pool])
     if partitioner == "dirichlet":
         positions = dirichlet_partition(pool_labels, options.num_clients, options.alpha,
@@ -206,7 +217,19 @@ def _label_skew(spec: DataSpec, options: DataOptions, partitioner: str) -> Feder
                         np.random.default_rng([options.seed, 4]))
     mean, std = _stats(spec, pool)
     return FederatedData(spec, test, test_idx, shards, test,
-                         [test_idx[i] for i in local], mean, std, partitioner)
+                         [test_idx[i] for i in local], mean, std, partitioner,
+                         validation_indices=validation)
+
+
+def hold_out_validation(pool: np.ndarray, labels: np.ndarray, fraction: float,
+                        seed: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, validation): ``fraction`` of every class of ``pool`` (indices into
+    ``labels``) held out, drawn from ``seed``; with ``fraction`` 0, ``pool`` untouched and no
+    validation (no random draw, so partitions without a validation split do not change)."""
+    if fraction <= 0:
+        return pool, pool[:0]
+    rest, held = stratified_split(np.asarray(labels[pool]), fraction, seed)
+    return pool[rest], pool[held]
 
 
 def sample_indices(indices: np.ndarray, count: int, seed: list[int]) -> np.ndarray:
@@ -243,6 +266,10 @@ def _natural(spec: DataSpec, options: DataOptions) -> FederatedData:
     parts = [split_per_class(shard, labels, options.local_test_fraction, rng)
              for shard in natural_partition(groups, chosen, options.seed)]
     shards, local_tests = [train for train, _ in parts], [test for _, test in parts]
+    held = [hold_out_validation(shard, labels, options.validation_fraction,
+                                [options.seed, 8, i]) for i, shard in enumerate(shards)]
+    shards = [rest for rest, _ in held]
+    validation = np.sort(np.concatenate([v for _, v in held])) if held else np.zeros(0, int)
     if spec.test is not None:
         test, test_idx = spec.test, np.arange(len(spec.test))
     else:
@@ -250,7 +277,7 @@ def _natural(spec: DataSpec, options: DataOptions) -> FederatedData:
     mean, std = _stats(spec, np.sort(np.concatenate(shards)))
     names = tuple(spec.group_names[g] for g in chosen)
     return FederatedData(spec, test, test_idx, shards, spec.train, local_tests,
-                         mean, std, "natural", names)
+                         mean, std, "natural", names, validation.astype(np.int64))
 
 
 def _stats(spec: DataSpec, pool: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

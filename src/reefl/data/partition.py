@@ -10,7 +10,7 @@ MIN_PARTITION_SIZE = 10
 
 
 def stratified_split(
-    labels: np.ndarray, test_fraction: float, seed: int
+    labels: np.ndarray, test_fraction: float, seed: int | list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return sorted (train, test) indices with test_fraction of every class in test, so the global
     test set keeps the source's label balance whatever the client skew."""

@@ -209,3 +209,39 @@ def apply_regime(model: nn.Module, regime: Regime) -> nn.Module:
         exits.requires_grad_(True)
     _adapt(model, regime)  # the parameters it adds are new, hence trainable
     return model
+
+
+# -- folding a regime into the plain architecture -----------------------------------------
+FOLDABLE = ("lora", "ssf")
+
+
+def merge_regime(state: dict[str, torch.Tensor], regime: Regime
+                 ) -> tuple[dict[str, torch.Tensor], str]:
+    """A model state of ``regime`` folded, where the regime is linear, into the weights of
+    the plain architecture: returns the new state and the regime its model has.
+
+    * LoRA on a Linear ``m``: W ← W + (α/r)·B A; ``m.lora_a``/``m.lora_b`` go.
+    * SSF after a Linear, a LayerNorm or the patch embedding ``m``: y ↦ γ ⊙ y + β of
+      y = W x + b is W ← diag(γ) W, b ← γ ⊙ b + β (the patch embedding's convolution per
+      output channel); ``m.ssf_scale``/``m.ssf_shift`` go.
+    * Adapters (``sa``, ``pa``) have a ReLU and do not fold: the state is returned as is.
+
+    The folded model is ``full`` (every parameter its own; nothing added) and computes the
+    same function up to float rounding.
+    """
+    if regime.name not in FOLDABLE:
+        return dict(state), regime.name
+    merged = {k: v.detach().clone() for k, v in state.items()}
+    for name in [k for k in state if k.endswith(".lora_a")]:
+        module = name.removesuffix(".lora_a")
+        a, b = merged.pop(name), merged.pop(f"{module}.lora_b")
+        weight = merged[f"{module}.weight"]
+        merged[f"{module}.weight"] = weight + (regime.lora_alpha / regime.lora_rank) * (b @ a)
+    for name in [k for k in state if k.endswith(".ssf_scale")]:
+        module = name.removesuffix(".ssf_scale")
+        scale, shift = merged.pop(name), merged.pop(f"{module}.ssf_shift")
+        target = f"{module}.proj" if f"{module}.proj.weight" in merged else module
+        weight = merged[f"{target}.weight"]
+        merged[f"{target}.weight"] = weight * scale.view(-1, *[1] * (weight.dim() - 1))
+        merged[f"{target}.bias"] = merged[f"{target}.bias"] * scale + shift
+    return merged, "full"

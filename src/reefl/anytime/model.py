@@ -1,0 +1,216 @@
+"""A trained tier as a model that predicts early: ``load`` a run folder or an exported tier.
+
+A **tier bundle** is everything one tier's sub-model needs to predict on its own: the
+model's config (the run's, less what only training and data loading read), the task, the
+input pipeline (size, channels, normalisation), the class names, every exit's FLOPs, and the
+weights, with LoRA and SSF folded into the backbone's own weights (``merge_regime``). A run
+folder gives one for any tier; ``reefl export`` writes one to disk; both load the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reefl.anytime.policy import ExitPolicy, confidence
+from reefl.data import InputPipeline
+from reefl.methods import TaskSpec, build_method
+from reefl.models import EarlyExitModel
+
+BUNDLE_FILE = "reefl-model.json"
+WEIGHTS_FILE = "model.safetensors"
+BUNDLE_FORMAT = "reefl-tier/1"
+TRAINING_ONLY_KEYS = (
+    "dataset", "partitioner", "partition-by", "image-column", "audio-column", "label-column",
+    "local-test-fraction", "validation-fraction", "train-examples", "test-examples",
+    "pretrained", "output-dir", "run-name", "resume", "personalised-epochs",
+)
+"""Run-config keys that do not change a trained model's computation (data, the starting
+weights, where outputs go): left at their defaults in a bundle, so that it loads on a
+machine that has neither the data nor the pretrained file."""
+
+
+class ModelLoadError(ValueError):
+    """A folder that is not a run with a model, or an unusable tier (one line)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per sample: predicted class, the exit taken, its confidence there, and the FLOPs
+    spent to reach it."""
+
+    labels: torch.Tensor
+    exits: torch.Tensor
+    confidence: torch.Tensor
+    flops: torch.Tensor
+
+
+@dataclass
+class TierBundle:
+    """A tier's sub-model and what it needs to predict alone (see the module docstring)."""
+
+    info: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+    @property
+    def pipeline(self) -> InputPipeline:
+        p = self.info["pipeline"]
+        return InputPipeline(p["kind"], p["size"], p["channels"], tuple(p["mean"]),
+                             tuple(p["std"]))
+
+    def build(self) -> EarlyExitModel:
+        """The tier's model with the bundle's weights (no random initialisation)."""
+        from reefl.config import RunConfig
+
+        cfg = RunConfig.from_flat(self.info["model_config"])
+        method = build_method(cfg, TaskSpec(**self.info["task"]))
+        with torch.device("meta"):
+            model = method.build_model(self.info["tier"])
+        model.load_state_dict(self.state, strict=True, assign=True)
+        return model.eval()
+
+
+class AnytimeModel:
+    """One tier's trained sub-model, for early-exit inference.
+
+    ``exit_logits`` computes every exit (for calibration and evaluation); ``predict`` stops
+    each sample at its first confident exit and computes nothing deeper for it.
+    ``exit_flops[k]`` is the cost of one image up to exit k, every Ree pass on the way
+    included (what ``reefl costs`` prints as the forward FLOPs of tier k).
+    """
+
+    def __init__(self, bundle: TierBundle) -> None:
+        self.bundle = bundle
+        self.model = bundle.build()
+        self.pipeline = bundle.pipeline
+        self.exit_flops: list[int] = list(bundle.info["exit_flops"])
+        self.class_names: list[str] = list(bundle.info["class_names"])
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_flops)
+
+    @property
+    def tier(self) -> int:
+        return int(self.bundle.info["tier"])
+
+    def inputs(self, stored: torch.Tensor) -> torch.Tensor:
+        """Model inputs from stored examples (uint8 images [N, C, H, W] or log-mel
+        features), as evaluation prepares them: normalised, resized, channels matched."""
+        return self.pipeline(stored, None)
+
+    @torch.no_grad()
+    def exit_logits(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Logits of every exit [K, N, classes] for model inputs ``x``."""
+        parts = [torch.stack([z.float() for z in self.model(x[i:i + batch_size])])
+                 for i in range(0, len(x), batch_size)]
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, policy: ExitPolicy, batch_size: int = 256
+                ) -> Prediction:
+        """Early-exit predictions for model inputs ``x`` under ``policy``."""
+        if len(policy.thresholds) != self.num_exits:
+            raise ValueError(f"the policy has {len(policy.thresholds)} thresholds and the "
+                             f"model {self.num_exits} exits")
+        logits, exits = [], []
+        for i in range(0, len(x), batch_size):
+            out, taken = self.model.forward_until(x[i:i + batch_size], policy.stops)
+            logits.append(out.float())
+            exits.append(taken)
+        out, taken = torch.cat(logits), torch.cat(exits)
+        flops = torch.tensor(self.exit_flops, dtype=torch.long)[taken]
+        return Prediction(out.argmax(-1), taken, confidence(out, policy.criterion), flops)
+
+
+# -- bundles from a run folder and from disk ----------------------------------------------
+
+
+def is_bundle_folder(path: Path) -> bool:
+    return (path / BUNDLE_FILE).is_file()
+
+
+def load(path: str | Path, tier: int | None = None) -> AnytimeModel:
+    """The model of a run folder (``tier``: which tier's sub-model; default the deepest)
+    or of an exported tier folder (``reefl export``), ready to ``predict``."""
+    path = Path(path).expanduser()
+    if is_bundle_folder(path):
+        if tier is not None and tier != read_bundle(path).info["tier"]:
+            raise ModelLoadError(f"{path} holds tier {read_bundle(path).info['tier']} only")
+        return AnytimeModel(read_bundle(path))
+    return AnytimeModel(run_bundle(path, tier))
+
+
+def _run_files(run_dir: Path) -> tuple[dict[str, Any], Path]:
+    config, weights = run_dir / "config.json", run_dir / WEIGHTS_FILE
+    for needed in (config, weights):
+        if not needed.is_file():
+            raise ModelLoadError(f"{run_dir} is not a finished run folder or an exported tier: "
+                                 f"{needed.name} is missing")
+    return json.loads(config.read_text()), weights
+
+
+def run_bundle(run_dir: Path, tier: int | None = None) -> TierBundle:
+    """The bundle of ``tier`` (default: the deepest) of the finished run in ``run_dir``:
+    its weights cut from the final global model, the regime merged where it folds, the input
+    pipeline and class names from the run's data (its cache), the FLOPs counted."""
+    from safetensors.torch import load_file
+
+    from reefl.accounting import exit_flops_in
+    from reefl.config import RunConfig
+    from reefl.federation.inputs import run_data
+    from reefl.models.finetune import merge_regime
+
+    flat, weights = _run_files(run_dir)
+    cfg = RunConfig.from_flat(flat)
+    data, pipeline, task = run_data(cfg)
+    method = build_method(cfg, task)
+    tier = method.num_exits - 1 if tier is None else tier
+    if not 0 <= tier < method.num_exits:
+        raise ModelLoadError(f"tier must be in 0..{method.num_exits - 1} for {run_dir}; "
+                             f"got {tier}")
+    state = method.tier_state(load_file(str(weights)), tier)
+    merged, regime = merge_regime(state, method.regime)
+    model_config = {**{k: v for k, v in flat.items() if k not in TRAINING_ONLY_KEYS},
+                    "regime": regime}
+    info = {
+        "format": BUNDLE_FORMAT, "tier": tier, "method": cfg.method, "source_run": str(run_dir),
+        "model_config": model_config, "task": dataclasses.asdict(task),
+        "exit_ids": method.exit_ids(tier),
+        "exit_blocks": [method.exit_blocks[k] for k in method.exit_ids(tier)],
+        "pipeline": {"kind": pipeline.kind, "size": pipeline.size,
+                     "channels": pipeline.channels, "mean": list(pipeline.mean),
+                     "std": list(pipeline.std)},
+        "class_names": list(data.spec.class_names),
+    }
+    bundle = TierBundle(info, merged)
+    info["exit_flops"] = exit_flops_in(bundle.build(), task.in_chans, cfg.img_size)
+    return bundle
+
+
+def read_bundle(folder: Path) -> TierBundle:
+    """A bundle ``write_bundle`` wrote."""
+    from safetensors.torch import load_file
+
+    info = json.loads((folder / BUNDLE_FILE).read_text())
+    if info.get("format") != BUNDLE_FORMAT:
+        raise ModelLoadError(f"{folder / BUNDLE_FILE}: format must be '{BUNDLE_FORMAT}'; "
+                             f"got {info.get('format')!r}")
+    return TierBundle(info, load_file(str(folder / WEIGHTS_FILE)))
+
+
+def write_bundle(bundle: TierBundle, folder: Path) -> Path:
+    """``folder``/reefl-model.json and model.safetensors: the tier, loadable alone."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in bundle.state.items()},
+              str(folder / WEIGHTS_FILE))
+    (folder / BUNDLE_FILE).write_text(json.dumps(bundle.info, indent=2) + "\n")
+    return folder
+
