@@ -209,6 +209,18 @@ def calibrate_run(run_dir: Path, criterion: str = "maxprob",
     return record
 
 
+def format_operating_points(record: dict[str, Any]) -> str:
+    """A plain table of each tier's operating point: test accuracy, average FLOPs against
+    the tier's deepest exit, and the thresholds."""
+    lines = [f"{'tier':<6}{'test acc %':>11}{'MFLOPs/img':>12}{'of deepest':>12}  thresholds"]
+    for t in record["tiers"]:
+        deepest = t["exit_flops"][-1]
+        shown = " ".join("-" if v >= NEVER else f"{v:.3f}" for v in t["thresholds"][:-1])
+        lines.append(f"{t['tier']:<6}{t['test_accuracy']:>11.2f}{t['test_flops'] / 1e6:>12.3f}"
+                     f"{100 * t['test_flops'] / deepest:>11.1f}%  {shown or '(one exit)'}")
+    return "\n".join(lines)
+
+
 # -- a comparison folder -------------------------------------------------------------------
 
 

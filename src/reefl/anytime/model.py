@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,20 @@ class AnytimeModel:
                  for i in range(0, len(x), batch_size)]
         return torch.cat(parts, dim=1)
 
+    def policy(self, threshold: float | Sequence[float] = 0.9, criterion: str = "maxprob",
+               budget: float | None = None) -> ExitPolicy:
+        """An ``ExitPolicy`` for this model: one threshold or one per exit, the criterion,
+        and a budget in FLOPs per image (the deepest exit it affords is the last)."""
+        return ExitPolicy.build(self.num_exits, threshold, criterion, self.exit_flops, budget)
+
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, policy: ExitPolicy, batch_size: int = 256
-                ) -> Prediction:
-        """Early-exit predictions for model inputs ``x`` under ``policy``."""
+    def predict(self, x: torch.Tensor, threshold: float | Sequence[float] = 0.9,
+                criterion: str = "maxprob", budget: float | None = None,
+                policy: ExitPolicy | None = None, batch_size: int = 256) -> Prediction:
+        """Early-exit predictions for model inputs ``x`` (see ``inputs``): each sample stops
+        at its first exit whose confidence reaches the threshold, within the budget; or as
+        ``policy`` says, when given."""
+        policy = policy or self.policy(threshold, criterion, budget)
         if len(policy.thresholds) != self.num_exits:
             raise ValueError(f"the policy has {len(policy.thresholds)} thresholds and the "
                              f"model {self.num_exits} exits")

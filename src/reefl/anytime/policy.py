@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-CRITERIA = ("maxprob", "entropy")
+from reefl.anytime import CRITERIA
+
 NEVER = 2.0
 """A threshold no confidence reaches (confidences are at most 1): the sample goes on."""
 

@@ -1,0 +1,168 @@
+"""A tier taken to a device: its bundle (safetensors + JSON, ``reefl predict`` and
+``reefl.load`` read it alone) and, optionally, ONNX graphs, one per exit.
+
+The ONNX export cuts the tier's model at its exits into **stages**: stage 0 takes the image
+and runs the patch embedding and the blocks up to exit 0; stage k runs the blocks after exit
+k−1 up to exit k. Each stage returns its exit's logits and, unless it is the last, what the
+next stage needs: the tokens and, for an exit module that keeps one (Ree), the history of
+class tokens [B, n, dim]. A device runs stage 0, reads the logits, and runs the next stage
+only for the samples that are not confident yet, so an early exit costs only its own
+stages. ``onnx-stages.json`` lists each stage's file, inputs and outputs, and
+``OnnxTier`` runs them this way with onnxruntime (numpy, no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from reefl.anytime.model import AnytimeModel, write_bundle
+from reefl.anytime.policy import CRITERIA, NEVER
+from reefl.models import EarlyExitModel
+
+STAGES_FILE = "onnx-stages.json"
+ONNX_OPSET = 17
+
+
+class ExitStage(nn.Module):
+    """The blocks ``first``..``last`` of an ``EarlyExitModel`` and the exit after ``last``,
+    as one graph: (image) or (tokens[, history]) in; (logits[, tokens, history]) out."""
+
+    def __init__(self, model: EarlyExitModel, first: int, last: int, history_in: int,
+                 final: bool) -> None:
+        super().__init__()
+        self.model, self.first, self.last = model, first, last
+        self.history_in, self.final = history_in, final
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.first == 0:
+            h, history = self.model.backbone.embed(inputs[0]), []
+        else:
+            h = inputs[0]
+            history = list(inputs[1].split(1, dim=1)) if self.history_in else []
+        logits = None
+        for index in range(self.first, self.last + 1):
+            h = self.model.backbone.blocks[index](h)
+            h, out = self.model.exits.after_block(index, h, history)
+            logits = out if out is not None else logits
+        assert logits is not None
+        if self.final:
+            return (logits,)
+        return (logits, h, torch.cat(history, dim=1)) if history else (logits, h)
+
+
+def stage_bounds(model: EarlyExitModel) -> list[tuple[int, int]]:
+    """(first block, last block) of every stage: one stage per exit."""
+    blocks = list(model.exits.exit_blocks)
+    return [(0 if k == 0 else blocks[k - 1] + 1, b) for k, b in enumerate(blocks)]
+
+
+def export_onnx(model: AnytimeModel, folder: Path) -> Path:
+    """One ONNX file per exit of ``model`` and ``onnx-stages.json`` describing them;
+    returns the JSON's path. Uses torch's TorchScript-based exporter (the dynamo one needs
+    onnxscript, which is not a dependency); the batch dimension is dynamic."""
+    network = model.model.eval()
+    bounds = stage_bounds(network)
+    size, channels = model.pipeline.size, model.pipeline.channels
+    example: tuple[torch.Tensor, ...] = (torch.zeros(2, channels, size, size),)
+    stages: list[dict[str, Any]] = []
+    history_in = 0
+    for k, (first, last) in enumerate(bounds):
+        final = k == len(bounds) - 1
+        stage = ExitStage(network, first, last, history_in, final)
+        inputs = ["image"] if k == 0 else ["tokens_in", "history_in"][: 1 + bool(history_in)]
+        with torch.no_grad():
+            outputs = stage(*example)
+        names = ["logits", "tokens", "history"][: len(outputs)]
+        path = folder / f"exit-{k}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(stage, example, str(path), input_names=inputs,
+                              output_names=names, opset_version=ONNX_OPSET, dynamo=False,
+                              dynamic_axes={n: {0: "batch"} for n in [*inputs, *names]})
+        stages.append({"exit": k, "file": path.name, "blocks": [first, last],
+                       "inputs": inputs, "outputs": names})
+        example = outputs[1:]
+        history_in = outputs[2].shape[1] if len(outputs) > 2 else 0
+    description = {"stages": stages, "exit_flops": model.exit_flops,
+                   "input": {"channels": channels, "size": size}, "opset": ONNX_OPSET}
+    (folder / STAGES_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    return folder / STAGES_FILE
+
+
+def export_tier(run_dir: Path, tier: int | None, folder: Path, onnx: bool = True) -> Path:
+    """``reefl export``: the tier's bundle (and ONNX stages) into ``folder``, which must be
+    new or empty; returns ``folder``."""
+    from reefl.anytime.model import ModelLoadError, load
+
+    if folder.exists() and any(folder.iterdir()):
+        raise ModelLoadError(f"export folder {folder} is not empty; choose a new one")
+    model = load(run_dir, tier)
+    write_bundle(model.bundle, folder)
+    if onnx:
+        export_onnx(model, folder)
+    return folder
+
+
+class OnnxTier:
+    """An exported tier's ONNX stages run with onnxruntime, early exit included: what a
+    device without torch runs. Inputs are model inputs (normalised, resized) as float32."""
+
+    def __init__(self, folder: Path) -> None:
+        import onnxruntime
+
+        self.description = json.loads((folder / STAGES_FILE).read_text())
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self.sessions = [onnxruntime.InferenceSession(str(folder / s["file"]), options,
+                                                      providers=["CPUExecutionProvider"])
+                         for s in self.description["stages"]]
+
+    def exit_logits(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every exit's logits (every stage run for every sample)."""
+        logits, carried = [], [x]
+        for stage, session in zip(self.description["stages"], self.sessions, strict=True):
+            outputs = session.run(None, dict(zip(stage["inputs"], carried, strict=True)))
+            logits.append(outputs[0])
+            carried = outputs[1:]
+        return logits
+
+    def predict(self, x: np.ndarray, threshold: float, criterion: str = "maxprob"
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted class, exit taken) per sample: stage k runs only for the samples that
+        no earlier exit was confident about (one threshold for every exit)."""
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}")
+        n = len(x)
+        labels, exits = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        going, carried = np.arange(n), [x]
+        last = len(self.sessions) - 1
+        for k, (stage, session) in enumerate(zip(self.description["stages"], self.sessions,
+                                                 strict=True)):
+            outputs = session.run(None, dict(zip(stage["inputs"], carried, strict=True)))
+            score = _confidence(outputs[0], criterion)
+            here = score >= threshold if k < last and threshold < NEVER else \
+                np.full(len(score), k == last)
+            labels[going[here]] = outputs[0][here].argmax(-1)
+            exits[going[here]] = k
+            going = going[~here]
+            carried = [o[~here] for o in outputs[1:]]
+            if len(going) == 0:
+                break
+        return labels, exits
+
+
+def _confidence(logits: np.ndarray, criterion: str) -> np.ndarray:
+    """``policy.confidence`` in numpy (maxprob, or 1 − normalised entropy)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    if criterion == "maxprob":
+        return probs.max(axis=-1)
+    entropy = -(probs * np.log(np.clip(probs, 1e-30, None))).sum(axis=-1)
+    return np.clip(1.0 - entropy / np.log(logits.shape[-1]), 0.0, 1.0)

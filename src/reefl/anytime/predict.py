@@ -1,0 +1,212 @@
+"""What ``reefl predict`` reads and writes: inputs from files, folders or a run's own split,
+the policy from the command line or the run's calibration, and one row per sample."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reefl.anytime.model import AnytimeModel, Prediction
+from reefl.anytime.policy import ExitPolicy
+
+DEFAULT_THRESHOLD = 0.9
+SPLITS = ("test", "validation")
+_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+class PredictError(ValueError):
+    """A bad input or option of ``reefl predict`` (one line)."""
+
+
+@dataclass
+class Inputs:
+    """Model inputs [N, C, H, W], a name per sample, and labels when they are known."""
+
+    names: list[str]
+    x: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+def parse_flops(text: str) -> float:
+    """A FLOPs count such as ``250000``, ``250k``, ``1.5M`` or ``4.6G``."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kKmMgG]?)\s*", text)
+    if not found:
+        raise PredictError(f"--budget must be a number of FLOPs such as 250k, 1.5M or 4.6G; "
+                           f"got '{text}'")
+    return float(found.group(1)) * _SCALE[found.group(2).lower()]
+
+
+def parse_thresholds(text: str) -> float | list[float]:
+    """One threshold, or one per exit separated by commas."""
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise PredictError(f"--threshold must be a number or one number per exit separated "
+                           f"by commas; got '{text}'") from None
+    return values[0] if len(values) == 1 else values
+
+
+def input_files(paths: list[Path], kind: str) -> list[Path]:
+    """The image (or audio) files among ``paths``, folders searched recursively, sorted."""
+    from reefl.data.folder import AUDIO_SUFFIXES, IMAGE_SUFFIXES
+
+    suffixes = IMAGE_SUFFIXES if kind == "image" else AUDIO_SUFFIXES
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise PredictError(f"input {path} does not exist")
+    if not files:
+        raise PredictError(f"no {kind} files ({', '.join(sorted(suffixes))}) in "
+                           f"{', '.join(map(str, paths))}")
+    return files
+
+
+def read_files(model: AnytimeModel, paths: list[Path]) -> Inputs:
+    """Model inputs from image or audio files, decoded as training decoded the run's data
+    (images to the model's channels; audio to log-mel features)."""
+    from reefl.data import DataError
+    from reefl.data.decode import decode_audio, decode_images
+
+    kind = model.pipeline.kind
+    files = input_files(paths, kind)
+    names = [str(f) for f in files]
+    try:
+        stored = (decode_images(files, names, model.pipeline.size) if kind == "image"
+                  else decode_audio(files, names))
+    except DataError as err:
+        raise PredictError(str(err)) from None
+    x = torch.from_numpy(stored)
+    if kind == "image":
+        x = _match_channels(x, len(model.pipeline.mean))
+    return Inputs(names, model.inputs(x))
+
+
+def _match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 images with the data's channel count: RGB averaged to grey, grey repeated."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 1:
+        return images.float().mean(dim=1, keepdim=True).round().to(torch.uint8)
+    return images.expand(-1, channels, -1, -1).contiguous()
+
+
+def read_split(run_dir: Path, split: str) -> Inputs:
+    """A split of the run's own data, with its labels: ``test`` or ``validation``."""
+    from reefl.config import RunConfig
+    from reefl.data import held_out_loader, test_loader
+    from reefl.federation.inputs import run_data
+
+    if split not in SPLITS:
+        raise PredictError(f"--split must be one of {', '.join(SPLITS)}; got '{split}'")
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise PredictError(f"--split needs a run folder (with config.json); {run_dir} is not "
+                           "one (an exported tier carries no data)")
+    cfg = RunConfig.from_flat(json.loads(config.read_text()))
+    data, pipeline, _ = run_data(cfg)
+    if split == "validation":
+        if len(data.validation_indices) == 0:
+            raise PredictError(f"{run_dir} has no validation split (validation-fraction=0)")
+        loader, indices = held_out_loader(data, pipeline, data.validation_indices,
+                                          cfg.eval_batch_size), data.validation_indices
+    else:
+        loader, indices = test_loader(data, pipeline, cfg.eval_batch_size), data.test_indices
+    xs, ys = zip(*loader, strict=True)
+    return Inputs([f"{split}[{i}]" for i in indices], torch.cat(xs), torch.cat(ys))
+
+
+def calibrated_policy(model: AnytimeModel, source: Path, criterion: str | None
+                      ) -> ExitPolicy | None:
+    """The operating point of the model's tier from ``source``/calibration.json, or None
+    when there is none (or it was made for another criterion than the one asked)."""
+    from reefl.anytime.calibrate import CALIBRATION_FILE
+
+    path = source / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if criterion is not None and criterion != record["criterion"]:
+        return None
+    tiers = {t["tier"]: t for t in record["tiers"]}
+    if model.tier not in tiers:
+        return None
+    return ExitPolicy.build(model.num_exits, tiers[model.tier]["thresholds"],
+                            record["criterion"])
+
+
+def choose_policy(model: AnytimeModel, source: Path, threshold: str | None,
+                  criterion: str | None, budget: str | None) -> tuple[ExitPolicy, str]:
+    """The policy to predict with, and a line saying where it came from: ``--threshold``
+    if given, else the run's calibrated operating point, else ``DEFAULT_THRESHOLD``;
+    ``--budget`` caps the deepest exit in every case."""
+    flops = parse_flops(budget) if budget is not None else None
+    chosen = None if threshold is not None else calibrated_policy(model, source, criterion)
+    if chosen is not None:
+        why = f"calibrated thresholds of tier {model.tier} ({source / 'calibration.json'})"
+        values: float | list[float] = list(chosen.thresholds)
+        criterion = chosen.criterion
+    else:
+        values = parse_thresholds(threshold) if threshold is not None else DEFAULT_THRESHOLD
+        why = ("--threshold" if threshold is not None else
+               f"default threshold {DEFAULT_THRESHOLD} (no calibration.json: see reefl "
+               "calibrate)")
+    try:
+        policy = ExitPolicy.build(model.num_exits, values, criterion or "maxprob",
+                                  model.exit_flops, flops)
+    except ValueError as err:
+        raise PredictError(str(err)) from None
+    if flops is not None:
+        why += f"; budget {flops:,.0f} FLOPs: exits up to {policy.last_exit}"
+    return policy, why
+
+
+def rows(inputs: Inputs, prediction: Prediction, class_names: list[str]
+         ) -> list[dict[str, Any]]:
+    """One dict per sample: name, class, exit, confidence, FLOPs (and label if known)."""
+    out = []
+    for i, name in enumerate(inputs.names):
+        label = int(prediction.labels[i])
+        row = {"input": name, "prediction": class_names[label] if class_names else label,
+               "exit": int(prediction.exits[i]), "confidence": float(prediction.confidence[i]),
+               "flops": int(prediction.flops[i])}
+        if inputs.labels is not None:
+            row["label"] = class_names[int(inputs.labels[i])] if class_names else \
+                int(inputs.labels[i])
+        out.append(row)
+    return out
+
+
+def summary(inputs: Inputs, prediction: Prediction, num_exits: int) -> dict[str, Any]:
+    """Samples, mean FLOPs per image, share per exit and, with labels, accuracy (%)."""
+    shares = np.bincount(prediction.exits.numpy(), minlength=num_exits) / len(inputs.names)
+    result: dict[str, Any] = {"samples": len(inputs.names),
+                              "mean_flops": float(prediction.flops.double().mean()),
+                              "exit_share": shares.tolist()}
+    if inputs.labels is not None:
+        result["accuracy"] = 100.0 * float((prediction.labels == inputs.labels).double().mean())
+    return result
+
+
+def write_rows(path: Path, table: list[dict[str, Any]]) -> Path:
+    """The rows as CSV (``.csv``) or JSON lines (anything else)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        with path.open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in table))
+    return path
+
