@@ -64,12 +64,17 @@ class TierBundle:
         return InputPipeline(p["kind"], p["size"], p["channels"], tuple(p["mean"]),
                              tuple(p["std"]))
 
+    @property
+    def task(self) -> TaskSpec:
+        """Classes and input channels of the model."""
+        return TaskSpec(**self.info["task"])
+
     def build(self) -> EarlyExitModel:
         """The tier's model with the bundle's weights (no random initialisation)."""
         from reefl.config import RunConfig
 
         cfg = RunConfig.from_flat(self.info["model_config"])
-        method = build_method(cfg, TaskSpec(**self.info["task"]))
+        method = build_method(cfg, self.task)
         with torch.device("meta"):
             model = method.build_model(self.info["tier"])
         model.load_state_dict(self.state, strict=True, assign=True)

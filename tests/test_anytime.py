@@ -1,0 +1,310 @@
+"""Early-exit inference, calibration and exported tiers (reefl.anytime).
+
+The maths is pinned against hand-computed values; the early-stopping loop against the plain
+forward pass; a tiny real run ties predictions, FLOPs and exports to what the run reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reefl.accounting import exit_flops_in, tier_costs
+from reefl.anytime import ExitPolicy, confidence, load
+from reefl.anytime.calibrate import (
+    ExitScores,
+    calibrate_run,
+    geometric_shares,
+    operating_point,
+    thresholds_for_shares,
+)
+from reefl.anytime.export import OnnxTier, export_tier
+from reefl.anytime.policy import NEVER, last_affordable_exit
+from reefl.anytime.predict import parse_flops
+from reefl.cli import main
+from reefl.config import RunConfig
+from reefl.federation.local import run_local
+from reefl.methods import TaskSpec, build_method
+from reefl.models.finetune import Regime, apply_regime, merge_regime
+
+TASK = TaskSpec(num_classes=5, in_chans=1)
+SMALL = {"img-size": 8, "patch-size": 4, "embed-dim": 16, "depth": 4, "num-heads": 2,
+         "num-exits": 3, "exit-blocks": "0,2,3", "mlp-ratio": 2.0}
+
+
+def _model(extra: dict | None = None, seed: int = 0) -> torch.nn.Module:
+    """The deepest tier of a small model with random (not initial) weights."""
+    cfg = RunConfig.from_flat({**SMALL, **(extra or {})})
+    torch.manual_seed(seed)
+    model = build_method(cfg, TASK).build_model(cfg.num_exits - 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
+# -- the policy -------------------------------------------------------------------------------
+
+
+def test_confidence_by_hand() -> None:
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # softmax (0.25, 0.75)
+    assert confidence(logits, "maxprob").item() == pytest.approx(0.75)
+    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert confidence(logits, "entropy").item() == pytest.approx(1 - entropy / math.log(2))
+    assert confidence(torch.zeros(1, 4), "entropy").item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="criterion must be one of maxprob, entropy"):
+        confidence(logits, "margin")
+
+
+def test_exits_taken_and_budget_by_hand() -> None:
+    scores = torch.tensor([[0.9, 0.2, 0.2, 0.5],
+                           [0.1, 0.8, 0.3, 0.5],
+                           [0.0, 0.0, 0.0, 0.0]])
+    policy = ExitPolicy((0.5, 0.7, 0.0))
+    assert policy.exits_taken(scores).tolist() == [0, 1, 2, 0]
+    assert ExitPolicy((0.0, 0.0, 0.0)).exits_taken(scores).tolist() == [0, 0, 0, 0]
+    assert ExitPolicy((1.01, 1.01, 1.01)).exits_taken(scores).tolist() == [2, 2, 2, 2]
+    flops = [100, 250, 400]
+    assert last_affordable_exit(flops, None) == 2
+    assert last_affordable_exit(flops, 300) == 1
+    assert last_affordable_exit(flops, 249) == 0
+    assert last_affordable_exit(flops, 10) == 0  # below exit 0's cost: still exit 0
+    capped = ExitPolicy.build(3, NEVER, exit_flops=flops, budget=249)
+    assert capped.last_exit == 0 and capped.exits_taken(scores).tolist() == [0, 0, 0, 0]
+    assert parse_flops("1.5M") == 1.5e6 and parse_flops("250k") == 250e3
+    with pytest.raises(ValueError, match="thresholds must be one number or 3"):
+        ExitPolicy.build(3, [0.5, 0.5])
+
+
+# -- the early-stopping loop --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [
+    {}, {"ree-depth": 2, "ree-recurrent-steps": 2}, {"modulation": False},
+    {"method": "depthfl"},
+], ids=["ree", "ree-deep-recurrent", "no-modulation", "heads"])
+def test_forward_until_gives_the_plain_forward_at_the_exit_taken(extra: dict) -> None:
+    model = _model(extra)
+    x = torch.randn(12, 1, 8, 8)
+    with torch.no_grad():
+        every = torch.stack(model(x))  # [K, B, C]
+        scores = confidence(every)
+        for thresholds in [(0.0,) * 3, (NEVER,) * 3, tuple(scores.median(dim=1).values)]:
+            policy = ExitPolicy(tuple(float(t) for t in thresholds))
+            logits, taken = model.forward_until(x, policy.stops)
+            assert taken.tolist() == policy.exits_taken(scores).tolist()
+            torch.testing.assert_close(logits, every[taken, torch.arange(12)],
+                                       atol=1e-6, rtol=1e-5)
+    assert set(policy.exits_taken(scores).tolist()) != {0}  # the median mixes exits
+
+
+def test_forward_until_computes_deeper_blocks_only_for_samples_still_going() -> None:
+    model = _model()
+    rows: list[int] = []
+    model.backbone.blocks[3].register_forward_hook(lambda m, i, o: rows.append(len(o)))
+    x = torch.randn(10, 1, 8, 8)
+    with torch.no_grad():
+        scores = confidence(torch.stack(model(x)))
+        rows.clear()
+        threshold = float(scores[0].sort().values[6])  # 4 samples leave at exit 0
+        policy = ExitPolicy((threshold, NEVER, 0.0))
+        model.forward_until(x, policy.stops)
+    assert rows == [10 - int((scores[0] >= threshold).sum())] == [6]  # the 6 still going
+
+
+# -- FLOPs and folded regimes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["reefl", "depthfl"])
+def test_exit_flops_in_one_pass_equal_reefl_costs(method: str) -> None:
+    cfg = RunConfig.from_flat({**SMALL, "method": method})
+    costs = [c["forward_flops"] for c in tier_costs(build_method(cfg, TASK))]
+    assert exit_flops_in(_model({"method": method}), 1, 8) == costs
+
+
+def test_lora_and_ssf_fold_by_hand() -> None:
+    weight, bias = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0.5, -1.0])
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0], [0.0]])  # rank 1, B A = [[2,0],[0,0]]
+    merged, name = merge_regime({"m.weight": weight, "m.bias": bias, "m.lora_a": a,
+                                 "m.lora_b": b}, Regime("lora", 1, 2.0, 8))
+    assert name == "full" and set(merged) == {"m.weight", "m.bias"}
+    assert merged["m.weight"].tolist() == [[5.0, 2.0], [3.0, 4.0]]  # + (2/1)·[[2,0],[0,0]]
+    merged, _ = merge_regime({"m.weight": weight, "m.bias": bias,
+                              "m.ssf_scale": torch.tensor([2.0, 0.5]),
+                              "m.ssf_shift": torch.tensor([1.0, 1.0])}, Regime("ssf", 1, 1, 8))
+    assert merged["m.weight"].tolist() == [[2.0, 4.0], [1.5, 2.0]]
+    assert merged["m.bias"].tolist() == [2.0, 0.5]
+    state = {"m.weight": weight}
+    assert merge_regime(state, Regime("sa", 1, 1, 8)) == (state, "sa")
+
+
+@pytest.mark.parametrize("regime", ["lora", "ssf"])
+def test_folded_model_computes_what_the_regime_model_computes(regime: str) -> None:
+    adapted = _model({"regime": regime})
+    merged, name = merge_regime(adapted.state_dict(), Regime(regime, 32, 64.0, 32))
+    cfg = RunConfig.from_flat({**SMALL, "regime": name})
+    plain = apply_regime(build_method(cfg, TASK).build_architecture(2), Regime(name, 32, 64, 32))
+    plain.load_state_dict(merged, strict=True)
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        for mine, theirs in zip(plain.eval()(x), adapted(x), strict=True):
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+# -- calibration ------------------------------------------------------------------------------
+
+
+def test_calibration_maths_by_hand() -> None:
+    assert geometric_shares(3, 1.0) == pytest.approx([1 / 3] * 3)
+    assert geometric_shares(2, 0.5) == pytest.approx([2 / 3, 1 / 3])  # 0.5 : 0.25
+    scores = torch.tensor([[0.9, 0.8, 0.3, 0.2],
+                           [0.5, 0.5, 0.6, 0.4],
+                           [0.1, 0.1, 0.1, 0.1]])
+    # half leave at exit 0 (the two most confident), a quarter at exit 1 (sample 2), rest last
+    assert thresholds_for_shares(scores, [0.5, 0.25, 0.25]) == pytest.approx([0.8, 0.6, 0.0])
+    assert thresholds_for_shares(scores, [0.0, 1.0, 0.0])[0] == NEVER
+    correct = torch.tensor([[True, False, False, False],
+                            [True, True, True, False],
+                            [True, True, True, True]])
+    result = ExitScores(scores, correct, (100, 200, 400)).evaluate([0.8, 0.6, 0.0])
+    assert result["accuracy"] == pytest.approx(75.0)  # exits 0, 0, 1, 2: right, wrong, right, right
+    assert result["flops"] == pytest.approx((100 + 100 + 200 + 400) / 4)
+    assert result["exit_share"] == pytest.approx([0.5, 0.25, 0.25])
+
+
+def test_operating_point_by_hand() -> None:
+    points = [{"point": n, "validation_flops": f, "validation_accuracy": a}
+              for n, f, a in [("a", 100, 80.0), ("b", 200, 89.5), ("c", 300, 90.0),
+                              ("d", 400, 90.2)]]
+    assert operating_point(points)["point"] == "b"  # cheapest within 1 point of 90.2
+    assert operating_point(points, tolerance=0.1)["point"] == "d"
+    assert operating_point(points, target_accuracy=85)["point"] == "b"
+    assert operating_point(points, target_accuracy=99)["point"] == "d"  # none: the best
+    assert operating_point(points, target_flops=350)["point"] == "c"
+    assert operating_point(points, target_flops=50)["point"] == "a"  # none: the cheapest
+
+
+# -- a real run --------------------------------------------------------------------------------
+
+RUN = {"num-clients": 4, "num-exits": 3, "depth": 3, "embed-dim": 16, "num-heads": 2,
+       "num-server-rounds": 2, "eval-every": 2, "fraction-train": 1.0, "local-epochs": 1,
+       "seed": 3, "train-examples": 400, "test-examples": 200, "validation-fraction": 0.2}
+
+
+def _run(tmp: Path, **extra: object) -> Path:
+    cfg = RunConfig.from_flat({**RUN, **extra, "output-dir": str(tmp),
+                               "run-name": "-".join(f"{v}" for v in extra.values()) or "run"})
+    return run_local(cfg)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished ReeFL run in the LoRA regime (so exports fold LoRA), with a validation
+    split."""
+    return _run(tmp_path_factory.mktemp("runs"), regime="lora", **{"lora-rank": 4})
+
+
+def test_predict_reaches_the_runs_own_exit_accuracies(lora_run: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    final = json.loads((lora_run / "final.json").read_text())
+    for threshold, exit_ in [("0", 0), ("1.5", -1)]:
+        assert main(["predict", str(lora_run), "--split", "test", "-q",
+                     "--threshold", threshold]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert f"accuracy {final['exit_accuracy'][exit_]:.2f}%" in line
+    accounting = json.loads((lora_run / "accounting.json").read_text())
+    model = load(lora_run)
+    # LoRA folded away: each exit costs what the same model costs without LoRA's extra path
+    full = RunConfig.from_flat({**RUN, "regime": "full"})
+    assert model.exit_flops == [c["forward_flops"] for c in
+                                tier_costs(build_method(full, model.bundle.task))]
+    assert all(m < c["forward_flops"] for m, c in zip(model.exit_flops, accounting["tiers"],
+                                                       strict=True))
+
+
+def test_calibration_on_a_run(lora_run: Path) -> None:
+    record = calibrate_run(lora_run)
+    final = json.loads((lora_run / "final.json").read_text())
+    assert abs(record["validation_examples"] - 80) <= 5  # 20 % of 400, rounded per class
+    assert record["test_examples"] == 200
+    # each exit alone, on the test set, is what the run's own evaluation measured
+    assert [e["test_accuracy"] for e in record["exits"]] == pytest.approx(final["exit_accuracy"])
+    assert [t["tier"] for t in record["tiers"]] == [0, 1, 2]
+    flops = [q["test_flops"] for q in record["curve"]]
+    assert min(flops) == record["exit_flops"][0] and max(flops) <= record["exit_flops"][-1]
+    for name in ("calibration.json", "accuracy_vs_flops.csv", "accuracy_vs_flops.png"):
+        assert (lora_run / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("tier", [1, 2])
+def test_exported_tier_gives_the_runs_logits(lora_run: Path, tmp_path: Path, tier: int) -> None:
+    cfg = RunConfig.from_flat(json.loads((lora_run / "config.json").read_text()))
+    exported = load(export_tier(lora_run, tier, tmp_path / "tier"))
+    method = build_method(cfg, exported.bundle.task)
+    model = method.build_model(tier)  # the run's own model, LoRA not folded
+    model.load_state_dict(method.tier_state(load_file(str(lora_run / "model.safetensors")),
+                                            tier))
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(tier))
+    with torch.no_grad():
+        expected = torch.stack(model.eval()(x))
+    torch.testing.assert_close(exported.exit_logits(x), expected, atol=1e-6, rtol=0)
+    onnx = OnnxTier(tmp_path / "tier")
+    for mine, theirs in zip(onnx.exit_logits(x.numpy()), expected, strict=True):
+        np.testing.assert_allclose(mine, theirs.numpy(), atol=1e-5)
+    ranked = confidence(expected)[0].sort().values
+    threshold = float(ranked[7] + ranked[8]) / 2  # between two samples: no float ties
+    labels, exits = onnx.predict(x.numpy(), threshold)
+    prediction = exported.predict(x, threshold)
+    assert exits.tolist() == prediction.exits.tolist()
+    assert labels.tolist() == prediction.labels.tolist()
+
+
+def test_predict_files_with_an_exported_tier(lora_run: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (30, 20, 3), dtype=np.uint8)).save(folder / "b.jpg")
+    assert main(["export", str(lora_run), "--tier", "1", "-o", str(tmp_path / "t1"),
+                 "--no-onnx"]) == 0
+    out = tmp_path / "rows.csv"
+    assert main(["predict", str(tmp_path / "t1"), str(folder), "--threshold", "0",
+                 "-o", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "input,prediction,exit,confidence,flops"
+    assert [line.split(",")[2] for line in lines[1:]] == ["0", "0"]  # threshold 0: exit 0
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "t1"), "--split", "test"]) == 2
+    assert "exported tier carries no data" in capsys.readouterr().err
+    assert main(["export", str(lora_run), "-o", str(tmp_path / "t1")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_calibrate_needs_a_validation_split(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    config = RunConfig.from_flat({**RUN, "validation-fraction": 0.0}).to_flat()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["calibrate", str(tmp_path)]) == 2
+    assert "validation-fraction > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["scalefl", "inclusivefl"])
+def test_tiers_of_methods_with_their_own_tier_models(method: str, tmp_path: Path) -> None:
+    widths = {"scalefl-widths": "0.5,0.75,1.0"} if method == "scalefl" else {}
+    run = _run(tmp_path, method=method, **{"num-server-rounds": 1}, **widths)
+    for tier in range(3):
+        model = load(run, tier)
+        cfg = RunConfig.from_flat(json.loads((run / "config.json").read_text()))
+        m = build_method(cfg, model.bundle.task)
+        assert model.bundle.info["exit_ids"] == m.exit_ids(tier)
+        assert model.num_exits == len(m.exit_ids(tier))
+        x = torch.randn(4, 1, 28, 28)
+        assert model.exit_logits(x).shape == (model.num_exits, 4, 10)
