@@ -32,7 +32,9 @@ E2E_RUNS = [
     pytest.param('regime="frozen" pretrained="{checkpoint}"', id="reefl-frozen-pretrained"),
     pytest.param('distillation="dynamic" exit-module="heads" maximum=true', id="reefl-ablations",
                  marks=pytest.mark.extended),
-    pytest.param(f'method="depthfl" regime="lora" {LORA}', id="depthfl-lora"),
+    # ... and the personalised evaluation's evaluate messages through Flower's simulation
+    pytest.param(f'method="depthfl" regime="lora" {LORA} personalised-epochs=1',
+                 id="depthfl-lora"),
     pytest.param('method="depthfl" server-update="feddyn"', id="depthfl-feddyn",
                  marks=pytest.mark.extended),
     pytest.param('method="exclusivefl" regime="ssf"', id="exclusivefl-ssf",
@@ -110,6 +112,13 @@ def test_two_rounds_write_the_run_folder(extra: str, tmp_path: Path) -> None:
     assert final["method"] == config["method"] and final["seed"] == 3 and final["wall_seconds"] > 0
     assert final["simulation_poll"] == "reefl"  # simulation_fix took effect in Flower's run
     assert 0 <= final["ensemble_accuracy"] <= 100
+    if config["personalised-epochs"]:  # every client answered the evaluate message
+        personalised = json.loads((run_dir / "personalised.json").read_text())
+        assert (personalised["clients_answered"], personalised["clients_failed"]) == (4, 0)
+        assert [(r["exit"], r["clients"]) for r in personalised["exits"]] == [(0, 4), (1, 2)]
+        assert final["personalised"] == personalised["exits"]
+    else:
+        assert "personalised" not in final
     if config["regime"] == "full":  # ten classes: two rounds already beat chance
         assert final["mean_accuracy"] > 10.0
     else:  # a frozen random backbone may not in two rounds, but the clients learn

@@ -3,10 +3,11 @@ short runs (one Flower simulation costs tens of seconds to start and stop), for 
 app, and for tests that need clients to misbehave.
 
 ``LocalGrid`` stands in for Flower's Grid: it delivers each message to the ClientApp's own
-handlers (``client_app.describe`` and ``client_app.train``), called here with a Context per
-node, and returns their replies. The ServerApp's ``run_server`` drives it exactly as it drives
-a Flower grid, so a run gives the same global model as ``reefl run`` with the same config, bit
-for bit (``tests/test_local_run.py``), and writes the same run folder.
+handlers (``client_app.describe``, ``client_app.train`` and ``client_app.personalise``),
+called here with a Context per node, and returns their replies. The ServerApp's
+``run_server`` drives it exactly as it drives a Flower grid, so a run gives the same global
+model as ``reefl run`` with the same config, bit for bit (``tests/test_local_run.py``), and
+writes the same run folder.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ class LocalGrid:
         return replies
 
     def _handle(self, message: Message, node: int) -> Message | None:
-        handler = {"query": client_app.describe, "train": client_app.train}[
-            message.metadata.message_type]
+        handler = {"query": client_app.describe, "train": client_app.train,
+                   "evaluate": client_app.personalise}[message.metadata.message_type]
         context = self.contexts[node]
         with _task_identity(node):
             try:

@@ -1,5 +1,6 @@
-"""Checking a client's training reply before it reaches aggregation, and the record of who
-took part in a round.
+"""Checking a client's training reply before it reaches aggregation (and a personalised
+evaluation's reply before it reaches personalised.json), and the record of who took part in
+a round.
 
 A reply is used only if it carries, for the tier it was sent, exactly the tensors it was sent
 (names, shapes, dtypes), all finite, an integer example count in 1..the count the client gave
@@ -90,6 +91,51 @@ def checked_update(reply: Message, sent: SentTo, with_client_state: bool
         _same_layout(client_state, {k: sent.payload[k] for k in client_state}, "client state")
     return (ClientUpdate(sent.partition_id, sent.tier, state, num_examples, train),
             client_state)
+
+
+@dataclass(frozen=True)
+class ClientAccuracies:
+    """One client's personalised evaluation: the accuracy (%) of each of its tier's exits
+    (``exits``, global indices) on its local test split, with the global model and after
+    fine-tuning; both lists are empty when the split is."""
+
+    partition_id: int
+    tier: int
+    exits: list[int]
+    num_test_examples: int
+    global_accuracy: list[float]
+    personalised_accuracy: list[float]
+
+    def as_json(self) -> dict[str, Any]:
+        """The client's entry of personalised.json."""
+        return {"partition_id": self.partition_id, "tier": self.tier, "exits": self.exits,
+                "num_test_examples": self.num_test_examples,
+                "global_accuracy": self.global_accuracy,
+                "personalised_accuracy": self.personalised_accuracy}
+
+
+ACCURACY_LISTS = ("global-accuracy", "personalised-accuracy")
+"""The metrics of a personalised-evaluation reply, besides ``num-test-examples``."""
+
+
+def checked_accuracies(reply: Message, sent: SentTo, exits: list[int]) -> ClientAccuracies:
+    """A personalised-evaluation reply as accuracies: ``num-test-examples`` an integer
+    >= 0, and each of ``ACCURACY_LISTS`` one percentage in [0, 100] per exit of ``exits``
+    (none when there are no test examples); RejectedReply otherwise."""
+    metrics = _record(reply.content, "metrics", MetricRecord)
+    count = metrics.get("num-test-examples")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise RejectedReply(f"num-test-examples must be an integer >= 0; got {count!r}")
+    want = len(exits) if count else 0
+    lists = []
+    for name in ACCURACY_LISTS:
+        values = metrics.get(name)
+        if not isinstance(values, list) or len(values) != want:
+            raise RejectedReply(f"{name} must be a list of {want} accuracies; got {values!r}")
+        if not all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in values):
+            raise RejectedReply(f"{name} has values outside [0, 100]: {values!r}")
+        lists.append([float(v) for v in values])
+    return ClientAccuracies(sent.partition_id, sent.tier, exits, count, *lists)
 
 
 def _record(content: Any, key: str, kind: type) -> Any:

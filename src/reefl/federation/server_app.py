@@ -1,7 +1,9 @@
 """The Flower ServerApp: validate the config, roll-call the clients, run the rounds (looking
 for new SuperNodes before each and checking every reply), evaluate every exit centrally,
-checkpoint after every round, and write the run folder. With ``resume = true`` it continues
-the run in ``run-name`` from its checkpoint, ending exactly where an uninterrupted run ends."""
+checkpoint after every round, and write the run folder; with ``personalised-epochs`` > 0,
+end with the clients' personalised evaluation (``federation.personalised``). With
+``resume = true`` it continues the run in ``run-name`` from its checkpoint, ending exactly
+where an uninterrupted run ends."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from reefl.federation.checkpoint import (
 )
 from reefl.federation.client_store import open_run_store
 from reefl.federation.inputs import run_data
+from reefl.federation.personalised import evaluate_personalised, log_summary
 from reefl.federation.replies import RoundRecord
 from reefl.federation.strategy import NO_NODE, ClientInfo, Roster, TieredStrategy
 from reefl.methods import build_method
@@ -188,11 +191,17 @@ def run_server(grid: Grid, cfg: RunConfig,
 
     timings["last_round_finished"] = time.time()
     folder.save_model(run.global_state)
+    personalised = {}
+    if cfg.personalised_epochs > 0:  # not checkpointed: a resumed run simply does it again
+        result = evaluate_personalised(grid, strategy, run.global_state)
+        folder.write_json("personalised.json", result)
+        log_summary(result)
+        personalised = {"personalised": result["exits"]}
     final = {
         **run.last_eval, "method": cfg.method, "seed": cfg.seed, "rounds": cfg.num_server_rounds,
         "exit_blocks": method.exit_blocks, "clients": run.totals, "config_digest": digest,
         "wall_seconds": run.elapsed_before + time.monotonic() - started,
-        "simulation_poll": poll,
+        "simulation_poll": poll, **personalised,
         "timings": {**timings, "server_finished": time.time()},
     }
     folder.write_json("final.json", final)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from logging import INFO, WARNING
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from reefl.federation.replies import (
 )
 from reefl.methods import ClientUpdate, Method
 from reefl.training import server_learning_rate
+
+Checked = TypeVar("Checked")
+"""What a reply check makes of a reply (``accepted_replies``)."""
 
 NO_NODE = -1
 """The node id of a partition whose SuperNode has not announced itself (yet) in this run."""
@@ -191,6 +195,41 @@ def _addressee(reply: Message, by_message: dict[str, SentTo], by_node: dict[int,
     return None
 
 
+def accepted_replies(replies: Iterable[Message], sent: dict[int, SentTo], record: RoundRecord,
+                     what: str, timeout: float, check: Callable[[Message, SentTo], Checked]
+                     ) -> dict[int, Checked]:
+    """What ``check`` makes of the first reply to each message in ``sent``, by partition id,
+    in the order the replies came. An error reply, or no reply (``timeout`` seconds, the
+    ``round-timeout``), is recorded as failed; a reply that ``check`` rejects
+    (``RejectedReply``) as rejected; a reply from a node that was not asked as refused (and
+    logged, for ``what``: "round 3")."""
+    by_message = {s.message_id: s for s in sent.values() if s.message_id}
+    by_node = {s.node_id: s for s in sent.values()}
+    accepted: dict[int, Checked] = {}
+    for reply in replies:
+        target = _addressee(reply, by_message, by_node)
+        if target is None:
+            node = reply.metadata.src_node_id
+            record.refused[node] = "sent a reply it was not asked for; ignored"
+            log(WARNING, "%s: a reply from node %s, which was not asked, ignored", what, node)
+            continue
+        pid = target.partition_id
+        if pid in accepted or pid in record.rejected or pid in record.failed:
+            continue  # a second reply for the same message
+        if reply.has_error():
+            who = "SuperLink" if reply.metadata.src_node_id != target.node_id else "client"
+            record.failed[pid] = f"{who} error: {' '.join(reply.error.reason.split())}"
+            continue
+        try:
+            accepted[pid] = check(reply, target)
+        except RejectedReply as err:
+            record.rejected[pid] = str(err)
+    for pid in sent:
+        if pid not in accepted and pid not in record.rejected and pid not in record.failed:
+            record.failed[pid] = f"no reply within round-timeout={timeout:g} s"
+    return accepted
+
+
 class TieredStrategy:
     """One training round of a tiered method: sample partition ids, send each sampled
     client its tier's trainable parameters (and its state kept on the server, from
@@ -222,22 +261,32 @@ class TieredStrategy:
         if not participants:
             log(INFO, "round %s: no sampled client takes part in %s; round skipped, the "
                 "global model is unchanged", server_round, self.cfg.method)
+        return self.client_messages(participants, global_state,
+                                    {"lr": lr, "server-round": server_round}, "train",
+                                    online, record)
+
+    def client_messages(self, partition_ids: list[int], global_state: dict[str, torch.Tensor],
+                        config: dict[str, int | float], message_type: str, online: set[int],
+                        record: RoundRecord) -> tuple[list[Message], dict[int, SentTo]]:
+        """One ``message_type`` message per partition in ``partition_ids`` whose node is
+        ``online``: its tier's payload of ``global_state``, ``config``, and its state kept on
+        the server (if any); and what each was sent. A partition without an online node is
+        recorded as failed."""
         messages, sent = [], {}
-        for pid in participants:
+        for pid in partition_ids:
             info = self.roster.clients[pid]
             if info.node_id not in online:
                 record.failed[pid] = ("no SuperNode holds it" if info.node_id == NO_NODE
                                       else f"its SuperNode (node {info.node_id}) is gone")
                 continue
             payload = self.method.client_payload(global_state, info.tier)
-            content = RecordDict({
-                "arrays": ArrayRecord(payload),
-                "config": ConfigRecord({"lr": lr, "server-round": server_round}),
-            })
+            content = RecordDict({"arrays": ArrayRecord(payload),
+                                  "config": ConfigRecord(config)})
             client_state = self.client_store.get(pid)
             if client_state:
                 content["client-state"] = ArrayRecord(client_state)
-            messages.append(Message(content, dst_node_id=info.node_id, message_type="train"))
+            messages.append(Message(content, dst_node_id=info.node_id,
+                                    message_type=message_type))
             sent[pid] = SentTo(pid, info.node_id, info.tier, info.num_examples, payload)
         return messages, sent
 
@@ -247,37 +296,17 @@ class TieredStrategy:
         """The new global state from the usable replies, or None when no reply survived
         (the model is unchanged and the log says so)."""
         self.last_train_metrics = {}
-        by_message = {s.message_id: s for s in sent.values() if s.message_id}
-        by_node = {s.node_id: s for s in sent.values()}
+        checked = accepted_replies(
+            replies, sent, record, f"round {server_round}", self.cfg.round_timeout,
+            lambda reply, target: checked_update(reply, target,
+                                                 self.method.keeps_client_state))
         updates, states = [], {}
-        for reply in replies:
-            target = _addressee(reply, by_message, by_node)
-            if target is None:
-                node = reply.metadata.src_node_id
-                record.refused[node] = "sent a reply it was not asked for; ignored"
-                log(WARNING, "round %s: a reply from node %s, which was not asked, ignored",
-                    server_round, node)
-                continue
-            pid = target.partition_id
-            if pid in record.used or pid in record.rejected or pid in record.failed:
-                continue  # a second reply for the same message
-            if reply.has_error():
-                who = "SuperLink" if reply.metadata.src_node_id != target.node_id else "client"
-                record.failed[pid] = f"{who} error: {' '.join(reply.error.reason.split())}"
-                continue
-            try:
-                update, state = checked_update(reply, target, self.method.keeps_client_state)
-            except RejectedReply as err:
-                record.rejected[pid] = str(err)
-                continue
-            if bound_update(update, target.payload, self.cfg.max_update_norm):
+        for pid, (update, state) in checked.items():
+            if bound_update(update, sent[pid].payload, self.cfg.max_update_norm):
                 record.clipped.append(pid)
             updates.append(update)
             states[pid] = state
             record.used.append(pid)
-        for pid in sent:
-            if pid not in record.used and pid not in record.rejected and pid not in record.failed:
-                record.failed[pid] = f"no reply within round-timeout={self.cfg.round_timeout:g} s"
         for pid, reason in sorted({**record.failed, **record.rejected}.items()):
             log(WARNING, "round %s: client %s not used: %s", server_round, pid, reason)
         if not updates:
@@ -301,10 +330,17 @@ class TieredStrategy:
             record.joined, record.refused = self.roster.discover(
                 grid, online, self.cfg.roll_call_timeout)
         messages, sent = self.configure_train(server_round, global_state, online, record)
-        replies = _send(grid, messages, self.cfg.round_timeout)
-        sent = {pid: replace(target, message_id=message.metadata.message_id)
-                for message, (pid, target) in zip(messages, sent.items(), strict=True)}
+        replies, sent = self.exchange(grid, messages, sent)
         return self.aggregate_train(server_round, global_state, replies, sent, record)
+
+    def exchange(self, grid: Grid, messages: list[Message], sent: dict[int, SentTo]
+                 ) -> tuple[list[Message], dict[int, SentTo]]:
+        """Send ``messages`` (made by ``client_messages``) and wait at most ``round-timeout``
+        seconds; returns the replies and ``sent`` with each message's id, which the replies
+        name (``accepted_replies``)."""
+        replies = _send(grid, messages, self.cfg.round_timeout)
+        return replies, {pid: replace(target, message_id=message.metadata.message_id)
+                         for message, (pid, target) in zip(messages, sent.items(), strict=True)}
 
     def summary(self) -> None:
         tiers = list(self.roster.tiers.values())
