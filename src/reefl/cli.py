@@ -10,6 +10,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from reefl.anytime.commands import COMMANDS as ANYTIME_COMMANDS
+from reefl.anytime.commands import add_commands as add_anytime_commands
+
 RUN_CONFIG_HELP = (
     "override [tool.flwr.app.config] values: 'k=v k2=v2' as `flwr run --run-config` takes "
     "them, or a TOML file; repeatable and mixable, later wins"
@@ -65,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_costs(commands)
     _add_data(commands)
     _add_pretrain(commands)
+    add_anytime_commands(commands)
+    _add_report(commands)
     return parser
 
 
@@ -189,6 +194,26 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
              "those with a checkpoint of it (without --resume, existing run folders are an "
              "error)",
     )  # fmt: skip
+
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser(
+        "report",
+        help="write one static HTML page (and PNGs) of a run or comparison folder",
+        description=(
+            "Write DIR/report/index.html and its PNGs: for a run folder, test accuracy per exit "
+            "over the rounds, the final per-exit table, the per-tier cost table and the run "
+            "config, plus the calibrated accuracy-vs-FLOPs curve (calibration.json) and the "
+            "personalised accuracies (personalised.json) when present; for a comparison folder "
+            "(reefl compare's DIR), the comparison table, accuracy per exit, every entry's "
+            "per-round curves (mean over seeds), its costs and accuracy_vs_flops.png when "
+            "present. The page holds its images (data: URIs): it works copied alone, offline. "
+            "Prints the page's path."
+        ),
+    )
+    report.add_argument("folder", type=Path, metavar="DIR",
+                        help="a run folder (metrics.jsonl or final.json) or a comparison folder "
+                             "(comparison.json)")
 
 
 def _error(message: str, code: int) -> int:
@@ -338,6 +363,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from reefl.report_html import ReportError, write_report
+
+    try:
+        page = write_report(args.folder)
+    except ReportError as err:
+        return _error(f"report: {err}", 2)
+    print(page)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "preset"):
@@ -362,6 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_data(args)
         if args.command == "pretrain":
             return cmd_pretrain(args)
+        if args.command in ANYTIME_COMMANDS:
+            return ANYTIME_COMMANDS[args.command](args)
+        if args.command == "report":
+            return cmd_report(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
