@@ -217,8 +217,13 @@ def test_predict_reaches_the_runs_own_exit_accuracies(lora_run: Path,
                      "--threshold", threshold]) == 0
         line = capsys.readouterr().out.strip().splitlines()[-1]
         assert f"accuracy {final['exit_accuracy'][exit_]:.2f}%" in line
-    accounting = json.loads((lora_run / "accounting.json").read_text())
     model = load(lora_run)
+    # a budget just below exit 1's cost takes exit 0 whatever the thresholds say
+    assert main(["predict", str(lora_run), "--split", "test", "-q", "--threshold", "2",
+                 "--budget", str(model.exit_flops[1] - 1)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"accuracy {final['exit_accuracy'][0]:.2f}%" in line and "[100.0% 0.0% 0.0%]" in line
+    accounting = json.loads((lora_run / "accounting.json").read_text())
     # LoRA folded away: each exit costs what the same model costs without LoRA's extra path
     full = RunConfig.from_flat({**RUN, "regime": "full"})
     assert model.exit_flops == [c["forward_flops"] for c in
