@@ -134,8 +134,12 @@ def test_write_and_read_accounting(tmp_path) -> None:  # noqa: ANN001
     assert data["img_size"] == 4 and data["exit_blocks"] == [0, 1]
     assert "not counted" in data["note"]
     assert read_accounting(tmp_path / "nowhere") is None
-    table = format_tier_table(tiers)
-    assert "317" in table and "453" in table
+    assert format_tier_table(tiers).splitlines() == [
+        "tier   block   params up   params down   MB up     share   MFLOPs/img",
+        "─" * 69,
+        "0          0         317           317   0.001    69.98%        0.002",
+        "1          1         453           453   0.002   100.00%        0.004",
+    ]
 
 
 def test_costs_from_a_run_config_use_the_data_source() -> None:
@@ -183,7 +187,18 @@ def test_run_accounting_has_every_regime_and_the_share_of_the_full_model(tmp_pat
     assert [r["share_of_full_model"] for r in full][-1] == 1.0
     assert [r["params_trained"] for r in full] == [317, 453]  # the hand count above
     table = (tmp_path / "costs.md").read_text()
-    assert "| **frozen** (this run) |" in table and "| ssf |" in table
+    assert table.startswith("# Cost per round of every fine-tuning regime: reefl, 2 exits, "
+                            "3 classes\n\n")
+    assert table.split("\n\n")[-1].splitlines() == [
+        "| regime            |              tier 0 |                tier 1 |",
+        "|-------------------|--------------------:|----------------------:|",
+        "| frozen (this run) | 137 · 0.00 · 30.24% |   137 · 0.00 · 30.24% |",
+        "| full              | 317 · 0.00 · 69.98% |  453 · 0.00 · 100.00% |",
+        "| lora              | 649 · 0.00 · 43.94% | 1,161 · 0.00 · 78.61% |",
+        "| sa                | 721 · 0.00 · 44.48% | 1,305 · 0.01 · 80.51% |",
+        "| pa                | 721 · 0.00 · 44.48% | 1,305 · 0.01 · 80.51% |",
+        "| ssf               | 217 · 0.00 · 36.35% |   281 · 0.00 · 47.07% |",
+    ]
 
 
 def test_costs_command_prints_the_regime_table(capsys) -> None:
@@ -191,8 +206,23 @@ def test_costs_command_prints_the_regime_table(capsys) -> None:
 
     assert main(["costs", "-c", 'model="deit-small" img-size=224', "--num-classes", "100",
                  "--in-chans", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "| frozen | 469,914 · 1.88 · 2.12% |" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:4] == [
+        "tier   block    params up   params down    MB up     share   MFLOPs/img",
+        "─" * 71,
+        "0          2    6,164,634     6,164,634   24.659    27.85%     2393.635",
+    ]
+    regimes = lines.index("Every regime: trained parameters · MB sent each way per round · "
+                          "share of the full model")
+    frozen = "469,914 · 1.88 · 2.12%"
+    assert lines[regimes + 1:regimes + 5] == [
+        "regime" + " " * 32 + "tier 0" + " " * 24 + "tier 1" + " " * 24 + "tier 2"
+        + " " * 25 + "tier 3",
+        "─" * 135,
+        f"frozen{' ' * 16}{frozen}{' ' * 8}{frozen}{' ' * 8}{frozen}{' ' * 9}{frozen}",
+        "full (this run)   6,164,634 · 24.66 · 27.85%   11,488,026 · 45.95 · 51.90%   "
+        "16,811,418 · 67.25 · 75.95%   22,134,810 · 88.54 · 100.00%",
+    ]
     assert main(["costs", "-c", 'regime="prompt"']) == 2
     assert "regime must be one of" in capsys.readouterr().err
 

@@ -151,6 +151,49 @@ def _result(entry: Entry, seed: int, folder: Path, final: dict | None,
     return RunResult(entry, seed, folder, final, error)
 
 
+def cmp_text_table(comparison: Comparison) -> list[str]:
+    """The lines of the table ``reefl compare`` prints (rich, as text)."""
+    from reefl.tables import text
+
+    return text(cmp.comparison_table(comparison)).splitlines()
+
+
+@pytest.mark.parametrize(
+    ("seeds", "finished", "words", "title"),
+    [
+        ([0], {0}, "(seed 0: one run per entry, so no spread)", "test accuracy per exit (seed 0)"),
+        ([0, 1], {1}, "(seeds 0, 1: at most one finished run per entry, so no spread)",
+         "test accuracy per exit (seeds 0, 1)"),
+        ([0, 1, 2], {0, 2}, "(seeds 0, 1, 2: mean ± sample standard deviation (n - 1) over "
+         "seeds where more than one seed finished)",
+         "test accuracy per exit, mean over seeds 0, 1, 2 (error bars: sample std)"),
+    ],
+)
+def test_legend_and_plot_title_name_error_bars_only_when_drawn(
+        seeds: list[int], finished: set[int], words: str, title: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    titles: list[str] = []
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda self, path, **_: titles.append(self.axes[0].get_title()))
+    (entry,) = parse_entries("reefl")
+    comparison = Comparison([entry], seeds, tmp_path)
+    for seed in seeds:
+        final = _final([80.0 + seed, 90.0], seed, ensemble=91.0) if seed in finished else None
+        folder = _folder(tmp_path / "runs" / entry.run_name(seed), final, params=[10, 20])
+        comparison.results.setdefault(entry.label, {})[seed] = _result(
+            entry, seed, folder, final, None if final else "run failed")
+    table = write_reports(comparison)
+    legend = table.split("\n\n")[1]
+    assert legend.startswith("Test accuracy % at every exit, their mean, and the ensemble of "
+                             f"the exits, from each run's final.json {words}. Blank: ")
+    assert titles == [title]
+    assert "0:" not in title and "seeds 0:" not in table  # no "seeds 0:" with nothing after
+    spread = len(finished) > 1
+    assert ("standard deviation" in table) == ("error bars" in title) == spread
+
+
 def test_table_json_and_plot_from_fake_runs(tmp_path: Path) -> None:
     a, b, c, d = parse_entries("reefl,reefl[modulation=false],other[method=\"reefl\"],broken")
     runs = tmp_path / "runs"
@@ -173,22 +216,42 @@ def test_table_json_and_plot_from_fake_runs(tmp_path: Path) -> None:
                                                                        final, error)
     table = write_reports(comparison)
     lines = table.splitlines()
-    assert lines[0] == ("| entry | runs | exit 0 | exit 1 | exit 2 | mean | ensemble "
-                        "| params up t0 | params up t1 | params up t2 |")
     sd = math.sqrt
     # exit 0: 80, 82 -> 81 ± sqrt(2); exit 1: 90, 94 -> 92 ± sqrt(8); mean: 85, 88 -> 86.5 ±
     # sqrt(4.5); ensemble 91, 93 -> 92 ± sqrt(2) (sample std)
-    assert lines[2] == (f"| reefl | 2 | 81.00 ± {sd(2):.2f} | 92.00 ± {sd(8):.2f} |  "
-                        f"| 86.50 ± {sd(4.5):.2f} | 92.00 ± {sd(2):.2f} | 1k | 2.5k |  |")
-    assert lines[2] == ("| reefl | 2 | 81.00 ± 1.41 | 92.00 ± 2.83 |  | 86.50 ± 2.12 "
-                        "| 92.00 ± 1.41 | 1k | 2.5k |  |")
-    assert lines[3] == ("| reefl[modulation=false] | 1/2 (failed: seed 1) | 70.00 | 75.00 |  "
-                        "| 72.50 |  | 1.5k | 3k | 4.2M |")
-    assert lines[4] == ('| other[method="reefl"] | 2 | 62.00 ± 2.83 | 63.00 ± 2.83 '
-                        "| 64.00 ± 2.83 | 63.00 ± 2.83 |  | 1.5k | 3k | 4.2M |")
-    assert lines[5] == "| broken | failed | — | — | — | — | — | 1.5k | 3k | 4.2M |"
-    assert "sample standard deviation (n - 1)" in table
+    assert [f"{sd(x):.2f}" for x in (2, 8, 4.5)] == ["1.41", "2.83", "2.12"]
+    assert [[c.strip() for c in line.split(" | ")] for line in lines[:6]] == [
+        ["| entry", "runs", "exit 0", "exit 1", "exit 2", "mean", "ensemble", "params up t0",
+         "params up t1", "params up t2 |"],
+        ["|-------------------------|---------------------:|-------------:|-------------:|"
+         "-------------:|-------------:|-------------:|-------------:|-------------:|"
+         "-------------:|"],
+        ["| reefl", "2", "81.00 ± 1.41", "92.00 ± 2.83", "", "86.50 ± 2.12", "92.00 ± 1.41",
+         "1k", "2.5k", "|"],
+        ["| reefl[modulation=false]", "1/2 (failed: seed 1)", "70.00", "75.00", "", "72.50",
+         "", "1.5k", "3k", "4.2M |"],
+        ['| other[method="reefl"]', "2", "62.00 ± 2.83", "63.00 ± 2.83", "64.00 ± 2.83",
+         "63.00 ± 2.83", "", "1.5k", "3k", "4.2M |"],
+        ["| broken", "failed", "—", "—", "—", "—", "—", "1.5k", "3k", "4.2M |"],
+    ]
+    # padded: every line of the table as wide as the header
+    assert {len(line) for line in lines[:6]} == {len(lines[0])}
+    assert lines[2] == ("| reefl                   |                    2 | 81.00 ± 1.41 | "
+                        "92.00 ± 2.83 |              | 86.50 ± 2.12 | 92.00 ± 1.41 |           1k "
+                        "|         2.5k |              |")
+    assert lines[7].startswith(
+        "Test accuracy % at every exit, their mean, and the ensemble of the exits, from each "
+        "run's final.json (seeds 0, 1: mean ± sample standard deviation (n - 1) over seeds "
+        "where more than one seed finished). ")
+    assert cmp.plot_title(comparison) == ("test accuracy per exit, mean over seeds 0, 1 "
+                                          "(error bars: sample std)")
     assert (tmp_path / "comparison.md").read_text() == table
+    printed = cmp_text_table(comparison)
+    assert printed[2] == (
+        "reefl" + " " * 40 + "2   81.00 ± 1.41   92.00 ± 2.83                  "
+        "86.50 ± 2.12   92.00 ± 1.41             1k           2.5k")
+    assert printed[3].startswith(  # the label whole: its brackets are no rich markup
+        "reefl[modulation=false]   1/2 (failed: seed 1)          70.00")
 
     data = json.loads((tmp_path / "comparison.json").read_text())
     assert list(data) == [a.label, b.label, c.label, d.label]
@@ -287,8 +350,10 @@ def test_runs_seed_by_seed_with_the_right_overrides(tmp_path: Path, monkeypatch)
     assert data["reefl"]["per_seed"]["1"]["exit_accuracy"] == [61.0, 71.0]
     assert list(data["reefl[modulation=false]"]["per_seed"]) == ["0"]
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| reefl | 2 | 60.50 ± 0.71 | 70.50 ± 0.71 | 65.50 ± 0.71 | 70.50 ± 0.71 " in table
-    assert "| reefl[modulation=false] | 1/2 (failed: seed 1) | 50.00 | 60.00 | 55.00 |" in table
+    assert ("| reefl                   |                    2 | 60.50 ± 0.71 | 70.50 ± 0.71 | "
+            "65.50 ± 0.71 | 70.50 ± 0.71 |") in table
+    assert ("| reefl[modulation=false] | 1/2 (failed: seed 1) |        50.00 |        60.00 | "
+            "       55.00 |") in table
     assert (tmp_path / "cmp" / "comparison.png").is_file()
 
 
@@ -387,7 +452,10 @@ def test_cli_exit_codes(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: A
         args += ["--run-config", item]
     assert cli_main(args) == 1
     captured = capsys.readouterr()
-    assert "| reefl | 1/2 (failed: seed 1) |" in captured.out
+    assert ("\nentry                   runs   exit 0   exit 1    mean   ensemble   params up t0   "
+            "params up t1\n" + "─" * 95 + "\nreefl   1/2 (failed: seed 1)    60.00    70.00   65.00"
+            "      70.00            100            200\n") in captured.out
+    assert "(seeds 0, 1: at most one finished run per entry, so no spread)" in captured.out
     assert "1 run(s) failed: reefl seed 1" in captured.err
     monkeypatch.setattr(launcher, "run_app", FakeRunApp())
     assert cli_main([*args[:4], "0", "--output-dir", str(tmp_path / "again"), *args[7:]]) == 0

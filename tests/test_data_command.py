@@ -55,7 +55,7 @@ def test_data_command_summarises_the_partition_and_saves_the_histogram(
      (lambda root: _folder(root, classes=1), "has only one class"),
      (lambda root: (_folder(root) / "c1" / "3.png").write_bytes(b"not a png"),
       "cannot read image"),
-     (lambda root: None, "the path does not exist")],
+     (lambda root: None, "the path of an existing local data set")],
     ids=["empty", "one-class", "corrupt", "missing"])
 def test_bad_data_stops_reefl_run_before_flower_starts(
         make, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -144,7 +144,7 @@ def test_overrides_parse_like_flwr_run(tmp_path: Path) -> None:
     [
         (["seed:3"], "seed:3"),  # no key=value at all: Flower would silently ignore it
         (["missing.toml"], "missing.toml"),
-        (["seed=[1"], "invalid format"),
+        (["seed=[1"], "seed must be an integer; got '[1'"),  # Flower: "invalid format"
     ],
 )
 def test_bad_overrides_are_one_line_errors(items: list[str], fragment: str) -> None:

@@ -66,7 +66,8 @@ def test_a_method_outside_the_package_is_named_by_its_import_path() -> None:
     assert cfg.sixth_ce_scale == 0.5 and isinstance(build_method(cfg, TASK), SixthMethod)
     with pytest.raises(ConfigError, match="^sixth-ce-scale must be a number > 0; got '-1.0'"):
         RunConfig.from_flat({"method": SIXTH, "sixth-ce-scale": -1.0})
-    with pytest.raises(ConfigError, match="^method 'nowhere:Foo' cannot be imported"):
+    with pytest.raises(ConfigError, match="^method must name an importable 'module:Class'; "
+                                          "got 'nowhere:Foo' "):
         RunConfig.from_flat({"method": "nowhere:Foo"})
     with pytest.raises(ConfigError, match="^method must be one of depthfl, exclusivefl"):
         RunConfig.from_flat({"method": "fedfoo"})

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import html
 import json
 import os
 import re
@@ -19,12 +18,12 @@ from typing import Any
 import psutil
 import pytest
 
-from reefl.accounting import format_tier_table
-from reefl.anytime.calibrate import calibrate_run, format_operating_points, plot_curves
+from reefl.accounting import tier_table
+from reefl.anytime.calibrate import calibrate_run, operating_points_table, plot_curves
 from reefl.cli import main as cli_main
 from reefl.compare import Comparison, RunResult, format_markdown, parse_entries, write_reports
-from reefl.report import format_final_table
-from reefl.report_html import load_comparison, operating_rule, write_report
+from reefl.report import final_table
+from reefl.report_html import load_comparison, operating_rule, table_html, write_report
 
 EXIT_FLOPS = [1_350_000, 2_630_000]
 
@@ -146,9 +145,16 @@ def test_run_page_with_calibration_and_personalised(run_dir: Path) -> None:
     assert_self_contained(page, {"accuracy_per_round.png", "accuracy_vs_flops.png"})
     text = page.read_text()
     final = json.loads((run_dir / "final.json").read_text())
-    assert html.escape(format_final_table(final)) in text
-    assert html.escape(format_tier_table(_tiers([1000, 2500]))) in text
-    assert html.escape(format_operating_points(CALIBRATION)) in text
+    assert table_html(final_table(final)) in text  # the rows reefl run prints, as HTML
+    assert ('<tr class="section-end"><td>1</td><td>1</td><td>82.00</td><td>0.250</td></tr>'
+            "<tr><td>mean</td><td></td><td>77.00</td><td></td></tr>") in text
+    assert table_html(tier_table(_tiers([1000, 2500]))) in text
+    assert ("<tr><td>1</td><td>1</td><td>2,500</td><td>2,500</td><td>0.010</td>"
+            "<td>100.00%</td><td>2.630</td></tr>") in text
+    assert table_html(operating_points_table(CALIBRATION)) in text
+    assert ("<tr><td>1</td><td>77.50</td><td>1.800</td><td>68.4%</td>"
+            '<td class="left">0.800</td></tr>') in text
+    assert "<pre>" not in text  # no preformatted text tables
     assert "the cheapest point within 1.0 points of the best validation accuracy" in text
     assert ("<td>0</td><td>4</td><td>70.00 ± 5.00</td><td>73.25 ± 4.00</td><td>+3.25</td>"
             in text)
@@ -166,6 +172,19 @@ def test_run_page_with_calibration_and_personalised(run_dir: Path) -> None:
 ])  # fmt: skip
 def test_operating_rule_in_words(target: dict[str, Any], words: str) -> None:
     assert operating_rule(target) == words
+
+
+def test_one_seed_comparison_names_no_error_bars(tmp_path: Path) -> None:
+    (entry,) = parse_entries("reefl")
+    run = make_run(tmp_path / "runs" / entry.run_name(0))
+    comparison = Comparison([entry], [0], tmp_path, [], {entry.label: {0: RunResult(
+        entry, 0, run, json.loads((run / "final.json").read_text()))}})
+    write_reports(comparison, plot=False)
+    text = write_report(tmp_path).read_text()
+    assert ("Final test accuracy % per exit of every entry: one finished run each, so no "
+            "error bars.") in text
+    assert "(seed 0: one run per entry, so no spread)" in text
+    assert "standard deviation" not in text
 
 
 def test_run_page_without_the_optional_files(tmp_path: Path) -> None:
@@ -195,6 +214,8 @@ def test_comparison_page(comparison_dir: Path) -> None:
     assert "<td>reefl[modulation=false]</td><td>1/2 (failed: seed 1)</td>" in text
     assert "sample standard deviation (n - 1) over seeds" in text
     assert "seeds 0, 1 · common run config: num-exits=2" in text
+    assert ("error bars: sample standard deviation over seeds, drawn only where more than one "
+            "seed finished") in text
     assert "<h3>reefl, reefl[modulation=false]</h3>" in text  # one cost table for both
     assert (comparison_dir / "report" / "accuracy_vs_flops.png").read_bytes() == (
         comparison_dir / "accuracy_vs_flops.png").read_bytes()
@@ -314,7 +335,7 @@ def test_a_finished_calibrated_run_in_a_browser(tmp_path: Path, capsys: pytest.C
     page = Path(capsys.readouterr().out.strip())
     assert page == run / "report" / "index.html"
     text = page.read_text()
-    assert html.escape(format_operating_points(calibration)) in text
+    assert table_html(operating_points_table(calibration)) in text
     assert "Personalised accuracy" in text
     assert images_loaded(page) == (2, 2)
     check_screenshot(page, tmp_path / "screenshot.png")

@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
     from reefl.methods import Method
+    from reefl.tables import Table
 
 ACCOUNTING_FILE = "accounting.json"
 REGIME_TABLE_FILE = "costs.md"
@@ -140,23 +141,30 @@ def regime_costs(method: Method) -> list[dict[str, Any]]:
     return rows
 
 
-def format_regime_table(rows: list[dict[str, Any]], current: str | None = None) -> str:
-    """A markdown table of ``regime_costs``: one line per regime, one column per tier with
-    the parameters trained (and sent each way) per round, MB, and the share of the full
-    model; ``current`` marks the run's own regime."""
+def regime_table(rows: list[dict[str, Any]], current: str | None = None) -> Table:
+    """``regime_costs`` as a table: one row per regime, one column per tier, each cell
+    "parameters · MB · share": the parameters trained (and sent each way) per round, their
+    MB, and their share of the full model; ``current`` marks the run's own regime
+    "(this run)"."""
+    from reefl.tables import table
+
     tiers = sorted({r["tier"] for r in rows})
-    head = "| regime | " + " | ".join(
-        f"tier {t}: params · MB/round each way · share" for t in tiers) + " |"
-    lines = [head, "|---|" + "---|" * len(tiers)]
+    body = []
     for regime in dict.fromkeys(r["regime"] for r in rows):
         cells = [
             f"{r['params_trained']:,} · {r['bytes_per_round_each_way'] / 1e6:.2f} · "
             f"{100 * r['share_of_full_model']:.2f}%"
             for r in sorted((r for r in rows if r["regime"] == regime), key=lambda r: r["tier"])
         ]
-        name = f"**{regime}** (this run)" if regime == current else regime
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append([f"{regime} (this run)" if regime == current else regime, *cells])
+    return table(["regime", *(f"tier {t}" for t in tiers)], body)
+
+
+def format_regime_table(rows: list[dict[str, Any]], current: str | None = None) -> str:
+    """``regime_table`` as text (what ``reefl costs`` prints)."""
+    from reefl.tables import text
+
+    return text(regime_table(rows, current))
 
 
 def exit_flops(method: Method, img_size: int | None = None) -> list[int]:
@@ -256,14 +264,17 @@ def write_accounting(folder_path: Path, method: Method, img_size: int | None = N
     """Write ``<folder_path>/accounting.json`` (see ``accounting_record``; from the cache
     when this model was counted before) and the regime cost table ``costs.md``; return the
     tiers."""
+    from reefl.tables import markdown
+
     record = cached_accounting_record(method, img_size)
     Path(folder_path, ACCOUNTING_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    table = format_regime_table(record["regimes"], current=method.cfg.regime)
+    table = markdown(regime_table(record["regimes"], current=method.cfg.regime))
     Path(folder_path, REGIME_TABLE_FILE).write_text(
         f"# Cost per round of every fine-tuning regime: {method.cfg.method}, "
         f"{method.num_exits} exits, {method.task.num_classes} classes\n\n"
         "Parameters a client of each tier trains and sends each way per round (fp32), and "
-        "their share of the full model (every block and exit, in that regime).\n\n"
+        "their share of the full model (every block and exit, in that regime). Each cell: "
+        "parameters · MB each way · share.\n\n"
         f"{table}\n")
     return record["tiers"]
 
@@ -296,14 +307,22 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def tier_table(costs: list[dict[str, Any]]) -> Table:
+    """``tier_costs`` as a table: one row per tier with its exit's block, the parameters
+    sent up and down per round, MB up, the share of the full model and the forward MFLOPs
+    of one image."""
+    from reefl.tables import table
+
+    rows = [[str(c["tier"]), str(c.get("exit_block", "")), f"{c['params_up']:,}",
+             f"{c['params_down']:,}", f"{c['bytes_up'] / 1e6:.3f}",
+             f"{100 * c['share_of_full_model']:.2f}%", f"{c['forward_flops'] / 1e6:.3f}"]
+            for c in costs]
+    return table(["tier", "block", "params up", "params down", "MB up", "share",
+                  "MFLOPs/img"], rows)
+
+
 def format_tier_table(costs: list[dict[str, Any]]) -> str:
-    """A plain-text table of ``tier_costs``: one line per tier."""
-    lines = [f"{'tier':<6}{'block':>6}{'params up':>13}{'params down':>13}{'MB up':>9}"
-             f"{'share':>9}{'MFLOPs/img':>12}"]
-    for c in costs:
-        lines.append(
-            f"{c['tier']:<6}{c.get('exit_block', ''):>6}{c['params_up']:>13,}"
-            f"{c['params_down']:>13,}{c['bytes_up'] / 1e6:>9.3f}"
-            f"{100 * c['share_of_full_model']:>8.2f}%{c['forward_flops'] / 1e6:>12.3f}"
-        )
-    return "\n".join(lines)
+    """``tier_table`` as text (what ``reefl costs`` prints)."""
+    from reefl.tables import text
+
+    return text(tier_table(costs))

@@ -274,14 +274,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
-    from reefl.accounting import (
-        format_regime_table,
-        format_tier_table,
-        regime_costs,
-        tier_costs,
-    )
+    from reefl.accounting import regime_costs, regime_table, tier_costs, tier_table
     from reefl.launcher import LaunchError, resolved_config
     from reefl.methods import TaskSpec, build_method
+    from reefl.tables import print_table
 
     try:
         cfg = resolved_config(args.run_config, app_dir=args.app)
@@ -299,11 +295,11 @@ def cmd_costs(args: argparse.Namespace) -> int:
         args.in_chans = args.in_chans or task.in_chans
     method = build_method(cfg, TaskSpec(num_classes=args.num_classes, in_chans=args.in_chans))
     print(f"{cfg.method}, {cfg.model} backbone, exits after blocks {method.exit_blocks}, "
-          f"{args.num_classes} classes, regime {cfg.regime}: per tier, per round")
-    print(format_tier_table(tier_costs(method)))
+          f"{args.num_classes} classes, regime {cfg.regime}: per tier, per round", flush=True)
+    print_table(tier_table(tier_costs(method)))
     print("\nEvery regime: trained parameters · MB sent each way per round · share of the "
-          "full model")
-    print(format_regime_table(regime_costs(method), current=cfg.regime))
+          "full model", flush=True)
+    print_table(regime_table(regime_costs(method), current=cfg.regime))
     return 0
 
 

@@ -16,7 +16,8 @@ complete one-seed table. All runs' configs are checked before the first one star
 
 Outputs in ``DIR``: ``comparison.md`` (the table), ``comparison.json`` (per entry: overrides,
 every seed's final.json, the per-tier costs) and ``comparison.png`` (accuracy per exit, one line
-per entry, error bars = standard deviation over seeds). They are rewritten after every run.
+per entry, error bars = sample standard deviation over seeds where more than one finished).
+They are rewritten after every run.
 A failed run is recorded and the others go on; ``compare`` reports it and the CLI exits 1.
 """
 
@@ -31,10 +32,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reefl import launcher
 from reefl.launcher import LaunchError, RunConfigError, RunFailed
+
+if TYPE_CHECKING:
+    from reefl.tables import Table
 
 RUNS_SUBDIR = "runs"
 STD_KIND = "sample standard deviation (n - 1) over seeds"
@@ -477,26 +481,56 @@ def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]
     return header, rows
 
 
-def format_markdown(comparison: Comparison) -> str:
-    """The comparison table in Markdown, with a legend."""
+def comparison_table(comparison: Comparison) -> Table:
+    """``comparison_rows`` as a table: the entry's label left, every other column right."""
+    from reefl.tables import table
+
     header, rows = comparison_rows(comparison)
+    return table(header, rows)
 
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    align = ["---", "---:"] + ["---:"] * (len(header) - 2)
-    seeds = ", ".join(str(s) for s in comparison.seeds)
+def seeds_text(seeds: Sequence[int]) -> str:
+    """``seed 0`` or ``seeds 0, 1, 2``."""
+    listed = ", ".join(str(s) for s in seeds)
+    return f"seed {listed}" if len(seeds) == 1 else f"seeds {listed}"
+
+
+def has_spread(comparison: Comparison) -> bool:
+    """Whether some entry has more than one finished seed (so a std is shown)."""
+    return any(entry_summary(comparison.results.get(e.label, {}))["ok"] > 1
+               for e in comparison.entries)
+
+
+def spread_words(comparison: Comparison) -> str:
+    """What a cell of the table (a point of the plot) is over the seeds, in words: the
+    one run's value, or the mean ± the sample std where more than one seed finished."""
+    seeds = seeds_text(comparison.seeds)
+    if len(comparison.seeds) == 1:
+        return f"{seeds}: one run per entry, so no spread"
+    if not has_spread(comparison):
+        return f"{seeds}: at most one finished run per entry, so no spread"
+    return f"{seeds}: mean ± {STD_KIND} where more than one seed finished"
+
+
+def comparison_legend(comparison: Comparison) -> str:
+    """The text under the table in comparison.md (plain, `code` marked with backticks)."""
     legend = [
-        "",
         f"Test accuracy % at every exit, their mean, and the ensemble of the exits, from each "
-        f"run's final.json; seeds {seeds}: mean ± {STD_KIND} where more than one seed "
-        "finished. Blank: not reported (or no such exit); —: no finished run. `params up tK`: "
-        "parameters a tier-K client sends back each round (from accounting.json, or computed "
-        "from the run's config). `runs`: seeds that finished.",
+        f"run's final.json ({spread_words(comparison)}). Blank: not reported (or no such "
+        "exit); —: no finished run. `params up tK`: parameters a tier-K client sends back "
+        "each round (from accounting.json, or computed from the run's config). `runs`: seeds "
+        "that finished.",
     ]
     if comparison.common:
         legend.append(f"Common run config: `{' '.join(comparison.common)}`.")
-    return "\n".join([line(header), line(align), *(line(r) for r in rows), *legend]) + "\n"
+    return "\n".join(legend)
+
+
+def format_markdown(comparison: Comparison) -> str:
+    """The comparison table in Markdown, with its legend (comparison.md)."""
+    from reefl.tables import markdown
+
+    return f"{markdown(comparison_table(comparison))}\n\n{comparison_legend(comparison)}\n"
 
 
 def comparison_json(comparison: Comparison) -> dict[str, Any]:
@@ -528,7 +562,8 @@ def _stat_json(stat: Stat | None) -> dict[str, Any] | None:
 
 
 def plot_comparison(comparison: Comparison, path: Path) -> Path:
-    """Accuracy per exit, one line per entry, error bars = std over seeds (PNG, Agg)."""
+    """Accuracy per exit, one line per entry (PNG, Agg): the mean over its finished seeds,
+    error bars the sample std where more than one finished; the title says which."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -555,13 +590,21 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
     axes.set_ylabel("test accuracy %")
     axes.set_xticks(range(num_exits))
     axes.grid(alpha=0.3)
-    seeds = ", ".join(str(s) for s in comparison.seeds)
-    axes.set_title(f"accuracy per exit (seeds {seeds}; bars: sample std)")
+    axes.set_title(plot_title(comparison))
     if num_exits:
         axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path)
     return path
+
+
+def plot_title(comparison: Comparison) -> str:
+    """``plot_comparison``'s title: the seeds, and what the error bars are when any are
+    drawn (some entry with more than one finished seed)."""
+    seeds = seeds_text(comparison.seeds)
+    if not has_spread(comparison):
+        return f"test accuracy per exit ({seeds})"
+    return f"test accuracy per exit, mean over {seeds} (error bars: sample std)"
 
 
 def write_reports(comparison: Comparison, plot: bool = True) -> str:
@@ -584,10 +627,14 @@ def main_compare(methods: str | Sequence[str], seeds: str, output_dir: Path | st
                  app_dir: Path | str | None = None, resume: bool = False) -> int:
     """``reefl compare``: run, print the table; 0 if every run finished, 1 otherwise.
     Raises RunConfigError for bad arguments (before anything runs)."""
+    from reefl.tables import print_table
+
     entries = parse_entries(methods)
     comparison = compare(entries, parse_seeds(seeds), output_dir, run_config,
                          federation_config, app_dir, resume)
-    print("\n" + format_markdown(comparison), flush=True)
+    print(flush=True)
+    print_table(comparison_table(comparison))
+    print("\n" + comparison_legend(comparison).replace("`", ""), flush=True)
     for name in ("comparison.md", "comparison.json", "comparison.png"):
         print(f"reefl compare: wrote {comparison.output_dir / name}", flush=True)
     failed = comparison.failed

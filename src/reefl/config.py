@@ -114,10 +114,11 @@ def method_spec(name: str) -> MethodSpec:
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise ConfigError(f"method '{name}' cannot be imported: {err}") from None
+            raise ConfigError(f"method must name an importable 'module:Class'; got '{name}' "
+                              f"({err})") from None
         spec = getattr(factory, "spec", None)
         if not callable(spec):
-            raise ConfigError(f"method '{name}' is not a reefl Method subclass")
+            raise ConfigError(f"method must name a reefl Method subclass; got '{name}'")
         return spec()
     raise ConfigError(f"method must be one of {', '.join(sorted(_METHODS))} or "
                       f"'module:Class'; got '{name}'")
@@ -201,7 +202,7 @@ class RunConfig:
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's flat kebab-case dict; unknown keys and bad values raise."""
-        spec = method_spec(str(flat.get("method", cls.method)))
+        spec = method_spec(_coerce("method", flat.get("method", cls.method), "str"))
         settings = {s.key: s for s in _setting_owners().values()}
         settings.update({s.key: s for s in spec.settings})
         values: dict[str, Any] = {}
@@ -329,34 +330,44 @@ class RunConfig:
         for key in ("num-clients", "num-server-rounds", "eval-every", "batch-size",
                     "eval-batch-size", "local-epochs", "kd-rounds", "img-size",
                     "patch-size", "embed-dim", "depth", "num-heads", "lora-rank", "adapter-dim"):
-            _require(key, getattr(self, key.replace("-", "_")) >= 1, "an integer >= 1")
+            value = getattr(self, key.replace("-", "_"))
+            _require(key, value >= 1, "an integer >= 1", value)
         depth = self.backbone["depth"]
         _require("num-exits", 1 <= self.num_exits <= depth,
-                 f"an integer from 1 to the number of blocks ({depth})")
+                 f"an integer from 1 to the number of blocks ({depth})", self.num_exits)
         # numpy seeds the partition and the sampling, and takes no negative seed
         _require("seed", self.seed >= 0, "an integer >= 0", self.seed)
         _require("mlp-ratio", self.mlp_ratio > 0, "a number > 0", self.mlp_ratio)
-        _require("fraction-train", 0 < self.fraction_train <= 1, "a number in (0, 1]")
-        _require("dirichlet-alpha", self.dirichlet_alpha > 0, "a number > 0")
-        _require("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)")
-        _require("kd-temperature", self.kd_temperature > 0, "a number > 0")
-        _require("lora-alpha", self.lora_alpha > 0, "a number > 0")
-        _require("fedadam-lr", self.fedadam_lr > 0, "a number > 0")
+        _require("fraction-train", 0 < self.fraction_train <= 1, "a number in (0, 1]",
+                 self.fraction_train)
+        _require("dirichlet-alpha", self.dirichlet_alpha > 0, "a number > 0",
+                 self.dirichlet_alpha)
+        _require("test-fraction", 0 < self.test_fraction < 1, "a number in (0, 1)",
+                 self.test_fraction)
+        _require("kd-temperature", self.kd_temperature > 0, "a number > 0", self.kd_temperature)
+        _require("lora-alpha", self.lora_alpha > 0, "a number > 0", self.lora_alpha)
+        _require("fedadam-lr", self.fedadam_lr > 0, "a number > 0", self.fedadam_lr)
+        # each key's own rule first, then the rule between them (naming both values)
         _require("lr-max", self.lr_max > 0, "a number > 0", self.lr_max)
-        _require("lr-min", 0 < self.lr_min <= self.lr_max, "a number in (0, lr-max]")
-        _require("clip-value", self.clip_value >= 0, "a number >= 0 (0 turns clipping off)")
-        _require("weight-decay", self.weight_decay >= 0, "a number >= 0")
-        _require("round-timeout", self.round_timeout > 0, "a number of seconds > 0")
-        _require("roll-call-timeout", self.roll_call_timeout > 0, "a number of seconds > 0")
+        _require("lr-min", self.lr_min > 0, "a number > 0", self.lr_min)
+        _require("lr-min", self.lr_min <= self.lr_max,
+                 f"at most lr-max ({self.lr_max})", self.lr_min)
+        _require("clip-value", self.clip_value >= 0, "a number >= 0 (0 turns clipping off)",
+                 self.clip_value)
+        _require("weight-decay", self.weight_decay >= 0, "a number >= 0", self.weight_decay)
+        _require("round-timeout", self.round_timeout > 0, "a number of seconds > 0",
+                 self.round_timeout)
+        _require("roll-call-timeout", self.roll_call_timeout > 0, "a number of seconds > 0",
+                 self.roll_call_timeout)
         _require("max-update-norm", self.max_update_norm >= 0,
-                 "a number >= 0 (0 turns the bound off)")
+                 "a number >= 0 (0 turns the bound off)", self.max_update_norm)
         self._validate_exits(depth)
         self._validate_tiers()
         bb = self.backbone
         _require("embed-dim", bb["embed_dim"] % bb["num_heads"] == 0,
-                 "a multiple of num-heads")
+                 f"a multiple of num-heads ({bb['num_heads']})", bb["embed_dim"])
         _require("img-size", self.img_size % bb["patch_size"] == 0,
-                 "a multiple of patch-size")
+                 f"a multiple of patch-size ({bb['patch_size']})", self.img_size)
         for setting in spec.settings:
             setting.check(getattr(self, setting.key.replace("-", "_")))
         spec.check(self)
@@ -368,7 +379,7 @@ class RunConfig:
         try:
             blocks = [int(b) for b in self.exit_blocks.split(",")]
         except ValueError:
-            raise ConfigError(f"exit-blocks must be {allowed}, got '{self.exit_blocks}'") from None
+            raise ConfigError(f"exit-blocks must be {allowed}; got '{self.exit_blocks}'") from None
         ok = (len(blocks) == self.num_exits and all(0 <= b < depth for b in blocks)
               and all(a < b for a, b in zip(blocks, blocks[1:], strict=False)))
         _require("exit-blocks", ok, allowed, self.exit_blocks)
@@ -401,7 +412,7 @@ class RunConfig:
         try:
             ratios = self.tier_ratio_list
         except ValueError:
-            raise ConfigError(f"tier-ratios must be {allowed}, got '{self.tier_ratios}'") from None
+            raise ConfigError(f"tier-ratios must be {allowed}; got '{self.tier_ratios}'") from None
         ok = len(ratios) == self.num_exits and min(ratios) >= 0 and sum(ratios) > 0
         _require("tier-ratios", ok, allowed, self.tier_ratios)
 
@@ -433,15 +444,58 @@ def format_method_options(values: Mapping[str, Any]) -> str:
     return ", ".join(tomli_w.dumps({key: value}).strip() for key, value in values.items())
 
 
+KIND_RULES = {"int": "an integer", "float": "a number", "bool": "true or false",
+              "str": "a string in quotes"}
+"""Each type of run-config value in words (a string is quoted in TOML and on the command
+line: ``dataset="cifar100"``)."""
+
+
+def kind_rule(key: str) -> str | None:
+    """What type ``key``'s value must have, in words (``KIND_RULES``), or None for a key that
+    is neither a core key nor a registered method's setting."""
+    name = key.replace("-", "_")
+    if name in _CORE_FIELDS and name != "method_settings":
+        return KIND_RULES[str(_CORE_FIELDS[name].type)]
+    if key == "method-options":
+        return KIND_RULES["str"]
+    _load_builtin_methods()
+    setting = _setting_owners().get(key)
+    return None if setting is None else KIND_RULES[type(setting.default).__name__]
+
+
+ANY_VALUE_RULE = "an integer, a number, true or false, or a string in quotes"
+
+
+def unparsed_value_problem(key: str, text: str) -> str:
+    """The one-line message for ``key`` whose value ``text`` (as written) is no TOML value:
+    "<key> must be <its type in words>; got '<text>'"."""
+    rule = kind_rule(key) or ANY_VALUE_RULE
+    quote = text[:1]
+    if rule == KIND_RULES["str"] and quote in "\"'" and (len(text) < 2 or text[-1] != quote):
+        rule = "a string in matching quotes"
+    return f"{key} must be {rule}; got '{text}'"
+
+
+def toml_shown(value: Any) -> str:
+    """``value`` as it is written in TOML (a string in quotes, true/false), for messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    """Convert a TOML value to the field's type, rejecting what does not fit."""
+    """Convert a TOML value to the field's type, rejecting what does not fit: an integer
+    is a number; a number is a string; nothing else converts."""
     kind = {"int": int, "float": float, "bool": bool, "str": str}[str(type_name)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if type(value) is not kind:
-        raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{key} must be {KIND_RULES[kind.__name__]}; "
+                          f"got '{toml_shown(value)}'")
     return value
 
 
@@ -451,7 +505,7 @@ def _choice(key: str, value: str, allowed: tuple[str, ...], where: str = "") -> 
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}{where}; got '{value}'")
 
 
-def _require(key: str, ok: bool, allowed: str, value: Any = None) -> None:
+def _require(key: str, ok: bool, allowed: str, value: Any) -> None:
+    """Reject ``value`` of ``key`` unless ``ok``: "<key> must be <allowed>; got '<value>'"."""
     if not ok:
-        shown = f"; got '{value}'" if value is not None else ""
-        raise ConfigError(f"{key} must be {allowed}{shown}")
+        raise ConfigError(f"{key} must be {allowed}; got '{value}'")

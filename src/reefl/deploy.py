@@ -715,7 +715,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             _say(f"run folder {prepared.run_dir}")
             run_dir = deployment.submit(prepared, echo=sys.stdout).wait()
     except LaunchError as err:
-        hint = " (--workdir DIR keeps every process's log)" if args.workdir is None else ""
+        started = not isinstance(err, RunConfigError)  # a config error stops before any process
+        hint = (" (--workdir DIR keeps every process's log)"
+                if started and args.workdir is None else "")
         print(f"reefl: error: {err}{hint}", file=sys.stderr, flush=True)
         return err.exit_code
     except KeyboardInterrupt:

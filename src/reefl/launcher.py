@@ -159,7 +159,10 @@ def parse_pairs(text: str, where: str) -> dict[str, Any]:
     """One ``k=v k2=v2`` string parsed exactly like ``flwr run --run-config`` parses it.
 
     Flower silently drops what its pattern does not match (``key=`` with no value, a stray
-    word); here that is a RunConfigError naming the token, prefixed by ``where``.
+    word); here that is a RunConfigError naming the token, prefixed by ``where``. Where
+    Flower rejects the whole string ("invalid format"), the error names the first pair it
+    cannot read: "<key> must be <its type>; got '<value>'" (prefixed by ``where`` unless
+    that is ``--run-config``: run-config keys are named as validation names them).
     """
     from flwr.common.config import parse_config_args
 
@@ -171,8 +174,31 @@ def parse_pairs(text: str, where: str) -> dict[str, Any]:
     try:
         return parse_config_args([text])
     except Exception as err:  # ValueError, click.ClickException: Flower's messages
-        message = getattr(err, "message", None) or str(err)
-        raise RunConfigError(f"{where}: {_one_line(message)}") from None
+        message = _unreadable_pair(text) or _one_line(getattr(err, "message", None) or str(err))
+        prefix = "" if where == "--run-config" else f"{where}: "
+        raise RunConfigError(prefix + message) from None
+
+
+def _unreadable_pair(text: str) -> str | None:
+    """Why Flower cannot read ``text`` (its pairs, one TOML line each), pair by pair: a key
+    that is no TOML key, a value that is no TOML value (in the key's own words), a key given
+    twice; None when no single pair explains it."""
+    from reefl.config import unparsed_value_problem
+
+    seen: set[str] = set()
+    for key, value in _PAIR.findall(text):
+        try:
+            tomllib.loads(f"{key} = 0")
+        except tomllib.TOMLDecodeError:
+            return f"'{key}' is not a run-config key (in '{key}={value}')"
+        try:
+            tomllib.loads(f"{key} = {value}")
+        except tomllib.TOMLDecodeError:
+            return unparsed_value_problem(key, value)
+        if key in seen:
+            return f"{key} is given twice in '{text}'"
+        seen.add(key)
+    return None
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -182,13 +208,15 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     Unlike Flower, files and key=value strings may be mixed, and anything in a string that
     is not a ``key=value`` pair is an error, not ignored.
     """
-    from reefl.presets import PresetError, read_config_file
+    from reefl.presets import PresetError, PresetValueError, read_config_file
 
     values: dict[str, Any] = {}
     for item in (item for item in overrides if item):
         if item.endswith(".toml"):
             try:
                 values.update(read_config_file(Path(item)))
+            except PresetValueError as err:  # names its key, as validation does
+                raise RunConfigError(str(err)) from None
             except PresetError as err:
                 raise RunConfigError(f"--run-config: {err}") from None
         elif "=" not in item:
@@ -352,7 +380,7 @@ def _prepare(app: Path, user: dict[str, Any], federation_overrides: Sequence[str
     explicit = str(merged["run-name"]).strip()
     run_name = explicit or _unique_run_name(output_dir, make_run_name(merged, now))
     if "/" in run_name or run_name in (".", ".."):
-        raise RunConfigError(f"run-name must be a plain folder name, got '{run_name}'")
+        raise RunConfigError(f"run-name must be a plain folder name (no '/'); got '{run_name}'")
     if explicit:
         _check_run_folder(output_dir, run_name, existing_ok)
     sent["output-dir"] = merged["output-dir"] = str(output_dir)

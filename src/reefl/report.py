@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import torch
 
     from reefl.config import RunConfig
+    from reefl.tables import Table
 
 
 RUN_CONTROL_KEYS = ("resume",)
@@ -83,16 +84,28 @@ class RunFolder:
                   str(self.path / "model.safetensors"))
 
 
-def format_final_table(final: dict[str, Any]) -> str:
-    """The per-exit accuracy table printed at the end of a run."""
-    lines = [
-        f"{final['method']} · seed {final['seed']} · {final['rounds']} rounds · "
-        f"{final['wall_seconds']:.0f} s",
-        f"{'exit':<10}{'block':>6}{'accuracy %':>12}{'loss':>9}",
-    ]
+def final_title(final: dict[str, Any]) -> str:
+    """The line over the final table: method, seed, rounds, wall time."""
+    return (f"{final['method']} · seed {final['seed']} · {final['rounds']} rounds · "
+            f"{final['wall_seconds']:.0f} s")
+
+
+def final_table(final: dict[str, Any]) -> Table:
+    """final.json's per-exit table: every exit's block, test accuracy % and loss, then
+    (after a rule) the mean of the exits and their ensemble."""
+    from reefl.tables import table
+
     rows = zip(final["exit_blocks"], final["exit_accuracy"], final["exit_loss"], strict=True)
-    for k, (block, accuracy, loss) in enumerate(rows):
-        lines.append(f"{'exit ' + str(k):<10}{block:>6}{accuracy:>12.2f}{loss:>9.3f}")
-    lines.append(f"{'mean':<16}{final['mean_accuracy']:>12.2f}")
-    lines.append(f"{'ensemble':<16}{final['ensemble_accuracy']:>12.2f}")
-    return "\n".join(lines)
+    body = [[str(k), str(block), f"{accuracy:.2f}", f"{loss:.3f}"]
+            for k, (block, accuracy, loss) in enumerate(rows)]
+    summary = [["mean", "", f"{final['mean_accuracy']:.2f}", ""],
+               ["ensemble", "", f"{final['ensemble_accuracy']:.2f}", ""]]
+    return table(["exit", "block", "accuracy %", "loss"], body + summary,
+                 sections=[len(body) - 1], title=final_title(final))
+
+
+def format_final_table(final: dict[str, Any]) -> str:
+    """The per-exit accuracy table printed at the end of a run (``final_table`` as text)."""
+    from reefl.tables import text
+
+    return text(final_table(final))

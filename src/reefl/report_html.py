@@ -34,15 +34,15 @@ from matplotlib.ticker import MaxNLocator
 from reefl.accounting import (
     ACCOUNTING_FILE,
     FLOPS_NOTE,
-    format_tier_table,
     human,
     read_accounting,
+    tier_table,
 )
 from reefl.anytime.calibrate import (
     CALIBRATION_FILE,
     CURVE_PNG,
     DEFAULT_TOLERANCE,
-    format_operating_points,
+    operating_points_table,
     plot_curves,
 )
 from reefl.compare import (
@@ -50,11 +50,13 @@ from reefl.compare import (
     Comparison,
     Entry,
     RunResult,
-    comparison_rows,
-    format_markdown,
+    comparison_legend,
+    comparison_table,
+    has_spread,
     plot_comparison,
 )
-from reefl.report import format_final_table
+from reefl.report import final_table, final_title
+from reefl.tables import Table
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -84,6 +86,8 @@ table { border-collapse: collapse; margin: 0.5em 0; }
 th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right;
          white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
+th.left, td.left { text-align: left; }
+tr.section-end td { border-bottom: 2px solid #666; }
 pre { background: #f4f4f4; padding: 0.6em; overflow-x: auto; }
 img { max-width: 100%; height: auto; }
 .note { color: #555; font-size: 0.9em; }
@@ -289,10 +293,25 @@ def plot_entry_round_curves(runs_by_entry: dict[str, list[list[dict[str, Any]]]]
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An HTML table of strings (escaped)."""
+    """An HTML table of strings (escaped): the first column left, the others right."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
                    for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def table_html(t: Table) -> str:
+    """One of reefl's tables (``reefl.tables.Table``) in HTML: its columns aligned as in
+    the terminal, a heavier rule after each section; the title is not shown."""
+    def cell(tag: str, text: str, k: int) -> str:
+        left = ' class="left"' if k > 0 and t.align[k] == "l" else ""
+        return f"<{tag}{left}>{html.escape(text)}</{tag}>"
+
+    head = "".join(cell("th", h, k) for k, h in enumerate(t.header))
+    body = "".join(
+        ('<tr class="section-end">' if i in t.sections else "<tr>")
+        + "".join(cell("td", c, k) for k, c in enumerate(row)) + "</tr>"
+        for i, row in enumerate(t.rows))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -305,11 +324,6 @@ def image_html(path: Path, alt: str) -> str:
 def note(text: str) -> str:
     """A paragraph that explains what is shown above it (escaped)."""
     return f'<p class="note">{html.escape(text)}</p>'
-
-
-def preformatted(text: str) -> str:
-    """A plain-text table as the CLI prints it, kept aligned (escaped)."""
-    return f"<pre>{html.escape(text)}</pre>"
 
 
 def section(title: str, *parts: str) -> str:
@@ -342,20 +356,21 @@ def round_curves_section(records: list[dict[str, Any]], exit_blocks: Sequence[in
 
 
 def final_section(final: dict[str, Any] | None, records: list[dict[str, Any]]) -> str:
-    """The final per-exit table as ``reefl run`` prints it, or a note that there is none."""
+    """The final per-exit table (``reefl run`` prints it as text), or a note that there
+    is none."""
     if final is None:
         return section("Final accuracy", note(
             f"No final.json: the run has not finished ({len(records)} rounds recorded)."))
-    return section("Final accuracy", preformatted(format_final_table(final)),
+    return section("Final accuracy", table_html(final_table(final)),
                    note("Test accuracy % and loss of every exit after the last round, "
                         "their mean, and the ensemble of the exits (final.json)."))
 
 
 def costs_section(tiers: list[dict[str, Any]] | None) -> str:
-    """The per-tier cost table as ``reefl costs`` prints it ('' without accounting.json)."""
+    """The per-tier cost table of ``reefl costs`` ('' without accounting.json)."""
     if not tiers:
         return ""
-    return section("Cost per tier", preformatted(format_tier_table(tiers)), note(COSTS_NOTE))
+    return section("Cost per tier", table_html(tier_table(tiers)), note(COSTS_NOTE))
 
 
 def operating_rule(target: dict[str, Any] | None) -> str:
@@ -387,7 +402,7 @@ def calibration_section(calibration: dict[str, Any] | None, out: Path) -> str:
              "examples), accuracy and average FLOPs per image measured on the test set "
              f"({calibration.get('test_examples', '?')} examples); from calibration.json."),
         "<h3>Operating point of each tier</h3>",
-        preformatted(format_operating_points(calibration)),
+        table_html(operating_points_table(calibration)),
         note(f"Each tier (a device that runs exits 0..t) uses "
              f"{operating_rule(calibration.get('target'))}. 'of deepest': its average FLOPs "
              "against its deepest exit's; thresholds: those of all its exits but the last "
@@ -436,7 +451,7 @@ def run_page(run_dir: Path, out: Path) -> tuple[str, str, list[str]]:
     exit_blocks = (final or {}).get("exit_blocks") or (
         [t["exit_block"] for t in tiers] if tiers and "exit_block" in tiers[0] else None)
     if final is not None:
-        subtitle = format_final_table(final).splitlines()[0]
+        subtitle = final_title(final)
     else:
         subtitle = (f"{config.get('method', '?')} · seed {config.get('seed', '?')} · "
                     f"{len(records)} of {config.get('num-server-rounds', '?')} rounds so far")
@@ -458,9 +473,8 @@ def run_page(run_dir: Path, out: Path) -> tuple[str, str, list[str]]:
 
 def comparison_table_section(comparison: Comparison) -> str:
     """compare's table, with the legend compare writes under it in comparison.md."""
-    header, rows = comparison_rows(comparison)
-    legend = format_markdown(comparison).split("\n\n", 1)[-1].replace("`", "")
-    return section("Comparison", html_table(header, rows), note(legend))
+    legend = comparison_legend(comparison).replace("`", "")
+    return section("Comparison", table_html(comparison_table(comparison)), note(legend))
 
 
 def comparison_round_curves_section(comparison: Comparison, out: Path) -> str:
@@ -501,11 +515,20 @@ def comparison_costs_section(comparison: Comparison) -> str:
         if tiers:
             key = json.dumps(tiers, sort_keys=True)
             by_costs.setdefault(key, ([], tiers))[0].append(entry.label)
-    parts = [f"<h3>{html.escape(', '.join(labels))}</h3>" + preformatted(format_tier_table(t))
+    parts = [f"<h3>{html.escape(', '.join(labels))}</h3>" + table_html(tier_table(t))
              for labels, t in by_costs.values()]
     if not parts:
         return ""
     return section("Cost per tier", *parts, note(COSTS_NOTE))
+
+
+def per_exit_plot_note(comparison: Comparison) -> str:
+    """What the per-exit plot of a comparison shows: error bars named only when drawn."""
+    if not has_spread(comparison):
+        return ("Final test accuracy % per exit of every entry: one finished run each, so no "
+                "error bars.")
+    return ("Final test accuracy % per exit: mean over the finished seeds; error bars: sample "
+            "standard deviation over seeds, drawn only where more than one seed finished.")
 
 
 def comparison_page(folder: Path, out: Path) -> tuple[str, str, list[str]]:
@@ -520,9 +543,7 @@ def comparison_page(folder: Path, out: Path) -> tuple[str, str, list[str]]:
     sections = [
         comparison_table_section(comparison),
         section("Accuracy per exit", image_html(plot, "final test accuracy per exit per entry"),
-                note("Final test accuracy % per exit: mean over seeds; error bars: sample "
-                     "standard deviation over seeds, drawn only where more than one seed "
-                     "finished.")),
+                note(per_exit_plot_note(comparison))),
         comparison_round_curves_section(comparison, out),
         comparison_flops_section(folder, out),
         comparison_costs_section(comparison),

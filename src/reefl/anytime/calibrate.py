@@ -21,13 +21,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from reefl.anytime.model import AnytimeModel, ModelLoadError, load
 from reefl.anytime.policy import NEVER, ExitPolicy, confidence
+
+if TYPE_CHECKING:
+    from reefl.tables import Table
 
 SHARE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 40))
 """MSDNet's values of p: 0.05, 0.10, ..., 1.95."""
@@ -209,16 +212,27 @@ def calibrate_run(run_dir: Path, criterion: str = "maxprob",
     return record
 
 
-def format_operating_points(record: dict[str, Any]) -> str:
-    """A plain table of each tier's operating point: test accuracy, average FLOPs against
-    the tier's deepest exit, and the thresholds."""
-    lines = [f"{'tier':<6}{'test acc %':>11}{'MFLOPs/img':>12}{'of deepest':>12}  thresholds"]
+def operating_points_table(record: dict[str, Any]) -> Table:
+    """Each tier's operating point: test accuracy, average MFLOPs per image and that against
+    the tier's deepest exit, and the thresholds of its exits but the last ('-': none leaves
+    there; '(one exit)' for a tier with one exit)."""
+    from reefl.tables import table
+
+    rows = []
     for t in record["tiers"]:
         deepest = t["exit_flops"][-1]
         shown = " ".join("-" if v >= NEVER else f"{v:.3f}" for v in t["thresholds"][:-1])
-        lines.append(f"{t['tier']:<6}{t['test_accuracy']:>11.2f}{t['test_flops'] / 1e6:>12.3f}"
-                     f"{100 * t['test_flops'] / deepest:>11.1f}%  {shown or '(one exit)'}")
-    return "\n".join(lines)
+        rows.append([str(t["tier"]), f"{t['test_accuracy']:.2f}", f"{t['test_flops'] / 1e6:.3f}",
+                     f"{100 * t['test_flops'] / deepest:.1f}%", shown or "(one exit)"])
+    return table(["tier", "test acc %", "MFLOPs/img", "of deepest", "thresholds"], rows,
+                 align="lrrrl")
+
+
+def format_operating_points(record: dict[str, Any]) -> str:
+    """``operating_points_table`` as text (what ``reefl calibrate`` prints)."""
+    from reefl.tables import text
+
+    return text(operating_points_table(record))
 
 
 # -- a comparison folder -------------------------------------------------------------------
@@ -282,6 +296,7 @@ def plot_curves(path: Path, records: dict[str, list[dict[str, Any]]]) -> Path:
     figure = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.subplots()
+    averaged = any(len(runs) > 1 for runs in records.values())
     for index, (label, runs) in enumerate(records.items()):
         colour = f"C{index % 10}"
         flops, accuracy = mean_curve(runs)
@@ -296,7 +311,9 @@ def plot_curves(path: Path, records: dict[str, list[dict[str, Any]]]) -> Path:
                           color=colour)
     axes.set_xlabel("average MFLOPs per image (test set)")
     axes.set_ylabel("test accuracy %")
-    axes.set_title("early exit: thresholds set on the validation split (dots: one exit alone)")
+    means = "; means over seeds" if averaged else ""
+    axes.set_title(f"early exit, thresholds set on the validation split (dots: each exit "
+                   f"alone{means})")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()

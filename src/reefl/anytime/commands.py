@@ -126,10 +126,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         CURVE_PNG,
         calibrate_comparison,
         calibrate_run,
-        format_operating_points,
+        operating_points_table,
     )
     from reefl.anytime.model import ModelLoadError
     from reefl.anytime.predict import PredictError, parse_flops
+    from reefl.tables import print_table
 
     try:
         flops = parse_flops(args.target_flops) if args.target_flops else None
@@ -147,8 +148,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return _fail(str(err))
     for label, runs in records.items():
         for record in runs:
-            print(f"{label} · seed {record['seed']}")
-            print(format_operating_points(record))
+            print(f"{label} · seed {record['seed']}", flush=True)
+            print_table(operating_points_table(record))
     print(f"wrote {args.folder / CURVE_PNG}")
     return 0
 

@@ -147,9 +147,9 @@ def check_dataset_value(dataset: str) -> str | None:
     """Why ``dataset`` cannot be used, or None: it must be a name or an existing path."""
     if is_named(dataset) or Path(dataset).expanduser().exists():
         return None
-    return (f"one of {', '.join(DATA_SOURCES)}, or the path of a local data set (an "
-            "imagefolder/audiofolder, a save_to_disk folder, a Speech Commands folder or "
-            "archive); the path does not exist")
+    return (f"one of {', '.join(DATA_SOURCES)}, or the path of an existing local data set "
+            "(an imagefolder/audiofolder, a save_to_disk folder, a Speech Commands folder or "
+            "archive)")
 
 
 def source_entry(options: SourceOptions) -> str:

@@ -65,7 +65,7 @@ class ReeFL(Method):
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         if cfg.ree_attn_dim % cfg.ree_heads:
-            raise ConfigError(f"ree-attn-dim must be a multiple of ree-heads; "
+            raise ConfigError(f"ree-attn-dim must be a multiple of ree-heads ({cfg.ree_heads}); "
                               f"got '{cfg.ree_attn_dim}'")
 
     @property

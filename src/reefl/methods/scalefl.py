@@ -101,12 +101,13 @@ def tier_widths(cfg: RunConfig) -> list[float]:
     if not cfg.scalefl_widths.strip():
         if cfg.num_exits not in PAPER_WIDTHS:
             raise ConfigError(f"scalefl-widths must be given for num-exits={cfg.num_exits} "
-                              f"(the paper's widths exist for 4 and 12 exits): {allowed}")
+                              f"(the paper's widths exist for 4 and 12 exits): {allowed}; "
+                              f"got ''")
         return list(PAPER_WIDTHS[cfg.num_exits])
     try:
         widths = [float(w) for w in cfg.scalefl_widths.split(",")]
     except ValueError:
-        raise ConfigError(f"scalefl-widths must be {allowed}, got '{cfg.scalefl_widths}'"
+        raise ConfigError(f"scalefl-widths must be {allowed}; got '{cfg.scalefl_widths}'"
                           ) from None
     bb = cfg.backbone
     narrowest = scaled_channels(widths[0], bb["embed_dim"]) if widths else 0

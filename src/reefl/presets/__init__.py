@@ -7,6 +7,7 @@ top. ``reefl run --preset NAME`` applies one before the command line's own ``-c`
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,11 @@ BASE_KEY = "base"
 
 class PresetError(ValueError):
     """A preset that cannot be read; the message is one line naming the file or name."""
+
+
+class PresetValueError(PresetError):
+    """A value in a config file that is no TOML value: the message starts with its key,
+    as a validation error does, and ends with the file and line."""
 
 
 def preset_names() -> list[str]:
@@ -40,12 +46,14 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise PresetError(f"{path}: 'base' loops back to itself")
     try:
-        with path.open("rb") as stream:
-            loaded = tomllib.load(stream)
+        text = path.read_bytes().decode("utf-8")
+        loaded = tomllib.loads(text)
     except FileNotFoundError:
         raise PresetError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as err:
+    except UnicodeDecodeError as err:
         raise PresetError(f"{path} is not valid TOML: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise _decode_error(path, text, err) from None
     bases = loaded.pop(BASE_KEY, [])
     try:
         values = flatten_dict(loaded)
@@ -57,3 +65,28 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         base_path = local if local.is_file() else preset_path(str(base))
         merged.update(read_config_file(base_path, (*seen, path)))
     return {**merged, **values}
+
+
+_LINE_NUMBER = re.compile(r"at line (\d+)")
+_KEY_VALUE_LINE = re.compile(r"\s*([A-Za-z0-9_-]+)\s*=\s*(\S.*?)\s*")
+
+
+def _decode_error(path: Path, text: str, err: tomllib.TOMLDecodeError) -> PresetError:
+    """The error for a file that is not TOML: when the line TOML stops at is one
+    ``key = value`` whose value is no TOML value, the key's own one-line message
+    (``reefl.config.unparsed_value_problem``) with the file and line; else TOML's."""
+    from reefl.config import unparsed_value_problem
+
+    found = _LINE_NUMBER.search(str(err))
+    lines = text.splitlines()
+    if found and 0 < int(found.group(1)) <= len(lines):
+        number = int(found.group(1))
+        pair = _KEY_VALUE_LINE.fullmatch(lines[number - 1])
+        if pair:
+            key, value = pair.groups()
+            try:
+                tomllib.loads(f"{key} = {value}")
+            except tomllib.TOMLDecodeError:
+                return PresetValueError(f"{unparsed_value_problem(key, value)} "
+                                        f"({path}, line {number})")
+    return PresetError(f"{path} is not valid TOML: {err}")
