@@ -27,6 +27,7 @@ from reefl.compare import (
 )
 from reefl.config import RunConfig
 from reefl.launcher import RunConfigError, RunFailed
+from reefl.progress import ProgressView, StreamView
 
 # -- entries --------------------------------------------------------------------------------
 
@@ -296,13 +297,15 @@ class FakeRunApp:
     def __init__(self, fail: set[str] = frozenset(), interrupt_at: int | None = None) -> None:
         self.calls: list[list[str]] = []
         self.resumed: list[Path] = []
+        self.views: list[Any] = []
         self.fail = fail
         self.interrupt_at = interrupt_at
 
     def __call__(self, overrides: list[str], app_dir: Any = None,
                  federation_overrides: Any = (), quiet: bool = False,
-                 resume: Path | None = None) -> Path:
+                 resume: Path | None = None, view: Any = None) -> Path:
         assert quiet
+        self.views.append(view)
         self.calls.append(list(overrides))
         if self.interrupt_at == len(self.calls):
             raise KeyboardInterrupt
@@ -355,6 +358,22 @@ def test_runs_seed_by_seed_with_the_right_overrides(tmp_path: Path, monkeypatch)
     assert ("| reefl[modulation=false] | 1/2 (failed: seed 1) |        50.00 |        60.00 | "
             "       55.00 |") in table
     assert (tmp_path / "cmp" / "comparison.png").is_file()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_every_run_shows_a_progress_line_or_with_verbose_its_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verbose: bool) -> None:
+    fake = FakeRunApp()
+    monkeypatch.setattr(launcher, "run_app", fake)
+    cmp.compare(parse_entries("reefl,depthfl"), [0], tmp_path, COMMON, out=lambda _: None,
+                verbose=verbose)
+    if verbose:
+        assert [type(view) for view in fake.views] == [StreamView, StreamView]
+    else:
+        assert [type(view) for view in fake.views] == [ProgressView, ProgressView]
+        assert [view.prefix for view in fake.views] == [
+            "reefl compare: [1/2] reefl · seed 0 · ", "reefl compare: [2/2] depthfl · seed 0 · "]
+        assert all(view.transient for view in fake.views)
 
 
 def test_resume_reuses_finished_runs_of_the_same_config(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001

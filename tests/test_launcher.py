@@ -21,6 +21,8 @@ os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 
 from reefl import cli, launcher  # noqa: E402
 from reefl.launcher import RunConfigError  # noqa: E402
+from reefl.progress import StreamView  # noqa: E402
+from reefl.report import FLOWER_LOG  # noqa: E402
 
 TOY_PYPROJECT = """\
 [build-system]
@@ -457,12 +459,14 @@ def test_toy_app_smoke(
         stop(self)
 
     monkeypatch.setattr(launcher.LocalSuperLink, "stop", recording_stop)
-    run_dir = launcher.run_app(["num-clients=2 num-server-rounds=2"], app_dir=app)
+    run_dir = launcher.run_app(["num-clients=2 num-server-rounds=2"], app_dir=app,
+                               view=StreamView())  # --verbose
     out = capsys.readouterr().out
 
     assert run_dir.parent == tmp_path / "outputs"
     assert json.loads((run_dir / "final.json").read_text()) == {"rounds": 2}
     assert "round 2: 2 replies" in out  # the ServerApp's log was streamed
+    assert "round 2: 2 replies" in (run_dir / FLOWER_LOG).read_text()  # and written
     assert out.count(f"reefl: run folder {run_dir}") == 2
     assert len(trees[0]) >= 2  # the SuperLink and what it started (SuperExec...)
     assert not any(launcher.still_running(p) for tree in trees for p in tree)  # nothing left

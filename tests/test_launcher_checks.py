@@ -27,7 +27,7 @@ def app(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def no_flower(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(prepared: PreparedRun, quiet: bool) -> tuple[int, str, str]:
+    def refuse(prepared: PreparedRun, log: object) -> tuple[int, str]:
         raise AssertionError("Flower was started")
 
     monkeypatch.setattr(launcher, "_run_flower", refuse)
@@ -199,7 +199,7 @@ def test_run_failure(tmp_path: Path) -> None:
 def test_a_server_app_failure_is_a_failure_though_flwr_run_exits_0(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(launcher, "_run_flower", lambda prepared, quiet: (0, "", ""))
+    monkeypatch.setattr(launcher, "_run_flower", lambda prepared, log: (0, ""))
     code = cli.main(["run", "-q", "-c", f"output-dir='{tmp_path}' run-name='r'"])
     err = capsys.readouterr().err
     assert code == 1 and "run failed (no final.json written)" in err
@@ -224,10 +224,10 @@ def test_resume_runs_the_folders_own_config(tmp_path: Path, monkeypatch: pytest.
     prepared = _interrupted_run(tmp_path)
     seen: list[PreparedRun] = []
 
-    def fake_flower(resumed: PreparedRun, quiet: bool) -> tuple[int, str, str]:
+    def fake_flower(resumed: PreparedRun, log: object) -> tuple[int, str]:
         seen.append(resumed)
         _write_final(resumed, config_digest=resumed.digest)
-        return 0, "", ""
+        return 0, ""
 
     monkeypatch.setattr(launcher, "_run_flower", fake_flower)
     code = cli.main(["run", "--resume", str(prepared.run_dir),
@@ -279,7 +279,7 @@ def test_resume_errors_start_nothing(
 
 def test_ctrl_c_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    def interrupted(prepared: PreparedRun, quiet: bool) -> tuple[int, str, str]:
+    def interrupted(prepared: PreparedRun, log: object) -> tuple[int, str]:
         prepared.run_dir.mkdir(parents=True, exist_ok=True)
         if prepared.run_dir.name == "saved":
             (prepared.run_dir / launcher.CHECKPOINT_FILE).write_bytes(b"saved")

@@ -242,7 +242,9 @@ def cached_accounting_record(method: Method, img_size: int | None = None) -> dic
     """``accounting_record``, counted once per model and kept in reefl's cache (a second
     run of the same model, e.g. another seed, reads it back instead of spending a second
     or more counting FLOPs on the meta device before its first round). Written to a
-    temporary file and renamed, so a reader never sees half a record."""
+    temporary file and renamed, so a reader never sees half a record; with a plain file's
+    mode (``as_if_opened``), like the rest of the cache."""
+    from reefl.file_modes import as_if_opened
     size = int(img_size if img_size is not None else method.cfg.img_size)
     path = accounting_cache_path(method, size)
     try:
@@ -255,6 +257,7 @@ def cached_accounting_record(method: Method, img_size: int | None = None) -> dic
         with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-",
                                          delete=False) as tmp:
             tmp.write(json.dumps(record))
+        as_if_opened(tmp.name)
         os.replace(tmp.name, path)
     return record
 

@@ -33,6 +33,13 @@ def _add_run_config_option(parser: argparse.ArgumentParser, help: str) -> None:
                              "--run-config values apply on top")
 
 
+def _add_verbose_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="stream Flower's log (it always goes to <run folder>/flower.log) "
+                             "instead of showing a progress line; lines known not to apply "
+                             "to a reefl run are left out")
+
+
 def _add_app_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--app", type=Path, default=None, metavar="DIR",
@@ -62,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
              "exactly its config.json (no --run-config or --preset); a finished run's table "
              "is printed",
     )  # fmt: skip
-    run.add_argument("--quiet", "-q", action="store_true", help="do not stream the logs")
+    output = run.add_mutually_exclusive_group()
+    output.add_argument("--quiet", "-q", action="store_true",
+                        help="print nothing but errors: no progress line, no final table "
+                             "(Flower's log still goes to <run folder>/flower.log)")
+    _add_verbose_option(output)
     _add_deploy(commands)
     _add_compare(commands)
     _add_costs(commands)
@@ -194,6 +205,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
              "those with a checkpoint of it (without --resume, existing run folders are an "
              "error)",
     )  # fmt: skip
+    _add_verbose_option(compare)
 
 
 def _add_report(commands: argparse._SubParsersAction) -> None:
@@ -240,6 +252,7 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from reefl.launcher import LaunchError, RunInterrupted, run_app
+    from reefl.progress import StreamView
 
     try:
         run_app(
@@ -248,6 +261,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             federation_overrides=args.federation_config,
             quiet=args.quiet,
             resume=args.resume,
+            view=StreamView() if args.verbose else None,
         )
     except LaunchError as err:
         return _error(str(err), err.exit_code)
@@ -264,7 +278,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         return main_compare(
             args.methods, args.seeds, args.output_dir, args.run_config,
-            args.federation_config, app_dir=args.app, resume=args.resume,
+            args.federation_config, app_dir=args.app, resume=args.resume, verbose=args.verbose,
         )  # fmt: skip
     except LaunchError as err:
         return _error(str(err), err.exit_code)

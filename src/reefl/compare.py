@@ -38,6 +38,7 @@ from reefl import launcher
 from reefl.launcher import LaunchError, RunConfigError, RunFailed
 
 if TYPE_CHECKING:
+    from reefl.progress import LogView
     from reefl.tables import Table
 
 RUNS_SUBDIR = "runs"
@@ -270,6 +271,17 @@ def _say(out: Callable[[str], None], message: str) -> None:
     out(f"reefl compare: {message}")
 
 
+def run_view(tag: str, verbose: bool) -> LogView:
+    """What ``compare`` shows of one run's Flower log (all of which goes to the run's
+    flower.log): every line with ``verbose``, else a progress line after the run's ``tag``
+    that gives way to compare's own "done" line once the run ends."""
+    from reefl.progress import ProgressView, StreamView
+
+    if verbose:
+        return StreamView()
+    return ProgressView(prefix=f"reefl compare: {tag} · ", transient=True)
+
+
 def _accuracy_note(final: dict[str, Any]) -> str:
     parts = []
     if final.get("mean_accuracy") is not None:
@@ -288,8 +300,11 @@ def compare(
     app_dir: Path | str | None = None,
     resume: bool = False,
     out: Callable[[str], None] | None = None,
+    verbose: bool = False,
 ) -> Comparison:
     """Run every entry × seed (seed by seed) with ``launcher.run_app``; write the reports.
+    While a run goes on, its progress line is shown (``run_view``), or with ``verbose`` its
+    Flower log.
 
     Checks every run's config before starting any (RunConfigError). A run that fails
     (``LaunchError``, including ``RunFailed``) is recorded and the others go on. On Ctrl-C the
@@ -334,7 +349,8 @@ def compare(
             try:
                 run_dir = launcher.run_app([] if resumed else overrides, app_dir=app_dir,
                                            federation_overrides=federation_config, quiet=True,
-                                           resume=prepared.run_dir if resumed else None)
+                                           resume=prepared.run_dir if resumed else None,
+                                           view=run_view(tag, verbose))
                 result.run_dir = Path(run_dir)
                 result.final = json.loads((result.run_dir / "final.json").read_text())
             except RunFailed as err:
@@ -624,14 +640,16 @@ def write_reports(comparison: Comparison, plot: bool = True) -> str:
 
 def main_compare(methods: str | Sequence[str], seeds: str, output_dir: Path | str,
                  run_config: Sequence[str] = (), federation_config: Sequence[str] = (),
-                 app_dir: Path | str | None = None, resume: bool = False) -> int:
-    """``reefl compare``: run, print the table; 0 if every run finished, 1 otherwise.
-    Raises RunConfigError for bad arguments (before anything runs)."""
+                 app_dir: Path | str | None = None, resume: bool = False,
+                 verbose: bool = False) -> int:
+    """``reefl compare``: run (``verbose``: streaming every run's Flower log), print the
+    table; 0 if every run finished, 1 otherwise. Raises RunConfigError for bad arguments
+    (before anything runs)."""
     from reefl.tables import print_table
 
     entries = parse_entries(methods)
     comparison = compare(entries, parse_seeds(seeds), output_dir, run_config,
-                         federation_config, app_dir, resume)
+                         federation_config, app_dir, resume, verbose=verbose)
     print(flush=True)
     print_table(comparison_table(comparison))
     print("\n" + comparison_legend(comparison).replace("`", ""), flush=True)

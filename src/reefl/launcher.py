@@ -14,14 +14,15 @@ What it adds on top of ``flwr run``:
   directory) whose ``config.toml`` points at a ``flower-superlink`` started here on a free
   port, with runtime dependency installation disabled, and stopped again — together with
   everything it spawned (SuperExec, flwr-simulation, Ray) — when the run ends, fails or is
-  interrupted.
+  interrupted; Ray's session folder is made inside that FLWR_HOME and removed with it;
+* Flower's whole log goes to ``flower.log`` in the run folder; the terminal shows one
+  progress line instead, or the log itself with ``--verbose`` (``reefl.progress``).
 
 ``run_app`` is the function behind ``reefl run``; tests and ``reefl compare`` call it too.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
@@ -44,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from reefl.app_files import stage_app
+from reefl.progress import FlowerLog, LogView, ProgressView
+from reefl.report import FLOWER_LOG, holds_run_files
 
 if TYPE_CHECKING:
     from reefl.config import RunConfig
@@ -391,8 +394,9 @@ def _prepare(app: Path, user: dict[str, Any], federation_overrides: Sequence[str
 
 
 def holds_files(folder: Path) -> bool:
-    """Whether ``folder`` exists and is anything but an empty folder."""
-    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+    """Whether ``folder`` exists and is anything but an empty folder (or one holding only
+    the FLOWER_LOG of a run that failed before it started: ``holds_run_files``)."""
+    return holds_run_files(folder)
 
 
 def _check_run_folder(output_dir: Path, run_name: str, existing_ok: bool) -> None:
@@ -566,6 +570,46 @@ def _flower_bin_dir() -> Path | None:
     bin_dir = Path(sys.executable).parent
     exe = "flower-superlink.exe" if os.name == "nt" else "flower-superlink"
     return bin_dir if (bin_dir / exe).exists() else None
+
+
+# The longest path Ray makes below its temp root: <root>/ray/<session>/sockets/plasma_store,
+# its session named session_<date>_<microseconds>_<pid> (ray/_private/node.py), and the
+# longest Unix socket path it accepts (ray/_private/utils.py, validate_socket_filepath).
+RAY_SOCKET_TAIL = "/ray/session_2000-01-01_00-00-00_000000_4194304/sockets/plasma_store"
+MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
+
+
+def ray_temp_root() -> Path:
+    """The folder that Ray puts its temp dir ``ray/`` into, decided as Ray decides it
+    (ray._common.utils.get_default_system_temp_dir): RAY_TMPDIR; on Linux TMPDIR; /tmp on
+    Linux and macOS; the system's temp dir elsewhere."""
+    env = os.environ
+    if env.get("RAY_TMPDIR"):
+        return Path(env["RAY_TMPDIR"])
+    if sys.platform.startswith("linux") and env.get("TMPDIR"):
+        return Path(env["TMPDIR"])
+    if sys.platform.startswith(("linux", "darwin")):
+        return Path("/tmp")  # noqa: S108 - where Ray itself goes
+    return Path(tempfile.gettempdir())
+
+
+def private_home_parent() -> Path | None:
+    """Where a run's private FLWR_HOME is made: in ``ray_temp_root`` (so that Ray's paths
+    inside it are barely longer than Ray's own), or the system's temp dir (None) if that
+    cannot be written."""
+    root = ray_temp_root()
+    return root if os.access(root, os.W_OK | os.X_OK) else None
+
+
+def ray_env(flwr_home: Path) -> dict[str, str]:
+    """``RAY_TMPDIR`` = ``flwr_home`` for the Flower processes of a run: the Ray session that
+    the simulation starts (its ``ray/session_*`` folder, ~0.7 MB, which Ray leaves behind)
+    is then made in the run's private FLWR_HOME and removed with it, and no other session
+    (another user's, another run's) is touched. Nothing (Ray's default place) where Ray's
+    socket paths would get too long there."""
+    if len(str(flwr_home)) + len(RAY_SOCKET_TAIL) > MAX_SOCKET_PATH:
+        return {}
+    return {"RAY_TMPDIR": str(flwr_home)}
 
 
 def free_port() -> int:
@@ -769,7 +813,7 @@ class LocalSuperLink:
         self.cwd = cwd
         self.log_path = log_path
         self.bin_dir = _flower_bin_dir()
-        self.env = flower_env(flwr_home, self.bin_dir)
+        self.env = {**flower_env(flwr_home, self.bin_dir), **ray_env(flwr_home)}
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self._children: list[subprocess.Popen[Any]] = []
@@ -897,12 +941,18 @@ def run_app(
     federation_overrides: Sequence[str] = (),
     quiet: bool = False,
     resume: Path | str | None = None,
+    view: LogView | None = None,
 ) -> Path:
     """Run the Flower app once in a local simulation; return the run folder.
 
     With ``resume`` (a run folder; no ``overrides`` then) the run in that folder is
     continued from its checkpoint (``prepare_resume``), or, if it already finished, its
     table is printed and nothing is started.
+
+    Flower's whole log goes to FLOWER_LOG in the run folder (appended to when resuming);
+    ``view`` is what the user sees of it meanwhile (``reefl.progress``): by default one
+    progress line, nothing with ``quiet``, which also leaves out reefl's own lines and the
+    final table. A failed run's last log lines are printed unless the view showed them.
 
     Raises RunConfigError (before anything starts) for a bad config, RunFailed if the run
     did not write a final.json of its config (``run_failure``), LaunchError if Flower could
@@ -923,18 +973,21 @@ def run_app(
         _check_pretrained(prepared.config, quiet)
         _prepare_data(prepared.config, quiet)
     _say(f"app {prepared.app_dir}; simulation {federation_arg(prepared.federation)}", quiet)
+    if view is None:
+        view = LogView() if quiet else ProgressView()
+    log = FlowerLog(run_dir / FLOWER_LOG, view, _num_rounds(prepared.config),
+                    append=resume is not None)
     started = time.time()
-    try:
-        returncode, output, superlink_log = _run_flower(prepared, quiet)
-    except KeyboardInterrupt:
-        raise RunInterrupted(run_dir) from None
+    with log:
+        try:
+            returncode, superlink_log = _run_flower(prepared, log)
+        except KeyboardInterrupt:
+            raise RunInterrupted(run_dir) from None
     reason = run_failure(prepared, returncode, started)
     if reason is not None:
-        if quiet:
-            sys.stderr.write(output)
-        if superlink_log and returncode != 0:
-            sys.stderr.write(f"--- flower-superlink output (last lines) ---\n{superlink_log}\n")
-        raise RunFailed(f"run failed ({reason}); run folder {run_dir}", run_dir)
+        _show_failure(log, superlink_log if returncode != 0 else "")
+        raise RunFailed(f"run failed ({reason}); run folder {run_dir}; Flower's log {log.path}",
+                        run_dir)
     _print_final(prepared, quiet)
     _say(f"run folder {run_dir}", quiet)
     return run_dir
@@ -956,12 +1009,29 @@ def prepare_resumable(overrides: Sequence[str], run_dir: Path | str,
     return prepared
 
 
-def _run_flower(prepared: PreparedRun, quiet: bool) -> tuple[int, str, str]:
-    """Start a private SuperLink, run ``flwr run`` against it (its log streamed unless
-    ``quiet``) and stop every process again, also when interrupted. Returns flwr run's exit
-    code, the last lines of its output and of the SuperLink's log."""
-    tail: collections.deque[str] = collections.deque(maxlen=60)
-    with tempfile.TemporaryDirectory(prefix="reefl-flwr-") as tmp:
+def _num_rounds(config: dict[str, Any]) -> int | None:
+    """The run config's num-server-rounds, if it has a whole number of them."""
+    rounds = config.get("num-server-rounds")
+    return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None
+
+
+def _show_failure(log: FlowerLog, superlink_log: str) -> None:
+    """After a failed run, on stderr: the last lines of Flower's log (unless its view showed
+    every line) and ``superlink_log``, if any."""
+    if log.tail() and not log.view.shows_log:
+        sys.stderr.write(f"--- Flower's log, last lines (all of it: {log.path}) ---\n"
+                         f"{log.tail()}\n")
+    if superlink_log:
+        sys.stderr.write(f"--- flower-superlink output (last lines) ---\n{superlink_log}\n")
+
+
+def _run_flower(prepared: PreparedRun, log: FlowerLog) -> tuple[int, str]:
+    """Start a private SuperLink, run ``flwr run`` against it (every line of its output to
+    ``log``) and stop every process again, also when interrupted. Returns flwr run's exit
+    code and the last lines of the SuperLink's log. The private FLWR_HOME, which also holds
+    the run's Ray session (``ray_env``), is removed at the end."""
+    with tempfile.TemporaryDirectory(prefix="reefl-flwr-", dir=private_home_parent(),
+                                     ignore_cleanup_errors=True) as tmp:
         home = Path(tmp)
         superlink = LocalSuperLink(home, Path.cwd(), home / "superlink.log")
         try:
@@ -987,20 +1057,16 @@ def _run_flower(prepared: PreparedRun, quiet: bool) -> tuple[int, str, str]:
             superlink.adopt(flwr_process)
             assert flwr_process.stdout is not None
             for line in flwr_process.stdout:
-                tail.append(line)
-                if not quiet:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
+                log.write(line)
             returncode = flwr_process.wait()
         except BaseException:
-            if not quiet:
-                print("reefl: stopping Flower processes...", file=sys.stderr, flush=True)
+            log.view.note("stopping Flower processes...")
             with _no_sigint():
                 superlink.stop()
             raise
         with _no_sigint():
             superlink.stop()
-        return returncode, "".join(tail), _tail(superlink.log_path, 40)
+        return returncode, _tail(superlink.log_path, 40)
 
 
 def run_failure(prepared: PreparedRun, returncode: int, started: float) -> str | None:

@@ -52,6 +52,7 @@ from reefl.data.federated import (
 )
 from reefl.data.loaders import client_loader, test_loader
 from reefl.data.summary import dataset_slug
+from reefl.file_modes import as_if_opened
 from reefl.models.pretrained import load_backbone
 from reefl.models.vit import VisionTransformer, trunc_normal_
 from reefl.training import autocast, cosine_lr, precision_line
@@ -299,8 +300,8 @@ def write_outputs(state: dict[str, torch.Tensor], info: dict[str, Any], path: Pa
         described = _temporary(info_path(path))
         temporaries.append(described)
         described.write_text(json.dumps(info, indent=2) + "\n")
-        for temporary in temporaries:  # mkstemp's 0600 -> a normal file's rw-r--r--
-            os.chmod(temporary, 0o644)
+        for temporary in temporaries:  # mkstemp's 0600 -> a plain file's mode
+            as_if_opened(temporary)
         os.replace(weights, path)
         os.replace(described, info_path(path))
     finally:

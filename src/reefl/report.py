@@ -34,6 +34,18 @@ def default_run_name(method: str, seed: int, now: float | None = None) -> str:
     return f"{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
 
 
+FLOWER_LOG = "flower.log"
+"""Flower's log of the run, which ``reefl run`` writes into the run folder from before the
+ServerApp starts: a folder holding only it holds no run yet."""
+
+
+def holds_run_files(path: Path) -> bool:
+    """Whether ``path`` exists and is anything but a folder that is empty or holds only
+    FLOWER_LOG."""
+    return path.exists() and (not path.is_dir()
+                              or any(entry.name != FLOWER_LOG for entry in path.iterdir()))
+
+
 class RunFolderError(Exception):
     """A run folder that cannot be used as asked (one line)."""
 
@@ -49,7 +61,7 @@ class RunFolder:
     @classmethod
     def create(cls, path: Path) -> RunFolder:
         """A new, empty run folder; RunFolderError if ``path`` already holds something."""
-        if path.is_dir() and any(path.iterdir()):
+        if holds_run_files(path):
             raise RunFolderError(
                 f"run folder {path} already holds a run: resume it (reefl run --resume "
                 f"{path}, or run-config resume=true) or choose another run-name")
@@ -77,11 +89,10 @@ class RunFolder:
             stream.write(json.dumps(record) + "\n")
 
     def save_model(self, state: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
+        """``model.safetensors``: the final global model (written like the checkpoint)."""
+        from reefl.federation.checkpoint import write_atomically
 
-        # clone: a state may hold views of one storage (LoRA), which safetensors refuses
-        save_file({k: v.detach().cpu().clone() for k, v in state.items()},
-                  str(self.path / "model.safetensors"))
+        write_atomically(self.path / "model.safetensors", state)
 
 
 def final_title(final: dict[str, Any]) -> str:

@@ -222,11 +222,10 @@ def read_bundle(folder: Path) -> TierBundle:
 
 def write_bundle(bundle: TierBundle, folder: Path) -> Path:
     """``folder``/reefl-model.json and model.safetensors: the tier, loadable alone."""
-    from safetensors.torch import save_file
+    from reefl.federation.checkpoint import write_atomically
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in bundle.state.items()},
-              str(folder / WEIGHTS_FILE))
+    write_atomically(folder / WEIGHTS_FILE, bundle.state)
     (folder / BUNDLE_FILE).write_text(json.dumps(bundle.info, indent=2) + "\n")
     return folder
 

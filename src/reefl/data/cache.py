@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from reefl.data.spec import DataSpec, Split
+from reefl.file_modes import as_if_opened
 
 FORMAT_VERSION = 1
 _ARRAYS = ("inputs", "labels", "groups")
@@ -63,6 +64,7 @@ def write(path: Path, spec: DataSpec) -> None:
         if spec.noise is not None:
             np.save(tmp / "noise.npy", np.ascontiguousarray(spec.noise))
         (tmp / "meta.json").write_text(json.dumps(_meta(spec, list(splits)), indent=1))
+        as_if_opened(tmp)  # mkdtemp makes it 0700; the cache is shared by every user's run
         try:
             tmp.rename(path)
         except OSError:  # another process finished first: keep its entry

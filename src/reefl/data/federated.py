@@ -33,6 +33,7 @@ from reefl.data.transforms import (
     random_translate,
     resize,
 )
+from reefl.file_modes import as_if_opened
 
 PARTITIONERS = ("auto", "dirichlet", "equal-dirichlet", "natural")
 MAX_SHIFT = 2  # "translate": digits tolerate small shifts; flips would make other symbols
@@ -146,7 +147,7 @@ def _write_partition(path: Path, data: FederatedData) -> None:
             np.savez(file, test_indices=data.test_indices, shards=shards, shard_ends=shard_ends,
                      local=local, local_ends=local_ends, meta=np.array(json.dumps(meta)),
                      validation=np.asarray(data.validation_indices, np.int64))
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache is shared by every user's run
+        as_if_opened(tmp)  # mkstemp makes it 0600; the cache is shared by every user's run
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

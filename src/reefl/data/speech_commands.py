@@ -26,6 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from reefl.data.spec import DataError
+from reefl.file_modes import as_if_opened
 
 URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 
@@ -237,6 +238,7 @@ def download_archive(cache_dir: Path, url: str = URL) -> Path:
                 f"download of {url} stopped early ({tmp.stat().st_size} of {expected} bytes); "
                 "try again or pass the path of a local copy of the archive"
             )
+        as_if_opened(tmp)  # mkstemp makes it 0600
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

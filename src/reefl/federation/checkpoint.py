@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from reefl.file_modes import as_if_opened
+
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "reefl-checkpoint-2"
 LEGACY_FORMAT = "reefl-checkpoint-1"
@@ -71,7 +73,8 @@ def write_atomically(path: Path, tensors: Tensors,
                      metadata: dict[str, str] | None = None) -> None:
     """Save ``tensors`` as safetensors at ``path`` so that ``path`` is never half written:
     a temporary file in the same folder, fsync, rename, then fsync of the folder (so the
-    rename is on disk before anything that relies on it, e.g. deleting older files)."""
+    rename is on disk before anything that relies on it, e.g. deleting older files). The
+    file gets the mode of a plain ``open()`` (safetensors writes 0600 files)."""
     from safetensors.torch import save_file
 
     partial = path.with_name(path.name + PARTIAL)
@@ -81,6 +84,7 @@ def write_atomically(path: Path, tensors: Tensors,
                for k, v in tensors.items()}, str(partial), metadata=metadata)
     with partial.open("rb") as stream:
         os.fsync(stream.fileno())
+    as_if_opened(partial)
     os.replace(partial, path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
