@@ -123,18 +123,28 @@ def test_server_update_values_follow_the_method() -> None:
         RunConfig.from_flat({"method": "scalefl", "server-update": "feddyn"})
 
 
-@pytest.mark.slow
-def test_a_sixth_method_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                        ) -> None:
-    """The Flower processes import this file by its module name (PYTHONPATH)."""
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    here = str(Path(__file__).parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here,
-                                                                    os.environ.get("PYTHONPATH")])))
-    run_dir = run_app([f'method="{SIXTH}" sixth-ce-scale=0.5 num-clients=4 num-exits=2 depth=2 '
-                       'embed-dim=16 num-heads=2 num-server-rounds=1 fraction-train=1.0 '
-                       f'local-epochs=1 maximum=true output-dir="{tmp_path}" run-name="sixth"'],
-                      quiet=True)
+@pytest.mark.parametrize("driver", [
+    "in-process",  # run_local: the ServerApp loop and ClientApp handlers in this process
+    pytest.param("flower", marks=[pytest.mark.slow, pytest.mark.extended]),  # ~20-30 s
+])
+def test_a_sixth_method_runs_end_to_end(driver: str, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, and through Flower, whose processes import this file by its module name
+    (PYTHONPATH)."""
+    overrides = [f'method="{SIXTH}" sixth-ce-scale=0.5 num-clients=4 num-exits=2 depth=2 '
+                 'embed-dim=16 num-heads=2 num-server-rounds=1 fraction-train=1.0 '
+                 f'local-epochs=1 maximum=true output-dir="{tmp_path}" run-name="sixth"']
+    if driver == "flower":
+        monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+        here = str(Path(__file__).parent)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+            filter(None, [here, os.environ.get("PYTHONPATH")])))
+        run_dir = run_app(overrides, quiet=True)
+    else:
+        from reefl.federation.local import run_local
+        from reefl.launcher import parse_overrides
+
+        run_dir = run_local(RunConfig.from_flat(parse_overrides(overrides)))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == SIXTH and config["sixth-ce-scale"] == 0.5
     final = json.loads((run_dir / "final.json").read_text())

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from reefl.cli import main
 from reefl.config import MODELS, RunConfig
-from reefl.data import load_source
+from reefl.data import load_source, loaders
 from reefl.data.federated import IMAGENET_MEAN, IMAGENET_STD, input_pipeline
 from reefl.data.sources import FASHION_MNIST_DIR
 from reefl.models import VisionTransformer
@@ -25,6 +25,7 @@ from reefl.pretrain import (
     central_data,
     check_options,
     checkpoint_state,
+    evaluate,
     to_deit_names,
     write_outputs,
 )
@@ -251,23 +252,39 @@ def test_a_source_with_a_test_split_reports_test_accuracy(tmp_path: Path) -> Non
                  "--epochs", "1", "--max-examples", "300"])
     assert code == 0
     info = json.loads(out.with_suffix(".json").read_text())
-    assert info["test_examples"] == 300 and 0 <= info["final_test_accuracy"] <= 100
-    assert info["history"][0]["test_loss"] > 0
+    assert info["test_examples"] == 300
+    assert info["final_test_accuracy"] == info["history"][-1]["test_accuracy"]
+    # the reported accuracy and loss are those of the checkpoint written, on those 300
+    cfg = RunConfig.from_flat({"depth": 2, "num-exits": 2, "embed-dim": 16, "num-heads": 2,
+                               "seed": 3, "dataset": "fashion-mnist"})
+    data = central_data(load_source(cfg.data_options.source), cfg.seed, 300)
+    pipeline = input_pipeline(data, cfg.img_size, pretrained=True, augment=False)
+    loader = loaders.test_loader(data, pipeline, cfg.eval_batch_size)
+    model = build_classifier(cfg, 10, 3)
+    state = read_checkpoint(out)
+    model.backbone.load_state_dict(to_backbone_names(state))
+    model.norm.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("norm.")})
+    model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+    accuracy, loss = evaluate(model, loader, cfg, torch.device("cpu"))
+    assert accuracy == pytest.approx(info["final_test_accuracy"], abs=1e-9)
+    assert loss == pytest.approx(info["history"][0]["test_loss"], rel=1e-5)
     assert set(backbone_weights(str(out), "custom")) == set(tiny_vit().state_dict())
 
 
-@pytest.mark.slow
 def test_a_federated_run_starts_from_the_pretrained_backbone(tmp_path: Path) -> None:
-    """`reefl pretrain`, then a real Flower run with ``pretrained`` set to its file and a
-    frozen backbone: the run's backbone is exactly the pretrained one, and the run finishes."""
-    from reefl.launcher import run_app
+    """`reefl pretrain`, then a federated run with ``pretrained`` set to its file and a
+    frozen backbone: the run's backbone is exactly the pretrained one, and the run finishes.
+    In process (the ServerApp loop and ClientApp handlers); a pretrained frozen run through
+    the real Flower app is test_end_to_end's reefl-frozen-pretrained row (extended)."""
+    from reefl.federation.local import run_local
+    from reefl.launcher import parse_overrides
 
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     checkpoint = tmp_path / "digits.safetensors"
     assert main(["pretrain", "-c", TINY_BACKBONE, "-o", str(checkpoint), "--epochs", "1",
                  "--max-examples", "300"]) == 0
-    run_dir = run_app([f'{TINY_RUN} regime="frozen" pretrained="{checkpoint}" '
-                       f'output-dir="{tmp_path}" run-name="from-pretrained"'], quiet=True)
+    run_dir = run_local(RunConfig.from_flat(parse_overrides([
+        f'{TINY_RUN} regime="frozen" pretrained="{checkpoint}" output-dir="{tmp_path}" '
+        'run-name="from-pretrained" train-examples=400 test-examples=100'])))
     final = json.loads((run_dir / "final.json").read_text())
     assert final["rounds"] == 2 and len(final["exit_accuracy"]) == 2
     state = load_file(str(run_dir / "model.safetensors"))

@@ -41,8 +41,9 @@ def test_client_sampling_is_seeded_over_partition_ids() -> None:
 
 
 def _train_once(loader_seed: int) -> dict[str, torch.Tensor]:
+    # 500 training examples: client 1 holds about 100, four shuffled, augmented batches
     cfg = RunConfig.from_flat({"depth": 2, "num-exits": 2, "embed-dim": 16, "num-heads": 2,
-                               "local-epochs": 1, "augment": True})
+                               "local-epochs": 1, "augment": True, "train-examples": 500})
     data = build_federated_data(replace(cfg.data_options, num_clients=4))
     pipeline = input_pipeline(data, cfg.img_size, pretrained=False, augment=cfg.augment)
     method = build_method(cfg, TaskSpec(num_classes=10, in_chans=1))
