@@ -5,7 +5,7 @@ the value. Attention's output is a convex combination of v (weights summing to 1
 q, k, v, the scores and the weights keeps its error within a few roundings of max|v|; we
 allow 2^-7 · max|v| (four roundings). A forward pass of the tiny model rounds a few dozen
 times on the way to the logits, and the cross-entropy near ln(classes) moves by much less
-than the logits do: losses within 1% of fp32's, measured here at about 0.1%.
+than the logits do: losses within 1% of fp32's (measured here: under 0.03%).
 """
 
 from __future__ import annotations
