@@ -63,7 +63,7 @@ def test_run_config_drops_nothing(item: str, fragment: str) -> None:
     ("items", "fragment"),
     [
         (["num-supernodes=3"], "num-supernodes=3 differs from the run config's num-clients=4"),
-        (["client-resources-num-cpus=0"], "client-resources-num-cpus must be at least 1, got 0"),
+        (["client-resources-num-cpus=0"], "client-resources-num-cpus must be at least 1; got '0'"),
         (["client-resources-num-gpus=-0.5"], "client-resources-num-gpus must be 0 or more"),
         (["num-supernodes=4 foo"], "'foo' is not key=value"),
         (["verbose"], "'verbose' is not key=value"),

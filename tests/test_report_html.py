@@ -249,6 +249,19 @@ def test_cli_names_a_folder_it_cannot_report(tmp_path: Path,
     assert not (tmp_path / "report").exists()
 
 
+@pytest.mark.parametrize("name,content", [
+    ("calibration.json", {"criterion": "maxprob"}),  # no curve, no tiers
+    ("personalised.json", {"exits": [{"exit": 0}]}),
+])
+def test_a_file_without_what_reefl_writes_is_named(run_dir: Path, name: str, content: dict,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (run_dir / name).write_text(json.dumps(content))
+    assert cli_main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"reefl: error: report: {run_dir / name} does not hold what reefl "
+                          "writes there (KeyError: ") and err.count("\n") == 1
+
+
 # -- in a browser ---------------------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")

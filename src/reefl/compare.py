@@ -163,7 +163,7 @@ def parse_seeds(spec: str | Sequence[int]) -> list[int]:
         try:
             seeds = [int(s) for s in spec.split(",") if s.strip()]
         except ValueError:
-            raise RunConfigError(f"--seeds must be comma-separated integers, got '{spec}'"
+            raise RunConfigError(f"--seeds must be comma-separated integers; got '{spec}'"
                                  ) from None
     else:
         seeds = [int(s) for s in spec]

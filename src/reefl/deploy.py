@@ -655,7 +655,7 @@ def parse_tiers(text: str | None, num_nodes: int) -> list[int] | None:
     try:
         tiers = [int(item) for item in text.split(",")]
     except ValueError:
-        raise RunConfigError(f"--tiers must be comma-separated integers, got '{text}'") from None
+        raise RunConfigError(f"--tiers must be comma-separated integers; got '{text}'") from None
     if len(tiers) != num_nodes:
         raise RunConfigError(f"--tiers gives {len(tiers)} tiers for --nodes {num_nodes}")
     return tiers

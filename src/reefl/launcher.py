@@ -523,11 +523,11 @@ def check_federation(config: dict[str, Any], federation: dict[str, Any]) -> None
     cpus = federation.get("client-resources-num-cpus", 1)
     if cpus < 1:
         raise RunConfigError("--federation-config: client-resources-num-cpus must be at "
-                             f"least 1, got {cpus}")
+                             f"least 1; got '{cpus}'")
     gpus = federation.get("client-resources-num-gpus", 0)
     if gpus < 0:
         raise RunConfigError("--federation-config: client-resources-num-gpus must be 0 or "
-                             f"more, got {gpus}")
+                             f"more; got '{gpus}'")
 
 
 def toml_value(value: Any) -> str:

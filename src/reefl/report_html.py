@@ -23,7 +23,7 @@ import contextlib
 import html
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +114,17 @@ def read_json(path: Path) -> Any | None:
         return json.loads(path.read_text())
     except ValueError as err:
         raise ReportError(f"{path} is not valid JSON: {err}") from None
+
+
+def file_section(path: Path, render: Callable[[Any], str]) -> str:
+    """``render`` applied to the JSON in ``path`` (None without the file); ReportError naming
+    the file when it lacks what the section reads (a hand-edited or foreign file)."""
+    data = read_json(path)
+    try:
+        return render(data)
+    except (KeyError, TypeError, IndexError, AttributeError) as err:
+        raise ReportError(f"{path} does not hold what reefl writes there "
+                          f"({type(err).__name__}: {err})") from None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -460,8 +471,8 @@ def run_page(run_dir: Path, out: Path) -> tuple[str, str, list[str]]:
     sections = [
         round_curves_section(records, exit_blocks, out),
         final_section(final, records),
-        calibration_section(read_json(run_dir / CALIBRATION_FILE), out),
-        personalised_section(read_json(run_dir / PERSONALISED_FILE)),
+        file_section(run_dir / CALIBRATION_FILE, lambda data: calibration_section(data, out)),
+        file_section(run_dir / PERSONALISED_FILE, personalised_section),
         costs_section(tiers),
         config_section(config),
     ]
