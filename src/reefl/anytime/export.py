@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from reefl.anytime.model import AnytimeModel, write_bundle
-from reefl.anytime.policy import CRITERIA, NEVER
+from reefl.anytime.policy import CRITERIA
 from reefl.models import EarlyExitModel
 
 STAGES_FILE = "onnx-stages.json"
@@ -147,8 +147,7 @@ class OnnxTier:
                                                  strict=True)):
             outputs = session.run(None, dict(zip(stage["inputs"], carried, strict=True)))
             score = _confidence(outputs[0], criterion)
-            here = score >= threshold if k < last and threshold < NEVER else \
-                np.full(len(score), k == last)
+            here = score >= threshold if k < last else np.ones(len(score), dtype=bool)
             labels[going[here]] = outputs[0][here].argmax(-1)
             exits[going[here]] = k
             going = going[~here]

@@ -155,11 +155,12 @@ def load(path: str | Path, tier: int | None = None) -> AnytimeModel:
     """The model of a run folder (``tier``: which tier's sub-model; default the deepest)
     or of an exported tier folder (``reefl export``), ready to ``predict``."""
     path = Path(path).expanduser()
-    if is_bundle_folder(path):
-        if tier is not None and tier != read_bundle(path).info["tier"]:
-            raise ModelLoadError(f"{path} holds tier {read_bundle(path).info['tier']} only")
-        return AnytimeModel(read_bundle(path))
-    return AnytimeModel(run_bundle(path, tier))
+    if not is_bundle_folder(path):
+        return AnytimeModel(run_bundle(path, tier))
+    bundle = read_bundle(path)
+    if tier is not None and tier != bundle.info["tier"]:
+        raise ModelLoadError(f"{path} holds tier {bundle.info['tier']} only; got --tier {tier}")
+    return AnytimeModel(bundle)
 
 
 def _run_files(run_dir: Path) -> tuple[dict[str, Any], Path]:
