@@ -54,10 +54,16 @@ FLOPS_NOTE = (
 )
 
 
-def _forward_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
+def _forward_flops(model: torch.nn.Module, x: torch.Tensor, reached: list[int] | None = None
+                   ) -> tuple[int, dict[str, int]]:
+    """Total and per-op FLOPs of one forward pass; with ``reached``, the pass is the exit
+    loop and the running total is appended to it at every exit."""
     model.eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
+        if reached is None:
+            model(x)
+        else:
+            model.exit_loop(x, lambda k, logits: reached.append(int(counter.get_total_flops())))
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
     return int(counter.get_total_flops()), dict(sorted(by_op.items()))
 
@@ -184,10 +190,8 @@ def exit_flops_in(model: torch.nn.Module, in_chans: int, img_size: int) -> list[
     x = torch.zeros(1, in_chans, img_size, img_size, dtype=dtype)
     reached: list[int] = []
     was_training = model.training
-    model.eval()
-    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter, \
-            torch.no_grad():
-        model.exit_loop(x, lambda k, logits: reached.append(int(counter.get_total_flops())))
+    with sdpa_kernel([SDPBackend.MATH]):
+        _forward_flops(model, x, reached)
     model.train(was_training)
     return reached
 
