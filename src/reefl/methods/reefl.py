@@ -55,6 +55,8 @@ class ReeFL(Method):
         Setting("ree-mlp-ratio", 1.35, "a number > 0", _positive),
         Setting("ree-depth", 1, "an integer >= 1", _at_least_one),
         Setting("ree-recurrent-steps", 1, "an integer >= 1", _at_least_one),
+        Setting("ree-layer-scale", 0.0, "a number >= 0 (0: the paper's Ree, no LayerScale)",
+                lambda v: v >= 0),
         Setting("modulation", True),
         Setting("exit-module", "ree", f"one of {', '.join(EXIT_MODULES)}",
                 lambda v: v in EXIT_MODULES),
@@ -81,6 +83,7 @@ class ReeFL(Method):
             exit_blocks=self.exit_blocks[: tier + 1], num_heads=cfg.ree_heads,
             attn_dim=cfg.ree_attn_dim, mlp_ratio=cfg.ree_mlp_ratio, depth=cfg.ree_depth,
             recurrent_steps=cfg.ree_recurrent_steps, modulation=cfg.modulation,
+            layer_scale=cfg.ree_layer_scale or None,
         )
         return EarlyExitModel(self.build_backbone(tier), ree)
 

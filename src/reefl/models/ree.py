@@ -4,6 +4,12 @@ After each backbone block Ree reads the sequence [meta token, class tokens of th
 blocks, the current class token], plus a learned depth position embedding, through a small
 pre-LN transformer. Its meta output (plus the current class token) feeds the single exit head;
 its last output replaces the backbone's class token ("modulation") and joins the history.
+
+``layer_scale`` (the ``ree-layer-scale`` setting; docs/method.md §2a) scales both residual
+branches of Ree's layers by a learnt per-channel gain that starts small (LayerScale, as in
+CaiT and DINOv2). A fresh Ree is then close to the identity on its tokens, so on a pretrained
+backbone the first steps cannot push the modulated class token far from the one the next
+blocks were trained on. ``None`` is the paper's Ree, parameter for parameter.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ class Ree(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, num_blocks: int, exit_blocks: list[int],
                  num_heads: int = 8, attn_dim: int = 16, mlp_ratio: float = 1.35,
-                 depth: int = 1, recurrent_steps: int = 1, modulation: bool = True) -> None:
+                 depth: int = 1, recurrent_steps: int = 1, modulation: bool = True,
+                 layer_scale: float | None = None) -> None:
         super().__init__()
         self.exit_blocks = list(exit_blocks)
         self.modulation = modulation
@@ -33,7 +40,7 @@ class Ree(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_blocks + 1, dim))
         self.layers = nn.ModuleList(
             Block(dim, num_heads, int(mlp_ratio * dim), eps=1e-5, attn_dim=attn_dim,
-                  attn_scale=attn_dim**-0.5)
+                  attn_scale=attn_dim**-0.5, layer_scale=layer_scale)
             for _ in range(depth)
         )
         self.head = ExitHead(dim, num_classes)
@@ -46,7 +53,7 @@ class Ree(nn.Module):
 
     def transform(self, tokens: torch.Tensor) -> torch.Tensor:
         """Ree's transformer on [B, n, d] tokens (position embedding added here)."""
-        out = tokens + self.pos_embed[:, : tokens.shape[1]]
+        out = tokens + self.pos_embed[:, : tokens.shape[1]]  # (B, n, d)
         for layer in self.layers:
             for _ in range(self.recurrent_steps):
                 out = layer(out)
@@ -61,11 +68,11 @@ class Ree(nn.Module):
         if not (is_exit or self.modulation):  # nothing reads Ree's output here
             history.append(current)
             return h, None
-        meta = self.meta_token.expand(h.shape[0], -1, -1)
-        out = self.transform(torch.cat([meta, *history, current], dim=1))
-        logits = self.head(out[:, 0] + current[:, 0]) if is_exit else None
+        meta = self.meta_token.expand(h.shape[0], -1, -1)  # (B, 1, d)
+        out = self.transform(torch.cat([meta, *history, current], dim=1))  # (B, n, d)
+        logits = self.head(out[:, 0] + current[:, 0]) if is_exit else None  # (B, classes)
         if self.modulation:
-            modulated = out[:, -1:]
+            modulated = out[:, -1:]  # (B, 1, d)
             history.append(modulated)
             h = torch.cat([modulated, h[:, 1:]], dim=1)
         else:
