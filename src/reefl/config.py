@@ -195,6 +195,7 @@ class RunConfig:
     roll_call_timeout: float = 60.0
     max_update_norm: float = 0.0
     personalised_epochs: int = 0
+    stop_on_divergence: bool = False
     method_settings: tuple[tuple[str, Any], ...] = ()
     """Every registered method's settings (kebab-case key, value), sorted by key: read them
     as attributes like the core fields (``cfg.feddyn_alpha``)."""

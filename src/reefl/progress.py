@@ -38,6 +38,7 @@ ERROR = re.compile(r"^(?:\([^)]*\)\s*)?(ERROR|CRITICAL)\s*:|Traceback \(most rec
 ROUND = re.compile(r"reefl: round (\d+)/(\d+) \|")
 TRAIN_LOSS = re.compile(r"\| train-loss (\S+) \|")
 MEAN_ACCURACY = re.compile(r"\] mean (\S+) ens ")
+DIVERGED = re.compile(r"\| diverged \|")
 ROUND_SECONDS = re.compile(r"\| ([0-9.]+)s\s*$")
 RESUMED = re.compile(r"reefl: resuming after round (\d+) of (\d+)")
 
@@ -134,6 +135,7 @@ class RunProgress:
     last_round_at: float | None = None
     train_loss: float | None = None
     mean_accuracy: float | None = None
+    diverged: bool = False
     ended: bool = False
 
     def update(self, text: str, now: float) -> bool:
@@ -153,6 +155,7 @@ class RunProgress:
         loss, accuracy = _number(TRAIN_LOSS, text), _number(MEAN_ACCURACY, text)
         self.train_loss = self.train_loss if loss is None else loss
         self.mean_accuracy = self.mean_accuracy if accuracy is None else accuracy
+        self.diverged = self.diverged or DIVERGED.search(text) is not None
         return True
 
     def eta(self, now: float) -> float | None:
@@ -189,6 +192,8 @@ class RunProgress:
             parts.append(f"train-loss {self.train_loss:.3f}")
         if self.mean_accuracy is not None:
             parts.append(f"mean acc {self.mean_accuracy:.1f}%")
+        if self.diverged:
+            parts.append("DIVERGED")
         return parts
 
     def describe(self, now: float) -> str:

@@ -84,6 +84,12 @@ class RunFolder:
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         (self.path / name).write_text(json.dumps(payload, indent=2) + "\n")
 
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl, in round order."""
+        metrics = self.path / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        return [json.loads(line) for line in lines if line.strip()]
+
     def append_metrics(self, record: dict[str, Any]) -> None:
         with (self.path / "metrics.jsonl").open("a") as stream:
             stream.write(json.dumps(record) + "\n")
@@ -97,8 +103,10 @@ class RunFolder:
 
 def final_title(final: dict[str, Any]) -> str:
     """The line over the final table: method, seed, rounds, wall time."""
-    return (f"{final['method']} · seed {final['seed']} · {final['rounds']} rounds · "
-            f"{final['wall_seconds']:.0f} s")
+    title = (f"{final['method']} · seed {final['seed']} · "
+             f"{final.get('rounds_run', final['rounds'])} rounds · {final['wall_seconds']:.0f} s")
+    diverged = final.get("diverged")
+    return title if not diverged else f"{title} · diverged in round {diverged['round']}"
 
 
 def final_table(final: dict[str, Any]) -> Table:

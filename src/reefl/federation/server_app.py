@@ -32,6 +32,7 @@ from reefl.federation.checkpoint import (
     save_checkpoint,
 )
 from reefl.federation.client_store import open_run_store
+from reefl.federation.divergence import find_divergence
 from reefl.federation.inputs import run_data
 from reefl.federation.personalised import evaluate_personalised, log_summary
 from reefl.federation.replies import RoundRecord
@@ -161,6 +162,8 @@ def run_server(grid: Grid, cfg: RunConfig,
         save()  # round 0: a run stopped in its first round can be resumed too
     first_round = run.round + 1
     timings["first_round_started"] = time.time()
+    records = folder.read_metrics()  # a resumed run's earlier rounds count for divergence
+    diverged = find_divergence(records, task.num_classes)
     for server_round in range(first_round, cfg.num_server_rounds + 1):
         round_started = time.monotonic()
         record = RoundRecord()
@@ -175,7 +178,16 @@ def run_server(grid: Grid, cfg: RunConfig,
             **strategy.last_train_metrics, "model_updated": new_state is not None,
             **record.as_json(),
         }
-        if server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds:
+        if diverged is None:
+            diverged = find_divergence([*records, line], task.num_classes)
+            if diverged is not None:
+                line["diverged"] = diverged.reason
+                log(WARNING, "reefl: round %s: the run diverged: %s%s", server_round,
+                    diverged.reason, " (stop-on-divergence: stopping)" if
+                    cfg.stop_on_divergence else "")
+        stopping = diverged is not None and cfg.stop_on_divergence
+        if (server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds
+                or stopping):
             evaluator = method.exit_evaluator(run.global_state)
             run.last_eval = evaluate_exits(evaluator, loader, cfg, device)
             line.update(run.last_eval)
@@ -184,10 +196,13 @@ def run_server(grid: Grid, cfg: RunConfig,
         line["round_seconds"] = time.monotonic() - round_started
         line["elapsed_seconds"] = run.elapsed_before + time.monotonic() - started
         folder.append_metrics(line)
+        records.append(line)
         save()
         log(INFO, "reefl: %s", _progress_line(line, cfg.num_server_rounds))
         if on_round is not None:
             on_round(line)
+        if stopping:
+            break
 
     timings["last_round_finished"] = time.time()
     folder.save_model(run.global_state)
@@ -200,6 +215,8 @@ def run_server(grid: Grid, cfg: RunConfig,
     final = {
         **run.last_eval, "method": cfg.method, "seed": cfg.seed, "rounds": cfg.num_server_rounds,
         "exit_blocks": method.exit_blocks, "clients": run.totals, "config_digest": digest,
+        "diverged": None if diverged is None else diverged.as_json(),
+        "rounds_run": run.round,
         "wall_seconds": run.elapsed_before + time.monotonic() - started,
         "simulation_poll": poll, **personalised,
         "timings": {**timings, "server_finished": time.time()},
@@ -227,5 +244,7 @@ def _progress_line(record: dict[str, object], num_rounds: int) -> str:
         exits = " ".join(f"{a:.1f}" for a in record["exit_accuracy"])
         parts.append(f"exit acc [{exits}] mean {record['mean_accuracy']:.2f} "
                      f"ens {record['ensemble_accuracy']:.2f}")
+    if "diverged" in record:
+        parts.append("diverged")
     parts.append(f"{record['round_seconds']:.1f}s")
     return " | ".join(parts)
