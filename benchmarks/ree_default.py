@@ -1,0 +1,87 @@
+"""Which Ree should be the default when training from scratch: the paper's, or the stable one
+(``ree-layer-scale``)? ReeFL with each, on the embedded default and on Fashion-MNIST, over
+several seeds (mean and seed-to-seed spread, since the spread is where ReeFL was weak).
+
+Every run is the project's own rounds in one process (``run_in_process``, as in
+``benchmarks/pretrained_claim.py``), two workers of one thread each, seed-major so that a
+partial result is balanced; finished runs are kept in OUT/runs/*.json and reused.
+
+    python benchmarks/ree_default.py [--setups embedded,fashion] [--seeds 0,1,2,3,4]
+        [--variants 'reefl;reefl[ree-layer-scale=1e-4]'] [--out outputs/ree-default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrained_claim import entry_config, final, run_one
+
+SETUPS: dict[str, dict[str, Any]] = {
+    # the embedded default: pyproject's [tool.flwr.app.config] as it is
+    "embedded": {},
+    # Fashion-MNIST as docs/benchmarks use it: 60k train in 20 clients, 1 local epoch
+    "fashion": {"dataset": "fashion-mnist", "local-epochs": 1, "num-server-rounds": 15,
+                "eval-every": 5, "num-clients": 20, "fraction-train": 0.5},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setups", default="embedded,fashion")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--variants", default="reefl;reefl[ree-layer-scale=1e-4]")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("outputs/ree-default"))
+    args = parser.parse_args()
+    setups, variants = args.setups.split(","), args.variants.split(";")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs_dir = args.out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [{"name": f"{setup}-{variant}-s{seed}", "setup": setup, "method": variant,
+             "seed": seed, "config": {**SETUPS[setup], **entry_config(variant), "seed": seed}}
+            for seed in seeds for setup in setups for variant in variants]
+    todo, results = [], []
+    for job in jobs:
+        done = runs_dir / f"{job['name']}.json"
+        if done.exists() and json.loads(done.read_text())["config"] == job["config"]:
+            results.append(json.loads(done.read_text()))
+        else:
+            todo.append(job)
+    started = time.perf_counter()
+    print(f"{len(results)} runs kept, {len(todo)} to run", flush=True)
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        for k, result in enumerate(pool.imap_unordered(run_one, todo), 1):
+            (runs_dir / f"{result['name']}.json").write_text(json.dumps(result))
+            results.append(result)
+            last = final(result["records"])
+            print(f"[{k}/{len(todo)}] {result['name']}: mean {last['mean_accuracy']:.2f} "
+                  f"exits {[round(a, 1) for a in last['exit_accuracy']]} "
+                  f"({result['wall_seconds']:.0f} s wall; {time.perf_counter() - started:.0f} "
+                  "s so far)", flush=True)
+    lines = ["| setup | Ree | seeds | exit accuracies, mean ± std | mean over exits ± std "
+             "| min – max of the mean |", "|---|---|---|---|---|---|"]
+    for setup in setups:
+        for variant in variants:
+            runs = [final(r["records"]) for r in results
+                    if r["setup"] == setup and r["method"] == variant]
+            if len(runs) < 2:
+                continue
+            exits = " / ".join(
+                f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}"
+                for v in zip(*[r["exit_accuracy"] for r in runs], strict=True))
+            means = [r["mean_accuracy"] for r in runs]
+            lines.append(f"| {setup} | {variant} | {len(runs)} | {exits} | "
+                         f"{statistics.mean(means):.2f} ± {statistics.stdev(means):.2f} | "
+                         f"{min(means):.1f} – {max(means):.1f} |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
