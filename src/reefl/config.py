@@ -196,6 +196,7 @@ class RunConfig:
     max_update_norm: float = 0.0
     personalised_epochs: int = 0
     stop_on_divergence: bool = False
+    exit_standardise: bool = False
     method_settings: tuple[tuple[str, Any], ...] = ()
     """Every registered method's settings (kebab-case key, value), sorted by key: read them
     as attributes like the core fields (``cfg.feddyn_alpha``)."""
@@ -362,6 +363,9 @@ class RunConfig:
                  self.roll_call_timeout)
         _require("max-update-norm", self.max_update_norm >= 0,
                  "a number >= 0 (0 turns the bound off)", self.max_update_norm)
+        _require("server-update", not (self.exit_standardise and self.server_update != "fedavg"),
+                 "fedavg when exit-standardise is true (a server optimiser would step the exit "
+                 "inputs' running statistics like weights)", self.server_update)
         self._validate_exits(depth)
         self._validate_tiers()
         bb = self.backbone

@@ -118,19 +118,25 @@ class TierModels:
         """The baselines' sub-model (docs/method.md §6): the backbone cut at exit ``tier`` and one
         LayerNorm + Linear head per exit 0..tier."""
         heads = PerExitHeads(self.cfg.backbone["embed_dim"], self.task.num_classes,
-                             self.exit_blocks[: tier + 1])
+                             self.exit_blocks[: tier + 1], self.cfg.exit_standardise)
         return EarlyExitModel(self.build_backbone(tier), heads)
 
     def _layout(self, tier: int) -> TierLayout:
-        """Names and shapes of ``tier``'s model, built once on the meta device."""
+        """Names and shapes of ``tier``'s model, built once on the meta device. Float buffers
+        (the running statistics of ``exit-standardise``) count as trained: training updates
+        them, so they travel and are averaged like the parameters."""
         if tier not in self._layouts:
             with torch.device("meta"):
                 model = self.build_architecture(tier)
                 architecture = [name for name, _ in model.named_parameters()]
-                params = dict(apply_regime(model, self.regime).named_parameters())
+                architecture += [name for name, _ in _float_buffers(model)]
+                model = apply_regime(model, self.regime)
+                params = dict(model.named_parameters())
+                buffers = dict(_float_buffers(model))
             self._layouts[tier] = TierLayout(
-                shapes={name: p.shape for name, p in params.items()},
-                trainable=[name for name, p in params.items() if p.requires_grad],
+                shapes={name: t.shape for name, t in {**params, **buffers}.items()},
+                trainable=[name for name, p in params.items() if p.requires_grad]
+                + list(buffers),
                 architecture=architecture,
             )
         return self._layouts[tier]
@@ -184,6 +190,10 @@ class TierModels:
         """What the server sends a client of ``tier``, named as in that tier's model; the
         client returns the same names and shapes: the tier's trainable parameters."""
         return self.tier_state(global_state, tier, self.trainable_keys(tier))
+
+
+def _float_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
 
 
 class Method(TierModels, ABC):

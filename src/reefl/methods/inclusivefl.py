@@ -169,7 +169,7 @@ class InclusiveFL(Method):
 
     def _head(self, tier: int) -> PerExitHeads:
         return PerExitHeads(self.cfg.backbone["embed_dim"], self.task.num_classes,
-                            [self.exit_blocks[tier]])
+                            [self.exit_blocks[tier]], self.cfg.exit_standardise)
 
     def build_architecture(self, tier: int) -> EarlyExitModel:
         """The client's model: backbone cut after e_t, one head on block e_t."""

@@ -83,7 +83,7 @@ class ReeFL(Method):
             exit_blocks=self.exit_blocks[: tier + 1], num_heads=cfg.ree_heads,
             attn_dim=cfg.ree_attn_dim, mlp_ratio=cfg.ree_mlp_ratio, depth=cfg.ree_depth,
             recurrent_steps=cfg.ree_recurrent_steps, modulation=cfg.modulation,
-            layer_scale=cfg.ree_layer_scale or None,
+            layer_scale=cfg.ree_layer_scale or None, standardise=cfg.exit_standardise,
         )
         return EarlyExitModel(self.build_backbone(tier), ree)
 

@@ -152,7 +152,8 @@ class ScaleFL(Method):
     def build_architecture(self, tier: int) -> EarlyExitModel:
         """Blocks 0..e_t at tier t's width, one head per exit 0..t."""
         dims = self.tier_width(tier)
-        heads = PerExitHeads(dims.embed_dim, self.task.num_classes, self.exit_blocks[: tier + 1])
+        heads = PerExitHeads(dims.embed_dim, self.task.num_classes, self.exit_blocks[: tier + 1],
+                             self.cfg.exit_standardise)
         return EarlyExitModel(self.build_backbone(tier, **asdict(dims)), heads)
 
     def exit_evaluator(self, global_state: dict[str, torch.Tensor]) -> nn.Module:

@@ -31,7 +31,7 @@ class Ree(nn.Module):
     def __init__(self, dim: int, num_classes: int, num_blocks: int, exit_blocks: list[int],
                  num_heads: int = 8, attn_dim: int = 16, mlp_ratio: float = 1.35,
                  depth: int = 1, recurrent_steps: int = 1, modulation: bool = True,
-                 layer_scale: float | None = None) -> None:
+                 layer_scale: float | None = None, standardise: bool = False) -> None:
         super().__init__()
         self.exit_blocks = list(exit_blocks)
         self.modulation = modulation
@@ -43,7 +43,7 @@ class Ree(nn.Module):
                   attn_scale=attn_dim**-0.5, layer_scale=layer_scale)
             for _ in range(depth)
         )
-        self.head = ExitHead(dim, num_classes)
+        self.head = ExitHead(dim, num_classes, standardise=standardise)
         trunc_normal_(self.meta_token)
         trunc_normal_(self.pos_embed)
         for module in self.modules():
