@@ -75,7 +75,10 @@ def export_onnx(model: AnytimeModel, folder: Path) -> Path:
     history_in = 0
     for k, (first, last) in enumerate(bounds):
         final = k == len(bounds) - 1
-        stage = ExitStage(network, first, last, history_in, final)
+        # in eval mode: the exporter restores the stage's mode afterwards, recursively, and a
+        # stage left in training mode would put the network there (exit-standardise's running
+        # statistics would then move with every example pass)
+        stage = ExitStage(network, first, last, history_in, final).eval()
         inputs = ["image"] if k == 0 else ["tokens_in", "history_in"][: 1 + bool(history_in)]
         with torch.no_grad():
             outputs = stage(*example)
