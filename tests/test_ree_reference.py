@@ -67,12 +67,16 @@ def _self_attention(x: torch.Tensor, p: dict[str, torch.Tensor], prefix: str, he
 
 def _pre_ln_layer(x: torch.Tensor, p: dict[str, torch.Tensor], prefix: str, heads: int,
                   scale: float, eps: float) -> torch.Tensor:
-    """x + attn(LN(x)), then x + fc2(GELU(fc1(LN(x))))."""
-    x = x + _self_attention(_layer_norm(x, p[f"{prefix}.norm1.weight"],
-                                        p[f"{prefix}.norm1.bias"], eps), p,
-                            f"{prefix}.attn", heads, scale)
+    """x + attn(LN(x)), then x + fc2(GELU(fc1(LN(x)))); with LayerScale (the stable Ree,
+    docs/method.md §2a) each branch is first multiplied by its per-channel gain."""
+    one = torch.ones(x.shape[-1], dtype=x.dtype)
+    gain1, gain2 = p.get(f"{prefix}.ls1.gamma", one), p.get(f"{prefix}.ls2.gamma", one)
+    x = x + gain1 * _self_attention(_layer_norm(x, p[f"{prefix}.norm1.weight"],
+                                                p[f"{prefix}.norm1.bias"], eps), p,
+                                    f"{prefix}.attn", heads, scale)
     y = _layer_norm(x, p[f"{prefix}.norm2.weight"], p[f"{prefix}.norm2.bias"], eps)
-    return x + _linear(_gelu(_linear(y, p, f"{prefix}.mlp.fc1")), p, f"{prefix}.mlp.fc2")
+    return x + gain2 * _linear(_gelu(_linear(y, p, f"{prefix}.mlp.fc1")), p,
+                               f"{prefix}.mlp.fc2")
 
 
 def _patch_tokens(images: torch.Tensor, p: dict[str, torch.Tensor], patch: int
@@ -127,9 +131,11 @@ def reference_logits(p: dict[str, torch.Tensor], cfg: RunConfig, images: torch.T
 
 # -- the comparison -----------------------------------------------------------------------
 
-def _config(layout: str, ree_depth: int, steps: int, modulation: bool) -> RunConfig:
+def _config(layout: str, ree_depth: int, steps: int, modulation: bool,
+            layer_scale: float = 0.0) -> RunConfig:
     return RunConfig.from_flat({**BACKBONE, **EXIT_LAYOUTS[layout], "ree-depth": ree_depth,
-                                "ree-recurrent-steps": steps, "modulation": modulation})
+                                "ree-recurrent-steps": steps, "modulation": modulation,
+                                "ree-layer-scale": layer_scale})
 
 
 def _model_at_scale_one(cfg: RunConfig, seed: int = 0) -> torch.nn.Module:
@@ -158,11 +164,15 @@ def _images(n: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("modulation", [True, False], ids=["modulation", "no-modulation"])
 @pytest.mark.parametrize(("ree_depth", "steps"), [(1, 1), (2, 1), (1, 3), (2, 2)],
                          ids=["d1-r1", "d2-r1", "d1-r3", "d2-r2"])
+@pytest.mark.parametrize("layer_scale", [0.0, 0.01], ids=["paper", "stable"])
 def test_every_exit_matches_the_hand_written_reference(layout: str, modulation: bool,
-                                                       ree_depth: int, steps: int) -> None:
-    cfg = _config(layout, ree_depth, steps, modulation)
+                                                       ree_depth: int, steps: int,
+                                                       layer_scale: float) -> None:
+    cfg = _config(layout, ree_depth, steps, modulation, layer_scale)
     model = _model_at_scale_one(cfg)
     assert len(model.exits.layers) == ree_depth and model.exits.recurrent_steps == steps
+    gains = [n for n, _ in model.named_parameters() if n.startswith("exits.") and "gamma" in n]
+    assert len(gains) == (2 * ree_depth if layer_scale else 0)  # redrawn at scale ~1 below
     x = _images()
     with torch.no_grad():
         got = model(x)
@@ -175,9 +185,10 @@ def test_every_exit_matches_the_hand_written_reference(layout: str, modulation: 
     assert (got[-1][0] - got[-1][1]).abs().max().item() > 0.1
 
 
-def test_default_initialisation_in_float32_matches_the_reference() -> None:
+@pytest.mark.parametrize("layer_scale", [0.0, 0.01], ids=["paper", "stable"])
+def test_default_initialisation_in_float32_matches_the_reference(layer_scale: float) -> None:
     """The model as built (float32, trunc-normal initialisation), depth 2 and 2 steps."""
-    cfg = _config("blocks-1-3", 2, 2, True)
+    cfg = _config("blocks-1-3", 2, 2, True, layer_scale)
     model = build_method(cfg, TASK).build_global_model().eval()
     x = _images().float()
     with torch.no_grad():
