@@ -22,10 +22,12 @@ from reefl.methods import TaskSpec, build_method
 from reefl.methods.reefl import ReeFL
 
 # 4x4 one-channel images in 2x2 patches -> 4 patches + class token = 5 tokens of width 4;
-# 2 blocks (1 head, MLP hidden 4), an exit after each; Ree with 1 head of width 2, hidden 4.
+# 2 blocks (1 head, MLP hidden 4), an exit after each; Ree with 1 head of width 2, hidden 4,
+# the paper's (no LayerScale: test_stable_ree_adds_its_gains counts those).
 MICRO = {
     "img-size": 4, "patch-size": 2, "embed-dim": 4, "depth": 2, "num-heads": 1,
     "mlp-ratio": 1.0, "num-exits": 2, "ree-heads": 1, "ree-attn-dim": 2, "ree-mlp-ratio": 1.0,
+    "ree-layer-scale": 0.0,
 }
 TASK = TaskSpec(num_classes=3, in_chans=1)
 
@@ -53,6 +55,21 @@ def test_params_per_tier_match_a_hand_count() -> None:
     for x in costs:
         assert x["params_up"] == x["params_down"] == x["params_model"]
         assert x["bytes_up"] == x["bytes_down"] == 4 * x["params_down"]  # fp32
+
+
+def test_stable_ree_adds_its_gains() -> None:
+    """The stable Ree (the default) has two LayerScale gains of width d per layer, and the
+    same FLOPs (a gain is an element-wise product, not counted)."""
+    d = 4
+    for depth in (1, 2):
+        paper = tier_costs(build_method(RunConfig.from_flat({**MICRO, "ree-depth": depth}),
+                                        TASK))
+        stable = tier_costs(build_method(RunConfig.from_flat(
+            {**MICRO, "ree-depth": depth, "ree-layer-scale": 0.01}), TASK))
+        assert [s["params_down"] - p["params_down"] for p, s in zip(paper, stable,
+                                                                    strict=True)] == \
+            [2 * d * depth] * 2
+        assert [s["forward_flops"] for s in stable] == [p["forward_flops"] for p in paper]
 
 
 def test_forward_flops_match_a_hand_count_of_products() -> None:
@@ -162,8 +179,9 @@ def test_deit_small_frozen_trains_ree_alone_and_peft_adds_hand_counted_parameter
     ree = (d + 13 * d  # meta token, position embedding over L + 1 = 13 depths
            + 2 * d + 3 * _linear(d, a) + _linear(a, d)  # its attention (width 16)
            + 2 * d + _linear(d, int(1.35 * d)) + _linear(int(1.35 * d), d)  # its MLP
-           + 2 * d + _linear(d, c))  # the exit head
-    assert ree == 469_914
+           + 2 * d + _linear(d, c)  # the exit head
+           + 2 * d)  # the stable Ree's LayerScale gains (ree-layer-scale, the default)
+    assert ree == 470_682
     lora = 2 * (r * d + d * r)  # A and B on q and v
     adapters = 2 * (_linear(d, 32) + _linear(32, d))  # after/beside attention and MLP
     ssf = 2 * (4 * d + hidden + d + 2 * d)  # q k v proj, fc1, fc2, norm1, norm2
@@ -210,18 +228,18 @@ def test_costs_command_prints_the_regime_table(capsys) -> None:
     assert lines[1:4] == [
         "tier   block    params up   params down    MB up     share   MFLOPs/img",
         "─" * 71,
-        "0          2    6,164,634     6,164,634   24.659    27.85%     2393.635",
+        "0          2    6,165,402     6,165,402   24.662    27.85%     2393.635",
     ]
     regimes = lines.index("Every regime: trained parameters · MB sent each way per round · "
                           "share of the full model")
-    frozen = "469,914 · 1.88 · 2.12%"
+    frozen = "470,682 · 1.88 · 2.13%"
     assert lines[regimes + 1:regimes + 5] == [
         "regime" + " " * 32 + "tier 0" + " " * 24 + "tier 1" + " " * 24 + "tier 2"
         + " " * 25 + "tier 3",
         "─" * 135,
         f"frozen{' ' * 16}{frozen}{' ' * 8}{frozen}{' ' * 8}{frozen}{' ' * 9}{frozen}",
-        "full (this run)   6,164,634 · 24.66 · 27.85%   11,488,026 · 45.95 · 51.90%   "
-        "16,811,418 · 67.25 · 75.95%   22,134,810 · 88.54 · 100.00%",
+        "full (this run)   6,165,402 · 24.66 · 27.85%   11,488,794 · 45.96 · 51.90%   "
+        "16,812,186 · 67.25 · 75.95%   22,135,578 · 88.54 · 100.00%",
     ]
     assert main(["costs", "-c", 'regime="prompt"']) == 2
     assert "regime must be one of" in capsys.readouterr().err

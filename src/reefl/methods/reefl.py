@@ -55,7 +55,7 @@ class ReeFL(Method):
         Setting("ree-mlp-ratio", 1.35, "a number > 0", _positive),
         Setting("ree-depth", 1, "an integer >= 1", _at_least_one),
         Setting("ree-recurrent-steps", 1, "an integer >= 1", _at_least_one),
-        Setting("ree-layer-scale", 0.0, "a number >= 0 (0: the paper's Ree, no LayerScale)",
+        Setting("ree-layer-scale", 0.01, "a number >= 0 (0: the paper's Ree, no LayerScale)",
                 lambda v: v >= 0),
         Setting("modulation", True),
         Setting("exit-module", "ree", f"one of {', '.join(EXIT_MODULES)}",
