@@ -7,7 +7,8 @@ Every run is the project's own rounds in one process (``run_in_process``, as in
 partial result is balanced; finished runs are kept in OUT/runs/*.json and reused.
 
     python benchmarks/ree_default.py [--setups embedded,fashion] [--seeds 0,1,2,3,4]
-        [--variants 'reefl;reefl[ree-layer-scale=1e-4]'] [--out outputs/ree-default]
+        [--variants 'reefl[ree-layer-scale=0.0];reefl[ree-layer-scale=0.01]']
+        [--out outputs/ree-default]
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setups", default="embedded,fashion")
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--variants", default="reefl;reefl[ree-layer-scale=1e-4]")
+    parser.add_argument("--variants",
+                        default="reefl[ree-layer-scale=0.0];reefl[ree-layer-scale=0.01]")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("outputs/ree-default"))
     args = parser.parse_args()
