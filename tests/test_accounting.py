@@ -7,7 +7,7 @@ import json
 import torch
 from torch import nn
 
-from reefl.accounting import (
+from reefl.outputs.accounting import (
     _tier_cost,
     costs_from_config,
     exit_flops,
@@ -96,7 +96,7 @@ def test_forward_flops_match_a_hand_count_of_products() -> None:
 
 
 def test_single_linear_is_two_in_out_tokens() -> None:
-    from reefl.accounting import _forward_flops
+    from reefl.outputs.accounting import _forward_flops
 
     flops, by_op = _forward_flops(nn.Linear(6, 5), torch.zeros(1, 7, 6))
     assert flops == 2 * 6 * 5 * 7
@@ -248,7 +248,7 @@ def test_costs_command_prints_the_regime_table(capsys) -> None:
 def test_accounting_is_counted_once_per_model(tmp_path, monkeypatch) -> None:
     """The second run of the same model (another seed) reads the record back from the cache
     instead of counting again; another regime is counted anew."""
-    from reefl import accounting
+    from reefl.outputs import accounting
 
     monkeypatch.setenv("REEFL_CACHE_DIR", str(tmp_path / "cache"))
     counted = []

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reefl.accounting import exit_flops_in, tier_costs
+from reefl.outputs.accounting import exit_flops_in, tier_costs
 from reefl.anytime import ExitPolicy, confidence, load
 from reefl.anytime.calibrate import (
     ExitScores,

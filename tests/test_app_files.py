@@ -1,4 +1,4 @@
-"""The app folder handed to ``flwr run`` (``reefl.app_files``): the FAB built from it holds
+"""The app folder handed to ``flwr run`` (``reefl.launch.app_files``): the FAB built from it holds
 the same files, byte for byte, as the FAB Flower builds from the app itself, while the
 virtual environment and ignored folders are never walked."""
 
@@ -10,8 +10,8 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.utils import collect_files, filter_paths_for_publish
 
-from reefl import app_files as app_files_module
-from reefl.app_files import app_files, stage_app
+from reefl.launch import app_files as app_files_module
+from reefl.launch.app_files import app_files, stage_app
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ from reefl.federation.client_store import (
 )
 from reefl.federation.local import run_local
 from reefl.federation.strategy import TieredStrategy
-from reefl.report import config_digest
+from reefl.outputs.run_folder import config_digest
 
 FEDDYN = {"method": "depthfl", "server-update": "feddyn", "num-clients": 4, "num-exits": 2,
           "depth": 2, "embed-dim": 16, "num-heads": 2, "num-server-rounds": 4,
@@ -104,12 +104,13 @@ def test_a_put_leaves_no_temporary_file_and_a_failed_one_changes_nothing(
     def killed(*_: Any) -> None:
         raise OSError("killed before the rename")
 
-    monkeypatch.setattr("reefl.federation.checkpoint.os.replace", killed)
+    monkeypatch.setattr("reefl.outputs.files.os.replace", killed)
     with pytest.raises(OSError):
         store.put(1, 3, _state(3.0))
     assert store.index() == {1: 2} and _equal(store.get(1), _state(2.0))
     monkeypatch.undo()
-    assert "1.r3.safetensors.partial" in _names(folder)  # as a kill would leave it
+    assert _names(folder) == ["1.r1.safetensors", "1.r2.safetensors"]  # the failure cleaned
+    (folder / ".1.r3.safetensors.x1y2.partial").write_bytes(b"half")  # as a kill leaves it
     reopened = ClientStateStore.open(folder, {1: 2})
     assert _names(folder) == ["1.r2.safetensors"]  # no temporary file, no superseded r1
     assert _equal(reopened.get(1), _state(2.0))

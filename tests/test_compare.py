@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from reefl import compare as cmp
+from reefl.outputs import compare as cmp
 from reefl import launcher
 from reefl.cli import main as cli_main
-from reefl.compare import (
+from reefl.outputs.compare import (
     Comparison,
     Entry,
     RunResult,
@@ -27,7 +27,7 @@ from reefl.compare import (
 )
 from reefl.config import RunConfig
 from reefl.launcher import RunConfigError, RunFailed
-from reefl.progress import ProgressView, StreamView
+from reefl.outputs.progress import ProgressView, StreamView
 
 # -- entries --------------------------------------------------------------------------------
 
@@ -154,7 +154,7 @@ def _result(entry: Entry, seed: int, folder: Path, final: dict | None,
 
 def cmp_text_table(comparison: Comparison) -> list[str]:
     """The lines of the table ``reefl compare`` prints (rich, as text)."""
-    from reefl.tables import text
+    from reefl.outputs.tables import text
 
     return text(cmp.comparison_table(comparison)).splitlines()
 
@@ -273,7 +273,7 @@ def test_table_json_and_plot_from_fake_runs(tmp_path: Path) -> None:
 
 def test_tier_costs_fall_back_to_the_run_config(tmp_path: Path) -> None:
     """No accounting.json: the costs come from config.json via RunConfig and build_method."""
-    from reefl.accounting import costs_from_config
+    from reefl.outputs.accounting import costs_from_config
 
     entry = parse_entries("reefl")[0]
     config = RunConfig.from_flat({"embed-dim": 8, "depth": 2, "num-exits": 2, "num-heads": 2,

@@ -12,8 +12,8 @@ import pytest
 from reefl.config import RunConfig
 from reefl.federation.divergence import Divergence, find_divergence, mean_train_ce
 from reefl.federation.local import run_local
-from reefl.progress import RunProgress
-from reefl.report import final_title
+from reefl.outputs.progress import RunProgress
+from reefl.outputs.run_folder import final_title
 
 LN10 = math.log(10)
 

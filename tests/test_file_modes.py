@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from reefl import file_modes
+from reefl.outputs import files as file_modes
 from reefl.config import RunConfig
 from reefl.federation.checkpoint import write_atomically
 from reefl.methods import TaskSpec, build_method
-from reefl.report import RunFolder
+from reefl.outputs.run_folder import RunFolder
 
 UMASK = 0o027  # not the usual 022, so that a hard-coded 0644 shows
 
@@ -70,7 +70,7 @@ def test_safetensors_files_of_a_run_folder(tmp_path: Path, umask: int) -> None:
 
 def test_the_accounting_cache_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    umask: int) -> None:
-    from reefl.accounting import accounting_cache_path, cached_accounting_record
+    from reefl.outputs.accounting import accounting_cache_path, cached_accounting_record
 
     monkeypatch.setenv("REEFL_CACHE_DIR", str(tmp_path))
     cfg = RunConfig.from_flat({"img-size": 8, "patch-size": 4, "embed-dim": 16, "depth": 2,

@@ -21,8 +21,8 @@ os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 
 from reefl import cli, launcher  # noqa: E402
 from reefl.launcher import RunConfigError  # noqa: E402
-from reefl.progress import StreamView  # noqa: E402
-from reefl.report import FLOWER_LOG  # noqa: E402
+from reefl.outputs.progress import StreamView  # noqa: E402
+from reefl.outputs.run_folder import FLOWER_LOG  # noqa: E402
 
 TOY_PYPROJECT = """\
 [build-system]

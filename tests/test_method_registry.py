@@ -161,7 +161,7 @@ def test_the_config_digest_ignores_other_methods_at_their_defaults() -> None:
     this file): its setting at its default must not change a reefl run's fingerprint, or the
     launcher and the ServerApp would disagree; a changed value, or a change of the run's
     own settings, must change it; ``resume`` must not."""
-    from reefl.report import config_digest
+    from reefl.outputs.run_folder import config_digest
 
     base = RunConfig.from_flat({"method": "reefl"})
     assert "sixth-ce-scale" in base.to_flat() and "sixth-ce-scale" not in base.identity()

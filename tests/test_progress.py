@@ -17,7 +17,7 @@ from rich.console import Console
 from reefl import cli, launcher
 from reefl.federation.server_app import _progress_line
 from reefl.launcher import PreparedRun
-from reefl.progress import (
+from reefl.outputs.progress import (
     NOT_FOR_REEFL,
     FlowerLog,
     LineFilter,
@@ -29,7 +29,7 @@ from reefl.progress import (
     plain,
     wants_live,
 )
-from reefl.report import FLOWER_LOG, RunFolder, holds_run_files
+from reefl.outputs.run_folder import FLOWER_LOG, RunFolder, holds_run_files
 
 
 def flower(line: str, level: str = "INFO") -> str:

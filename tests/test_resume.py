@@ -18,7 +18,7 @@ from reefl.config import RunConfig
 from reefl.federation.aggregate import FedAdam
 from reefl.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from reefl.federation.local import LocalGrid, run_local
-from reefl.report import config_digest
+from reefl.outputs.run_folder import config_digest
 
 TINY = {"num-clients": 4, "num-exits": 2, "depth": 2, "embed-dim": 16, "num-heads": 2,
         "num-server-rounds": 4, "eval-every": 2, "fraction-train": 0.5, "local-epochs": 1,

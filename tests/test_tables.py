@@ -1,4 +1,4 @@
-"""``reefl.tables``: one table, as Markdown (files) and as rich renders it (the terminal),
+"""``reefl.outputs.tables``: one table, as Markdown (files) and as rich renders it (the terminal),
 and the tables reefl prints through it."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from reefl.anytime.calibrate import format_operating_points
-from reefl.report import format_final_table
-from reefl.tables import markdown, print_table, table, text
+from reefl.outputs.run_folder import format_final_table
+from reefl.outputs.tables import markdown, print_table, table, text
 
 SAMPLE = table(["entry", "runs", "acc %"],
                [["reefl[modulation=false]", "2", "81.00 ± 1.41"], ["a|b", "1", "7.00"],

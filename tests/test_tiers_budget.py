@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from conftest import TINY
-from reefl.accounting import tier_costs
+from reefl.outputs.accounting import tier_costs
 from reefl.config import RunConfig
 from reefl.federation.inputs import source_task
 from reefl.federation.tiers import MIB, client_tier, tier_needs, tier_of

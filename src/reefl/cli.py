@@ -170,7 +170,7 @@ def _add_costs(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_compare(commands: argparse._SubParsersAction) -> None:
-    from reefl.compare import ENTRY_SYNTAX_HELP
+    from reefl.outputs.compare import ENTRY_SYNTAX_HELP
 
     compare = commands.add_parser(
         "compare",
@@ -252,7 +252,7 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from reefl.launcher import LaunchError, RunInterrupted, run_app
-    from reefl.progress import StreamView
+    from reefl.outputs.progress import StreamView
 
     try:
         run_app(
@@ -272,8 +272,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from reefl.compare import main_compare
     from reefl.launcher import LaunchError
+    from reefl.outputs.compare import main_compare
 
     try:
         return main_compare(
@@ -288,10 +288,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
-    from reefl.accounting import regime_costs, regime_table, tier_costs, tier_table
     from reefl.launcher import LaunchError, resolved_config
     from reefl.methods import TaskSpec, build_method
-    from reefl.tables import print_table
+    from reefl.outputs.accounting import regime_costs, regime_table, tier_costs, tier_table
+    from reefl.outputs.tables import print_table
 
     try:
         cfg = resolved_config(args.run_config, app_dir=args.app)
@@ -374,7 +374,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reefl.report_html import ReportError, write_report
+    from reefl.outputs.html import ReportError, write_report
 
     try:
         page = write_report(args.folder)

@@ -44,7 +44,7 @@ from typing import IO
 
 import psutil
 
-from reefl.app_files import stage_app
+from reefl.launch.app_files import stage_app
 from reefl.launcher import (
     LaunchError,
     PreparedRun,

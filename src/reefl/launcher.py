@@ -16,7 +16,7 @@ What it adds on top of ``flwr run``:
   everything it spawned (SuperExec, flwr-simulation, Ray) — when the run ends, fails or is
   interrupted; Ray's session folder is made inside that FLWR_HOME and removed with it;
 * Flower's whole log goes to ``flower.log`` in the run folder; the terminal shows one
-  progress line instead, or the log itself with ``--verbose`` (``reefl.progress``).
+  progress line instead, or the log itself with ``--verbose`` (``reefl.outputs.progress``).
 
 ``run_app`` is the function behind ``reefl run``; tests and ``reefl compare`` call it too.
 """
@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from reefl.app_files import stage_app
-from reefl.progress import FlowerLog, LogView, ProgressView
-from reefl.report import FLOWER_LOG, holds_run_files
+from reefl.launch.app_files import stage_app
+from reefl.outputs.progress import FlowerLog, LogView, ProgressView
+from reefl.outputs.run_folder import FLOWER_LOG, holds_run_files
 
 if TYPE_CHECKING:
     from reefl.config import RunConfig
@@ -270,7 +270,7 @@ def pack_method_options(defaults: dict[str, Any], user: dict[str, Any]) -> dict[
 
 def make_run_name(config: dict[str, Any], now: float | None = None) -> str:
     """``<method>-s<seed>-<YYYYmmdd-HHMMSS>``, e.g. ``reefl-s0-20250101-120000``."""
-    from reefl.report import default_run_name
+    from reefl.outputs.run_folder import default_run_name
 
     return default_run_name(config.get("method", "run"), config.get("seed", 0), now)
 
@@ -296,7 +296,7 @@ def _validate(merged: dict[str, Any]) -> str:
     into the launcher's one-line error; returns the config's ``config_digest``, computed as
     the ServerApp computes it (over ``RunConfig.from_flat(merged).to_flat()``)."""
     from reefl.config import ConfigError, RunConfig
-    from reefl.report import config_digest
+    from reefl.outputs.run_folder import config_digest
 
     try:
         return config_digest(RunConfig.from_flat(merged))
@@ -424,7 +424,7 @@ def finished_final(run_dir: Path, digest: str | None) -> dict[str, Any] | None:
 def can_resume(run_dir: Path, digest: str | None) -> bool:
     """Whether ``run_dir`` holds a checkpoint of a run whose config.json has ``digest``."""
     from reefl.config import ConfigError, RunConfig
-    from reefl.report import config_digest
+    from reefl.outputs.run_folder import config_digest
 
     if digest is None or not (run_dir / CHECKPOINT_FILE).is_file():
         return False
@@ -950,7 +950,7 @@ def run_app(
     table is printed and nothing is started.
 
     Flower's whole log goes to FLOWER_LOG in the run folder (appended to when resuming);
-    ``view`` is what the user sees of it meanwhile (``reefl.progress``): by default one
+    ``view`` is what the user sees of it meanwhile (``reefl.outputs.progress``): by default one
     progress line, nothing with ``quiet``, which also leaves out reefl's own lines and the
     final table. A failed run's last log lines are printed unless the view showed them.
 
@@ -1163,7 +1163,7 @@ def _print_final(prepared: PreparedRun, quiet: bool) -> None:
         return
     final = json.loads((prepared.run_dir / "final.json").read_text())
     if _is_reefl_app(prepared.app_dir):
-        from reefl.report import format_final_table
+        from reefl.outputs.run_folder import format_final_table
 
         print(format_final_table(final), flush=True)
     else:

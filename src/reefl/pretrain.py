@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,9 +51,9 @@ from reefl.data.federated import (
 )
 from reefl.data.loaders import client_loader, test_loader
 from reefl.data.summary import dataset_slug
-from reefl.file_modes import as_if_opened
 from reefl.models.pretrained import load_backbone
 from reefl.models.vit import VisionTransformer, trunc_normal_
+from reefl.outputs.files import atomic_write
 from reefl.training import autocast, cosine_lr, precision_line
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
@@ -274,14 +273,6 @@ def checkpoint_state(model: Classifier) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
 
 
-def _temporary(path: Path) -> Path:
-    """An empty, closed temporary file beside ``path`` (its folders created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    return Path(name)
-
-
 def write_outputs(state: dict[str, torch.Tensor], info: dict[str, Any], path: Path) -> None:
     """The checkpoint at ``path`` (safetensors, or a torch pickle ``{"model": state}`` as
     facebookresearch/deit writes for ``.pth``/``.pt``) and ``info`` as JSON beside it
@@ -289,24 +280,12 @@ def write_outputs(state: dict[str, torch.Tensor], info: dict[str, Any], path: Pa
     when both are complete; on failure the temporary files are removed."""
     import safetensors.torch
 
-    temporaries: list[Path] = []
-    try:
-        weights = _temporary(path)
-        temporaries.append(weights)
+    with atomic_write(path) as weights, atomic_write(info_path(path)) as described:
         if path.suffix == ".safetensors":
             safetensors.torch.save_file(state, str(weights), metadata={"format": "pt"})
         else:
             torch.save({"model": state}, weights)
-        described = _temporary(info_path(path))
-        temporaries.append(described)
         described.write_text(json.dumps(info, indent=2) + "\n")
-        for temporary in temporaries:  # mkstemp's 0600 -> a plain file's mode
-            as_if_opened(temporary)
-        os.replace(weights, path)
-        os.replace(described, info_path(path))
-    finally:
-        for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
 
 
 def run_config_hint(cfg: RunConfig, path: Path) -> str:

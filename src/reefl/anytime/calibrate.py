@@ -30,7 +30,7 @@ from reefl.anytime.model import AnytimeModel, ModelLoadError, load
 from reefl.anytime.policy import NEVER, ExitPolicy, confidence
 
 if TYPE_CHECKING:
-    from reefl.tables import Table
+    from reefl.outputs.tables import Table
 
 SHARE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 40))
 """MSDNet's values of p: 0.05, 0.10, ..., 1.95."""
@@ -216,7 +216,7 @@ def operating_points_table(record: dict[str, Any]) -> Table:
     """Each tier's operating point: test accuracy, average MFLOPs per image and that against
     the tier's deepest exit, and the thresholds of its exits but the last ('-': none leaves
     there; '(one exit)' for a tier with one exit)."""
-    from reefl.tables import table
+    from reefl.outputs.tables import table
 
     rows = []
     for t in record["tiers"]:
@@ -230,7 +230,7 @@ def operating_points_table(record: dict[str, Any]) -> Table:
 
 def format_operating_points(record: dict[str, Any]) -> str:
     """``operating_points_table`` as text (what ``reefl calibrate`` prints)."""
-    from reefl.tables import text
+    from reefl.outputs.tables import text
 
     return text(operating_points_table(record))
 

@@ -130,7 +130,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     from reefl.anytime.model import ModelLoadError
     from reefl.anytime.predict import PredictError, parse_flops
-    from reefl.tables import print_table
+    from reefl.outputs.tables import print_table
 
     try:
         flops = parse_flops(args.target_flops) if args.target_flops else None

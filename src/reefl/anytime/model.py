@@ -178,10 +178,10 @@ def run_bundle(run_dir: Path, tier: int | None = None) -> TierBundle:
     pipeline and class names from the run's data (its cache), the FLOPs counted."""
     from safetensors.torch import load_file
 
-    from reefl.accounting import exit_flops_in
     from reefl.config import RunConfig
     from reefl.federation.inputs import run_data
     from reefl.models.finetune import merge_regime
+    from reefl.outputs.accounting import exit_flops_in
 
     flat, weights = _run_files(run_dir)
     cfg = RunConfig.from_flat(flat)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from reefl.data.spec import DataSpec, Split
-from reefl.file_modes import as_if_opened
+from reefl.outputs.files import atomic_write
 
 FORMAT_VERSION = 1
 _ARRAYS = ("inputs", "labels", "groups")
@@ -51,35 +50,30 @@ def cached(name: str, build: Callable[[], DataSpec]) -> DataSpec:
 
 
 def write(path: Path, spec: DataSpec) -> None:
-    """Write ``spec`` to ``path`` atomically (temporary folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    """Write ``spec`` to ``path`` atomically (temporary folder, then rename). A folder
+    without meta.json is never a whole entry (an interrupted removal leaves one): it is
+    replaced; if another process wrote the entry meanwhile, its entry is kept."""
+    if path.is_dir() and not (path / "meta.json").is_file():
+        shutil.rmtree(path, ignore_errors=True)
     try:
-        splits = {"train": spec.train} | ({"test": spec.test} if spec.test is not None else {})
-        for split_name, split in splits.items():
-            for array_name in _ARRAYS:
-                array = getattr(split, array_name)
-                if array is not None:
-                    np.save(tmp / f"{split_name}-{array_name}.npy", np.ascontiguousarray(array))
-        if spec.noise is not None:
-            np.save(tmp / "noise.npy", np.ascontiguousarray(spec.noise))
-        (tmp / "meta.json").write_text(json.dumps(_meta(spec, list(splits)), indent=1))
-        as_if_opened(tmp)  # mkdtemp makes it 0700; the cache is shared by every user's run
-        try:
-            tmp.rename(path)
-        except OSError:  # another process finished first: keep its entry
-            if (path / "meta.json").is_file():
-                return
-            # a folder without meta.json is never a whole entry (an interrupted removal
-            # leaves one): replace it
-            shutil.rmtree(path, ignore_errors=True)
-            try:
-                tmp.rename(path)
-            except OSError:
-                if not (path / "meta.json").is_file():
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_write(path, directory=True) as tmp:
+            _write_arrays(tmp, spec)
+    except OSError:
+        if not (path / "meta.json").is_file():
+            raise
+
+
+def _write_arrays(folder: Path, spec: DataSpec) -> None:
+    """``spec``'s arrays as .npy files and its description as meta.json in ``folder``."""
+    splits = {"train": spec.train} | ({"test": spec.test} if spec.test is not None else {})
+    for split_name, split in splits.items():
+        for array_name in _ARRAYS:
+            array = getattr(split, array_name)
+            if array is not None:
+                np.save(folder / f"{split_name}-{array_name}.npy", np.ascontiguousarray(array))
+    if spec.noise is not None:
+        np.save(folder / "noise.npy", np.ascontiguousarray(spec.noise))
+    (folder / "meta.json").write_text(json.dumps(_meta(spec, list(splits)), indent=1))
 
 
 def read(path: Path) -> DataSpec:

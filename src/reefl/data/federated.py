@@ -4,8 +4,6 @@ split), and the loaders that turn stored examples into model inputs batch by bat
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import version
@@ -33,7 +31,7 @@ from reefl.data.transforms import (
     random_translate,
     resize,
 )
-from reefl.file_modes import as_if_opened
+from reefl.outputs.files import atomic_write
 
 PARTITIONERS = ("auto", "dirichlet", "equal-dirichlet", "natural")
 MAX_SHIFT = 2  # "translate": digits tolerate small shifts; flips would make other symbols
@@ -140,18 +138,10 @@ def _write_partition(path: Path, data: FederatedData) -> None:
             "client_groups": list(data.client_groups)}
     shards, shard_ends = ragged(data.client_indices)
     local, local_ends = ragged(data.client_test_indices)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, test_indices=data.test_indices, shards=shards, shard_ends=shard_ends,
-                     local=local, local_ends=local_ends, meta=np.array(json.dumps(meta)),
-                     validation=np.asarray(data.validation_indices, np.int64))
-        as_if_opened(tmp)  # mkstemp makes it 0600; the cache is shared by every user's run
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, tmp.open("wb") as file:  # the cache is shared
+        np.savez(file, test_indices=data.test_indices, shards=shards, shard_ends=shard_ends,
+                 local=local, local_ends=local_ends, meta=np.array(json.dumps(meta)),
+                 validation=np.asarray(data.validation_indices, np.int64))
 
 
 def _read_partition(path: Path, spec: DataSpec) -> FederatedData:

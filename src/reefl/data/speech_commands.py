@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from reefl.data.spec import DataError
-from reefl.file_modes import as_if_opened
+from reefl.outputs.files import atomic_write
 
 URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 
@@ -214,11 +214,8 @@ def download_archive(cache_dir: Path, url: str = URL) -> Path:
     dest = cache_dir / name
     if dest.is_file():
         return dest
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}{_PARTIAL}", dir=cache_dir)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_write(dest) as tmp:
+        with tmp.open("wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
                     expected = response.headers.get("Content-Length")
@@ -238,10 +235,6 @@ def download_archive(cache_dir: Path, url: str = URL) -> Path:
                 f"download of {url} stopped early ({tmp.stat().st_size} of {expected} bytes); "
                 "try again or pass the path of a local copy of the archive"
             )
-        as_if_opened(tmp)  # mkstemp makes it 0600
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

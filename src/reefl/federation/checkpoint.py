@@ -27,21 +27,18 @@ random state across rounds, so the round number is all the randomness a resume n
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from reefl.file_modes import as_if_opened
+from reefl.outputs.files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "reefl-checkpoint-2"
 LEGACY_FORMAT = "reefl-checkpoint-1"
 """Client states as ``client/<pid>/<name>`` tensors in the checkpoint, no ``client_rounds``."""
-PARTIAL = ".partial"
-"""The suffix of a file being written (renamed to its own name once complete)."""
 
 Tensors = dict[str, torch.Tensor]
 
@@ -77,20 +74,11 @@ def write_atomically(path: Path, tensors: Tensors,
     file gets the mode of a plain ``open()`` (safetensors writes 0600 files)."""
     from safetensors.torch import save_file
 
-    partial = path.with_name(path.name + PARTIAL)
     # contiguous clones: states may hold views of one storage (LoRA's merged weights), which
     # safetensors refuses to save as separate names
-    save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-               for k, v in tensors.items()}, str(partial), metadata=metadata)
-    with partial.open("rb") as stream:
-        os.fsync(stream.fileno())
-    as_if_opened(partial)
-    os.replace(partial, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    with atomic_write(path, durable=True) as partial:
+        save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                   for k, v in tensors.items()}, str(partial), metadata=metadata)
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:

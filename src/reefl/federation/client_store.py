@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from reefl.federation.checkpoint import PARTIAL, Checkpoint, CheckpointError, write_atomically
+from reefl.federation.checkpoint import Checkpoint, CheckpointError, write_atomically
+from reefl.outputs.files import PARTIAL
 
 STORE_DIR = "client-states"
 _STATE_FILE = re.compile(r"(\d+)\.r(\d+)\.safetensors")

@@ -20,7 +20,6 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from reefl.accounting import write_accounting
 from reefl.config import RunConfig
 from reefl.data import test_loader
 from reefl.evaluation import evaluate_exits
@@ -38,7 +37,8 @@ from reefl.federation.personalised import evaluate_personalised, log_summary
 from reefl.federation.replies import RoundRecord
 from reefl.federation.strategy import NO_NODE, ClientInfo, Roster, TieredStrategy
 from reefl.methods import build_method
-from reefl.report import RunFolder, RunFolderError, config_digest, default_run_name
+from reefl.outputs.accounting import write_accounting
+from reefl.outputs.run_folder import RunFolder, RunFolderError, config_digest, default_run_name
 from reefl.training import precision_line, server_learning_rate
 
 app = ServerApp()

@@ -3,7 +3,7 @@
 A client's tier comes from the run's tier rule (``tier_of``), unless its SuperNode states
 one in its node config: a ``tier``, or a budget (``memory-mb``, ``gflops-per-round``), which
 gets the deepest tier whose training cost fits (``budget_tier``). The costs are the ones
-``reefl costs`` prints (``reefl.accounting.tier_costs``), turned into what training needs
+``reefl costs`` prints (``reefl.outputs.accounting.tier_costs``), turned into what training needs
 (``TierNeed``).
 """
 
@@ -100,9 +100,9 @@ def tier_needs(cfg: RunConfig) -> tuple[TierNeed, ...]:
     """Every tier's ``TierNeed`` (shallowest first) under ``cfg``, from the accounting that
     ``reefl costs`` prints: the method built for the run's data source, as ``cmd_costs``
     builds it. Computed once per config (the models are built on the meta device)."""
-    from reefl.accounting import tier_costs
     from reefl.federation.inputs import source_task
     from reefl.methods import build_method
+    from reefl.outputs.accounting import tier_costs
 
     copies = TRAINED_COPIES[cfg.optimizer]
     return tuple(

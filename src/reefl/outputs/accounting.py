@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
     from reefl.methods import Method
-    from reefl.tables import Table
+    from reefl.outputs.tables import Table
 
 ACCOUNTING_FILE = "accounting.json"
 REGIME_TABLE_FILE = "costs.md"
@@ -152,7 +152,7 @@ def regime_table(rows: list[dict[str, Any]], current: str | None = None) -> Tabl
     "parameters · MB · share": the parameters trained (and sent each way) per round, their
     MB, and their share of the full model; ``current`` marks the run's own regime
     "(this run)"."""
-    from reefl.tables import table
+    from reefl.outputs.tables import table
 
     tiers = sorted({r["tier"] for r in rows})
     body = []
@@ -168,7 +168,7 @@ def regime_table(rows: list[dict[str, Any]], current: str | None = None) -> Tabl
 
 def format_regime_table(rows: list[dict[str, Any]], current: str | None = None) -> str:
     """``regime_table`` as text (what ``reefl costs`` prints)."""
-    from reefl.tables import text
+    from reefl.outputs.tables import text
 
     return text(regime_table(rows, current))
 
@@ -248,7 +248,7 @@ def cached_accounting_record(method: Method, img_size: int | None = None) -> dic
     or more counting FLOPs on the meta device before its first round). Written to a
     temporary file and renamed, so a reader never sees half a record; with a plain file's
     mode (``as_if_opened``), like the rest of the cache."""
-    from reefl.file_modes import as_if_opened
+    from reefl.outputs.files import atomic_write
     size = int(img_size if img_size is not None else method.cfg.img_size)
     path = accounting_cache_path(method, size)
     try:
@@ -256,13 +256,8 @@ def cached_accounting_record(method: Method, img_size: int | None = None) -> dic
     except (OSError, ValueError):
         pass
     record = accounting_record(method, size)
-    with contextlib.suppress(OSError):  # a read-only cache only costs the recount
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-",
-                                         delete=False) as tmp:
-            tmp.write(json.dumps(record))
-        as_if_opened(tmp.name)
-        os.replace(tmp.name, path)
+    with contextlib.suppress(OSError), atomic_write(path) as tmp:  # read-only: recount
+        tmp.write_text(json.dumps(record))
     return record
 
 
@@ -271,7 +266,7 @@ def write_accounting(folder_path: Path, method: Method, img_size: int | None = N
     """Write ``<folder_path>/accounting.json`` (see ``accounting_record``; from the cache
     when this model was counted before) and the regime cost table ``costs.md``; return the
     tiers."""
-    from reefl.tables import markdown
+    from reefl.outputs.tables import markdown
 
     record = cached_accounting_record(method, img_size)
     Path(folder_path, ACCOUNTING_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -318,7 +313,7 @@ def tier_table(costs: list[dict[str, Any]]) -> Table:
     """``tier_costs`` as a table: one row per tier with its exit's block, the parameters
     sent up and down per round, MB up, the share of the full model and the forward MFLOPs
     of one image."""
-    from reefl.tables import table
+    from reefl.outputs.tables import table
 
     rows = [[str(c["tier"]), str(c.get("exit_block", "")), f"{c['params_up']:,}",
              f"{c['params_down']:,}", f"{c['bytes_up'] / 1e6:.3f}",
@@ -330,6 +325,6 @@ def tier_table(costs: list[dict[str, Any]]) -> Table:
 
 def format_tier_table(costs: list[dict[str, Any]]) -> str:
     """``tier_table`` as text (what ``reefl costs`` prints)."""
-    from reefl.tables import text
+    from reefl.outputs.tables import text
 
     return text(tier_table(costs))

@@ -38,8 +38,8 @@ from reefl import launcher
 from reefl.launcher import LaunchError, RunConfigError, RunFailed
 
 if TYPE_CHECKING:
-    from reefl.progress import LogView
-    from reefl.tables import Table
+    from reefl.outputs.progress import LogView
+    from reefl.outputs.tables import Table
 
 RUNS_SUBDIR = "runs"
 STD_KIND = "sample standard deviation (n - 1) over seeds"
@@ -275,7 +275,7 @@ def run_view(tag: str, verbose: bool) -> LogView:
     """What ``compare`` shows of one run's Flower log (all of which goes to the run's
     flower.log): every line with ``verbose``, else a progress line after the run's ``tag``
     that gives way to compare's own "done" line once the run ends."""
-    from reefl.progress import ProgressView, StreamView
+    from reefl.outputs.progress import ProgressView, StreamView
 
     if verbose:
         return StreamView()
@@ -427,7 +427,7 @@ def entry_summary(results: dict[int, RunResult]) -> dict[str, Any]:
 def entry_tier_costs(results: dict[int, RunResult]) -> list[dict[str, Any]] | None:
     """Per-tier costs of an entry: a run folder's accounting.json, else computed from its
     config.json (or, for a failed run, from the config it was given)."""
-    from reefl.accounting import costs_from_config, read_accounting
+    from reefl.outputs.accounting import costs_from_config, read_accounting
 
     ordered = sorted(results.values(), key=lambda r: (not r.ok, r.seed))
     for result in ordered:
@@ -465,7 +465,7 @@ def _runs_cell(summary: dict[str, Any], total: int) -> str:
 
 
 def format_params(n: int | None) -> str:
-    from reefl.accounting import human
+    from reefl.outputs.accounting import human
 
     return "" if n is None else human(n)
 
@@ -499,7 +499,7 @@ def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]
 
 def comparison_table(comparison: Comparison) -> Table:
     """``comparison_rows`` as a table: the entry's label left, every other column right."""
-    from reefl.tables import table
+    from reefl.outputs.tables import table
 
     header, rows = comparison_rows(comparison)
     return table(header, rows)
@@ -544,7 +544,7 @@ def comparison_legend(comparison: Comparison) -> str:
 
 def format_markdown(comparison: Comparison) -> str:
     """The comparison table in Markdown, with its legend (comparison.md)."""
-    from reefl.tables import markdown
+    from reefl.outputs.tables import markdown
 
     return f"{markdown(comparison_table(comparison))}\n\n{comparison_legend(comparison)}\n"
 
@@ -645,7 +645,7 @@ def main_compare(methods: str | Sequence[str], seeds: str, output_dir: Path | st
     """``reefl compare``: run (``verbose``: streaming every run's Flower log), print the
     table; 0 if every run finished, 1 otherwise. Raises RunConfigError for bad arguments
     (before anything runs)."""
-    from reefl.tables import print_table
+    from reefl.outputs.tables import print_table
 
     entries = parse_entries(methods)
     comparison = compare(entries, parse_seeds(seeds), output_dir, run_config,

@@ -31,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from reefl.accounting import (
+from reefl.outputs.accounting import (
     ACCOUNTING_FILE,
     FLOPS_NOTE,
     human,
@@ -45,7 +45,7 @@ from reefl.anytime.calibrate import (
     operating_points_table,
     plot_curves,
 )
-from reefl.compare import (
+from reefl.outputs.compare import (
     RUNS_SUBDIR,
     Comparison,
     Entry,
@@ -55,8 +55,8 @@ from reefl.compare import (
     has_spread,
     plot_comparison,
 )
-from reefl.report import final_table, final_title
-from reefl.tables import Table
+from reefl.outputs.run_folder import final_table, final_title
+from reefl.outputs.tables import Table
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -312,7 +312,7 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def table_html(t: Table) -> str:
-    """One of reefl's tables (``reefl.tables.Table``) in HTML: its columns aligned as in
+    """One of reefl's tables (``reefl.outputs.tables.Table``) in HTML: its columns aligned as in
     the terminal, a heavier rule after each section; the title is not shown."""
     def cell(tag: str, text: str, k: int) -> str:
         left = ' class="left"' if k > 0 and t.align[k] == "l" else ""

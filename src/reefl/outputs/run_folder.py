@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import torch
 
     from reefl.config import RunConfig
-    from reefl.tables import Table
+    from reefl.outputs.tables import Table
 
 
 RUN_CONTROL_KEYS = ("resume",)
@@ -110,7 +110,7 @@ def final_title(final: dict[str, Any]) -> str:
 def final_table(final: dict[str, Any]) -> Table:
     """final.json's per-exit table: every exit's block, test accuracy % and loss, then
     (after a rule) the mean of the exits and their ensemble."""
-    from reefl.tables import table
+    from reefl.outputs.tables import table
 
     rows = zip(final["exit_blocks"], final["exit_accuracy"], final["exit_loss"], strict=True)
     body = [[str(k), str(block), f"{accuracy:.2f}", f"{loss:.3f}"]
@@ -123,6 +123,6 @@ def final_table(final: dict[str, Any]) -> Table:
 
 def format_final_table(final: dict[str, Any]) -> str:
     """The per-exit accuracy table printed at the end of a run (``final_table`` as text)."""
-    from reefl.tables import text
+    from reefl.outputs.tables import text
 
     return text(final_table(final))
