@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from reefl.launcher import run_app
+from reefl.launch.simulation import run_app
 
 SETTINGS = [
     ("fp32, seed 0", 'seed=0 mixed-precision="fp32"'),

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from reefl.launcher import run_app
+from reefl.launch.simulation import run_app
 
 FASHION = ('dataset="fashion-mnist" local-epochs=1 eval-every=5 '
            'num-clients=20 fraction-train=0.5')

@@ -41,7 +41,9 @@ import torch
 
 from reefl.config import RunConfig
 from reefl.federation.local import run_in_process
-from reefl.launcher import default_federation, prepare_run, run_app
+from reefl.launch.resources import default_federation
+from reefl.launch.run_config import prepare_run
+from reefl.launch.simulation import run_app
 
 
 class MemorySampler(threading.Thread):

@@ -7,6 +7,9 @@ import json
 import torch
 from torch import nn
 
+from reefl.config import RunConfig
+from reefl.methods import TaskSpec, build_method
+from reefl.methods.reefl import ReeFL
 from reefl.outputs.accounting import (
     _tier_cost,
     costs_from_config,
@@ -17,9 +20,6 @@ from reefl.outputs.accounting import (
     tier_costs,
     write_accounting,
 )
-from reefl.config import RunConfig
-from reefl.methods import TaskSpec, build_method
-from reefl.methods.reefl import ReeFL
 
 # 4x4 one-channel images in 2x2 patches -> 4 patches + class token = 5 tokens of width 4;
 # 2 blocks (1 head, MLP hidden 4), an exit after each; Ree with 1 head of width 2, hidden 4,

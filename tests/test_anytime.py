@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reefl.outputs.accounting import exit_flops_in, tier_costs
 from reefl.anytime import ExitPolicy, confidence, load
 from reefl.anytime.calibrate import (
     ExitScores,
@@ -31,6 +30,7 @@ from reefl.config import RunConfig
 from reefl.federation.local import run_local
 from reefl.methods import TaskSpec, build_method
 from reefl.models.finetune import Regime, apply_regime, merge_regime
+from reefl.outputs.accounting import exit_flops_in, tier_costs
 
 TASK = TaskSpec(num_classes=5, in_chans=1)
 SMALL = {"img-size": 8, "patch-size": 4, "embed-dim": 16, "depth": 4, "num-heads": 2,

@@ -1,6 +1,6 @@
 """``reefl compare``: entry parsing, the reports, and the orchestration with a fake run_app.
 
-Nothing here starts Flower: ``launcher.run_app`` is replaced by a fake that writes a run folder.
+Nothing here starts Flower: ``simulation.run_app`` is replaced by a fake that writes a run folder.
 """
 
 from __future__ import annotations
@@ -12,21 +12,21 @@ from typing import Any
 
 import pytest
 
-from reefl.outputs import compare as cmp
-from reefl import launcher
 from reefl.cli import main as cli_main
+from reefl.config import RunConfig
+from reefl.launch import comparison as cmp
+from reefl.launch import run_config, simulation
+from reefl.launch.comparison import common_overrides, parse_entries, parse_seeds, run_overrides
+from reefl.launch.errors import RunConfigError, RunFailed
+from reefl.outputs import run_folder
 from reefl.outputs.compare import (
     Comparison,
     Entry,
     RunResult,
-    common_overrides,
-    parse_entries,
-    parse_seeds,
-    run_overrides,
+    comparison_table,
+    plot_title,
     write_reports,
 )
-from reefl.config import RunConfig
-from reefl.launcher import RunConfigError, RunFailed
 from reefl.outputs.progress import ProgressView, StreamView
 
 # -- entries --------------------------------------------------------------------------------
@@ -105,9 +105,9 @@ def test_overrides_order_and_toml_file(tmp_path: Path) -> None:
     assert common == [str(toml)]  # files pass through: run_app's parser reads them in order
     mixed = common_overrides(["num-clients=8", str(toml), "augment=false"])
     assert mixed == ["num-clients=8", str(toml), "augment=false"]
-    assert launcher.parse_overrides(mixed)["num-clients"] == 4
-    assert launcher.parse_overrides(mixed)["augment"] is False
-    parsed = launcher.parse_overrides(run_overrides(common, entry, 0, tmp_path))
+    assert run_config.parse_overrides(mixed)["num-clients"] == 4
+    assert run_config.parse_overrides(mixed)["augment"] is False
+    parsed = run_config.parse_overrides(run_overrides(common, entry, 0, tmp_path))
     assert parsed["num-clients"] == 4 and parsed["distillation"] == "all"
     assert parsed["modulation"] is False and parsed["seed"] == 0 and parsed["lr-max"] == 0.01
     for bad in ("seed=1", 'method="reefl"', 'run-name="x"'):
@@ -156,7 +156,7 @@ def cmp_text_table(comparison: Comparison) -> list[str]:
     """The lines of the table ``reefl compare`` prints (rich, as text)."""
     from reefl.outputs.tables import text
 
-    return text(cmp.comparison_table(comparison)).splitlines()
+    return text(comparison_table(comparison)).splitlines()
 
 
 @pytest.mark.parametrize(
@@ -244,7 +244,7 @@ def test_table_json_and_plot_from_fake_runs(tmp_path: Path) -> None:
         "Test accuracy % at every exit, their mean, and the ensemble of the exits, from each "
         "run's final.json (seeds 0, 1: mean ± sample standard deviation (n - 1) over seeds "
         "where more than one seed finished). ")
-    assert cmp.plot_title(comparison) == ("test accuracy per exit, mean over seeds 0, 1 "
+    assert plot_title(comparison) == ("test accuracy per exit, mean over seeds 0, 1 "
                                           "(error bars: sample std)")
     assert (tmp_path / "comparison.md").read_text() == table
     printed = cmp_text_table(comparison)
@@ -303,17 +303,17 @@ class FakeRunApp:
 
     def __call__(self, overrides: list[str], app_dir: Any = None,
                  federation_overrides: Any = (), quiet: bool = False,
-                 resume: Path | None = None, view: Any = None) -> Path:
-        assert quiet
+                 resume: Path | None = None, view: Any = None, table: bool = True) -> Path:
+        assert quiet and not table
         self.views.append(view)
         self.calls.append(list(overrides))
         if self.interrupt_at == len(self.calls):
             raise KeyboardInterrupt
         if resume is not None:
             self.resumed.append(resume)
-            prepared = launcher.prepare_resume(resume, app_dir, federation_overrides)
+            prepared = run_config.prepare_resume(resume, app_dir, federation_overrides)
         else:
-            prepared = launcher.prepare_run(overrides, app_dir, federation_overrides)
+            prepared = run_config.prepare_run(overrides, app_dir, federation_overrides)
         name, seed = prepared.config["run-name"], prepared.config["seed"]
         if name in self.fail:
             raise RunFailed(f"run failed (flwr run exited with 1); run folder {prepared.run_dir}",
@@ -330,7 +330,7 @@ COMMON = ["num-exits=2 depth=2", "num-server-rounds=1"]
 
 def test_runs_seed_by_seed_with_the_right_overrides(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     fake = FakeRunApp(fail={"reefl-modulation-false-s1"})
-    monkeypatch.setattr(launcher, "run_app", fake)
+    monkeypatch.setattr(simulation, "run_app", fake)
     lines: list[str] = []
     entries = parse_entries("reefl,reefl[modulation=false]")
     comparison = cmp.compare(entries, [0, 1], tmp_path / "cmp", COMMON, out=lines.append)
@@ -364,7 +364,7 @@ def test_runs_seed_by_seed_with_the_right_overrides(tmp_path: Path, monkeypatch)
 def test_every_run_shows_a_progress_line_or_with_verbose_its_log(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verbose: bool) -> None:
     fake = FakeRunApp()
-    monkeypatch.setattr(launcher, "run_app", fake)
+    monkeypatch.setattr(simulation, "run_app", fake)
     cmp.compare(parse_entries("reefl,depthfl"), [0], tmp_path, COMMON, out=lambda _: None,
                 verbose=verbose)
     if verbose:
@@ -378,7 +378,7 @@ def test_every_run_shows_a_progress_line_or_with_verbose_its_log(
 
 def test_resume_reuses_finished_runs_of_the_same_config(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     fake = FakeRunApp()
-    monkeypatch.setattr(launcher, "run_app", fake)
+    monkeypatch.setattr(simulation, "run_app", fake)
     entries = parse_entries("reefl")
     cmp.compare(entries, [0], tmp_path, COMMON, out=lambda _: None)
     lines: list[str] = []
@@ -399,7 +399,7 @@ def test_a_final_json_is_reused_only_with_the_digest_of_the_config(
     """config.json is written when a run starts, so it says nothing about final.json: an old
     final.json of another config (or of none) beside it is not reused."""
     fake = FakeRunApp()
-    monkeypatch.setattr(launcher, "run_app", fake)
+    monkeypatch.setattr(simulation, "run_app", fake)
     entries = parse_entries("reefl")
     cmp.compare(entries, [0], tmp_path, COMMON, out=lambda _: None)
     final_path = tmp_path / "runs" / "reefl-s0" / "final.json"
@@ -415,12 +415,12 @@ def test_a_final_json_is_reused_only_with_the_digest_of_the_config(
 def test_a_run_with_a_checkpoint_and_no_final_json_is_resumed(
         tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     fake = FakeRunApp()
-    monkeypatch.setattr(launcher, "run_app", fake)
+    monkeypatch.setattr(simulation, "run_app", fake)
     entries = parse_entries("reefl")
     cmp.compare(entries, [0], tmp_path, COMMON, out=lambda _: None)
     folder = (tmp_path / "runs" / "reefl-s0").resolve()
     (folder / "final.json").unlink()  # interrupted after a round was saved
-    (folder / launcher.CHECKPOINT_FILE).write_bytes(b"saved")
+    (folder / run_folder.CHECKPOINT_FILE).write_bytes(b"saved")
     lines: list[str] = []
     again = cmp.compare(entries, [0], tmp_path, COMMON, resume=True, out=lines.append)
     assert fake.resumed == [folder] and fake.calls[-1] == []
@@ -430,7 +430,7 @@ def test_a_run_with_a_checkpoint_and_no_final_json_is_resumed(
 def test_existing_run_folders_without_resume_are_an_error(
         tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
     fake = FakeRunApp()
-    monkeypatch.setattr(launcher, "run_app", fake)
+    monkeypatch.setattr(simulation, "run_app", fake)
     args = ["compare", "-m", "reefl", "-o", str(tmp_path), *sum((["-c", c] for c in COMMON), [])]
     assert cli_main(args) == 0
     assert cli_main(args) == 2
@@ -443,7 +443,7 @@ def test_existing_run_folders_without_resume_are_an_error(
 
 def test_a_bad_config_stops_before_any_run(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     fake = FakeRunApp()
-    monkeypatch.setattr(launcher, "run_app", fake)
+    monkeypatch.setattr(simulation, "run_app", fake)
     entries = parse_entries("reefl,reefl[dirichlet-alpha=0.0]")
     with pytest.raises(RunConfigError, match=r"reefl\[dirichlet-alpha=0.0\] \(seed 0\): "
                                              "dirichlet-alpha must be"):
@@ -454,7 +454,7 @@ def test_a_bad_config_stops_before_any_run(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_interrupt_keeps_the_finished_runs(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setattr(launcher, "run_app", FakeRunApp(interrupt_at=2))
+    monkeypatch.setattr(simulation, "run_app", FakeRunApp(interrupt_at=2))
     with pytest.raises(KeyboardInterrupt):
         cmp.compare(parse_entries("reefl,reefl[modulation=false]"), [0], tmp_path, COMMON,
                     out=lambda _: None)
@@ -465,7 +465,7 @@ def test_interrupt_keeps_the_finished_runs(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_cli_exit_codes(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
-    monkeypatch.setattr(launcher, "run_app", FakeRunApp(fail={"reefl-s1"}))
+    monkeypatch.setattr(simulation, "run_app", FakeRunApp(fail={"reefl-s1"}))
     args = ["compare", "--methods", "reefl", "--seeds", "0,1", "--output-dir", str(tmp_path)]
     for item in COMMON:
         args += ["--run-config", item]
@@ -476,7 +476,7 @@ def test_cli_exit_codes(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: A
             "      70.00            100            200\n") in captured.out
     assert "(seeds 0, 1: at most one finished run per entry, so no spread)" in captured.out
     assert "1 run(s) failed: reefl seed 1" in captured.err
-    monkeypatch.setattr(launcher, "run_app", FakeRunApp())
+    monkeypatch.setattr(simulation, "run_app", FakeRunApp())
     assert cli_main([*args[:4], "0", "--output-dir", str(tmp_path / "again"), *args[7:]]) == 0
     assert cli_main(["compare", "-m", "reefl[seed=2]", "-o", str(tmp_path)]) == 2
     assert "'seed' is set by compare" in capsys.readouterr().err

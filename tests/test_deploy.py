@@ -1,4 +1,4 @@
-"""reefl.deploy: certificates, keys, commands and the CLI without processes; and one real
+"""reefl.launch.deployment: certificates, keys, commands and the CLI without processes; and one real
 Deployment Engine run (SuperLink + 3 SuperNodes, TLS and SuperNode authentication, one
 SuperNode killed mid-round and restarted, one unregistered SuperNode refused)."""
 
@@ -21,16 +21,11 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from reefl.cli import build_parser
-from reefl.deploy import (
-    CONNECTION,
-    LocalDeployment,
-    SuperNode,
-    make_node_keys,
-    make_tls_certificates,
-    parse_tiers,
-    prepare_deploy_run,
-)
-from reefl.launcher import RunConfigError, still_running, write_flower_config
+from reefl.launch.certificates import make_node_keys, make_tls_certificates
+from reefl.launch.deployment import CONNECTION, LocalDeployment, parse_tiers, prepare_deploy_run
+from reefl.launch.errors import RunConfigError
+from reefl.launch.processes import still_running
+from reefl.launch.superlink import SuperLink, SuperNode, write_flower_config
 
 for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                      "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
@@ -41,7 +36,7 @@ for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK":
 
 
 def test_certificates_keys_commands_and_parser(tmp_path: Path) -> None:
-    """The openssl certificates and the node keys load with `cryptography` and are what
+    """The certificates and the node keys load with `cryptography` and are what
     Flower accepts; the commands carry Flower's TLS/auth flags and parse with Flower's own
     parsers; the CLI options and the run config come out as documented."""
     tls = make_tls_certificates(tmp_path / "certs")
@@ -72,8 +67,9 @@ def test_certificates_keys_commands_and_parser(tmp_path: Path) -> None:
                                                "root-certificates": str(tls.ca_cert)}
 
     deployment = LocalDeployment(3, tls=True, auth=True, tiers=[0, 1, 2], workdir=tmp_path)
-    deployment.tls_files, deployment.port = tls, 9093
-    link = deployment.superlink_command()
+    deployment.superlink.tls, deployment.superlink.auth = tls, True
+    deployment.superlink.port = 9093
+    link = deployment.superlink.command()
     assert {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile",
             "--enable-supernode-auth"} <= set(link) and "--insecure" not in link
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
@@ -81,13 +77,15 @@ def test_certificates_keys_commands_and_parser(tmp_path: Path) -> None:
 
     assert _parse_args_run_superlink().parse_args(link[1:]).enable_supernode_auth
     node = SuperNode(2, 1, keys, port=9200)
-    parsed = _parse_args_run_supernode().parse_args(deployment.supernode_command(node)[1:])
+    parsed = _parse_args_run_supernode().parse_args(node.command(deployment.superlink)[1:])
     assert (parsed.superlink, parsed.node_config, parsed.port) == ("127.0.0.1:9093",
                                                                    "partition-id=2 tier=1", 9200)
     assert parsed.root_certificates == str(tls.ca_cert) and not parsed.insecure
     assert parsed.auth_supernode_private_key == str(keys.private_key)
     with pytest.raises(ValueError, match="TLS"):
         LocalDeployment(3, auth=True)
+    with pytest.raises(ValueError, match="TLS"):
+        SuperLink(deployment.group, tmp_path, tmp_path, CONNECTION, simulation=False, auth=True)
 
     args = build_parser().parse_args(["deploy", "--nodes", "3", "--auth", "--tiers", "0,1,2",
                               "-c", "num-server-rounds=1"])
@@ -118,7 +116,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _flower_processes(deployment: LocalDeployment) -> list[psutil.Process]:
     """Every process of the deployment seen so far (started ones and their children)."""
-    return [proc for process in deployment._processes for proc in process.alive()]
+    return [proc for process in deployment.group.processes for proc in process.alive()]
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ from reefl.data import loaders
 from reefl.evaluation import evaluate_exits
 from reefl.federation.inputs import run_data
 from reefl.federation.local import run_local
-from reefl.launcher import parse_overrides, run_app
+from reefl.launch.run_config import parse_overrides
+from reefl.launch.simulation import run_app
 from reefl.methods import TaskSpec, build_method
 from reefl.models import VisionTransformer
 

@@ -19,8 +19,9 @@ import pytest
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 
-from reefl import cli, launcher  # noqa: E402
-from reefl.launcher import RunConfigError  # noqa: E402
+from reefl import cli  # noqa: E402
+from reefl.launch import processes, resources, run_config, simulation, superlink, watchdog  # noqa: E402
+from reefl.launch.errors import RunConfigError  # noqa: E402
 from reefl.outputs.progress import StreamView  # noqa: E402
 from reefl.outputs.run_folder import FLOWER_LOG  # noqa: E402
 
@@ -117,8 +118,8 @@ def no_flower(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         started.append(repr(args))
         raise AssertionError("a process was started")
 
-    monkeypatch.setattr(launcher.LocalSuperLink, "start", refuse)
-    monkeypatch.setattr(launcher.subprocess, "Popen", refuse)
+    monkeypatch.setattr(superlink.SuperLink, "start", refuse)
+    monkeypatch.setattr(processes.subprocess, "Popen", refuse)
     return started
 
 
@@ -129,15 +130,15 @@ def test_overrides_parse_like_flwr_run(tmp_path: Path) -> None:
     from flwr.common.config import parse_config_args
 
     items = ["num-clients=8 method='a b'", "seed=3", "num-clients=9 fraction-train=1.0"]
-    parsed = launcher.parse_overrides(items)
+    parsed = run_config.parse_overrides(items)
     assert parsed == parse_config_args(items)
     assert parsed == {"num-clients": 9, "method": "a b", "seed": 3, "fraction-train": 1.0}
 
     toml = tmp_path / "over.toml"
     toml.write_text('num-clients = 6\nrun-name = "x"\n')
-    assert launcher.parse_overrides([str(toml)]) == {"num-clients": 6, "run-name": "x"}
+    assert run_config.parse_overrides([str(toml)]) == {"num-clients": 6, "run-name": "x"}
     # files and k=v strings mix, in order: later wins
-    assert launcher.parse_overrides(["seed=3 num-clients=2", str(toml), "num-clients=7"]) == {
+    assert run_config.parse_overrides(["seed=3 num-clients=2", str(toml), "num-clients=7"]) == {
         "seed": 3, "num-clients": 7, "run-name": "x"}
 
 
@@ -151,13 +152,13 @@ def test_overrides_parse_like_flwr_run(tmp_path: Path) -> None:
 )
 def test_bad_overrides_are_one_line_errors(items: list[str], fragment: str) -> None:
     with pytest.raises(RunConfigError) as error:
-        launcher.parse_overrides(items)
+        run_config.parse_overrides(items)
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
 def test_unknown_key_is_rejected(app: Path) -> None:
     with pytest.raises(RunConfigError, match="unknown run-config key 'num-client'"):
-        launcher.prepare_run(["num-client=3"], app_dir=app)
+        run_config.prepare_run(["num-client=3"], app_dir=app)
 
 
 def test_prepare_run_merges_and_completes(app: Path, tmp_path: Path) -> None:
@@ -166,7 +167,7 @@ def test_prepare_run_merges_and_completes(app: Path, tmp_path: Path) -> None:
     toml = tmp_path / "over.toml"
     toml.write_text("num-clients = 10\nseed = 7\n")
     now = time.mktime((2025, 1, 2, 3, 4, 5, 0, 0, -1))
-    run = launcher.prepare_run([str(toml)], app_dir=app, cwd=cwd, now=now)
+    run = run_config.prepare_run([str(toml)], app_dir=app, cwd=cwd, now=now)
 
     assert run.app_dir == app.resolve()
     assert run.config["num-clients"] == 10 and run.config["fraction-train"] == 0.5
@@ -180,23 +181,23 @@ def test_prepare_run_merges_and_completes(app: Path, tmp_path: Path) -> None:
         "output-dir": str(cwd / "outputs"),
         "run-name": "toy-s7-20250102-030405",
     }
-    assert run.federation["num-supernodes"] == 10
+    assert resources.federation_config(run.config)["num-supernodes"] == 10
 
 
 def test_explicit_run_name_and_absolute_output_dir_are_kept(app: Path, tmp_path: Path) -> None:
-    run = launcher.prepare_run(
+    run = run_config.prepare_run(
         [f"run-name='mine' output-dir='{tmp_path / 'out'}'"], app_dir=app, cwd=tmp_path
     )
     assert run.run_dir == tmp_path / "out" / "mine"
 
 
 def test_run_name_format_and_uniqueness(tmp_path: Path) -> None:
-    name = launcher.make_run_name({"method": "reefl", "seed": 3})
+    name = run_config.make_run_name({"method": "reefl", "seed": 3})
     assert re.fullmatch(r"reefl-s3-\d{8}-\d{6}", name)
     (tmp_path / "a").mkdir()
     (tmp_path / "a-2").mkdir()
-    assert launcher._unique_run_name(tmp_path, "a") == "a-3"
-    assert launcher._unique_run_name(tmp_path, "b") == "b"
+    assert run_config._unique_run_name(tmp_path, "a") == "a-3"
+    assert run_config._unique_run_name(tmp_path, "b") == "b"
 
 
 # -- simulation settings --------------------------------------------------------------------
@@ -208,7 +209,7 @@ def test_run_name_format_and_uniqueness(tmp_path: Path) -> None:
 )
 def test_default_federation(cpus: int, clients: int, fraction: float, per_client: int) -> None:
     config = {"num-clients": clients, "fraction-train": fraction}
-    federation = launcher.default_federation(config, cpus=cpus, gpus=0)
+    federation = resources.default_federation(config, cpus=cpus, gpus=0)
     assert federation == {"num-supernodes": clients, "client-resources-num-cpus": per_client}
 
 
@@ -221,33 +222,33 @@ def test_default_federation(cpus: int, clients: int, fraction: float, per_client
 def test_default_federation_shares_gpus_among_parallel_clients(
         cpus: int, gpus: int, clients: int, fraction: float, share: float) -> None:
     config = {"num-clients": clients, "fraction-train": fraction}
-    federation = launcher.default_federation(config, cpus=cpus, gpus=gpus)
+    federation = resources.default_federation(config, cpus=cpus, gpus=gpus)
     assert federation["client-resources-num-gpus"] == pytest.approx(share)
 
 
 def test_user_federation_config_wins(app: Path) -> None:
-    run = launcher.prepare_run(
-        [], app_dir=app, federation_overrides=["client-resources-num-cpus=3",
-                                               "init-args-num-cpus=2"]
-    )
-    assert run.federation["num-supernodes"] == 4  # num-clients
-    assert run.federation["client-resources-num-cpus"] == 3
-    assert run.federation["init-args-num-cpus"] == 2
-    arg = launcher.federation_arg(run.federation)
+    run = run_config.prepare_run([], app_dir=app)
+    federation = resources.federation_config(
+        run.config, ["client-resources-num-cpus=3", "init-args-num-cpus=2"])
+    assert federation["num-supernodes"] == 4  # num-clients
+    assert federation["client-resources-num-cpus"] == 3
+    assert federation["init-args-num-cpus"] == 2
+    arg = resources.federation_arg(federation)
     assert "client-resources-num-cpus=3" in arg and "init-args-num-cpus=2" in arg
 
 
 def test_bad_federation_key_is_rejected_before_start(app: Path) -> None:
     with pytest.raises(RunConfigError, match="num_supernode"):
-        launcher.prepare_run([], app_dir=app, federation_overrides=["num-supernode=3"])
+        resources.federation_config(run_config.prepare_run([], app_dir=app).config,
+                                    ["num-supernode=3"])
 
 
 def test_flwr_run_command(tmp_path: Path) -> None:
-    command = launcher.flwr_run_command(
+    command = simulation.flwr_run_command(
         "flwr", tmp_path, tmp_path / "rc.toml", {"num-supernodes": 4, "verbose": True}
     )
     assert command == [
-        "flwr", "run", str(tmp_path), launcher.CONNECTION, "--stream",
+        "flwr", "run", str(tmp_path), simulation.CONNECTION, "--stream",
         "--run-config", str(tmp_path / "rc.toml"),
         "--federation-config", "num-supernodes=4 verbose=true",
     ]  # fmt: skip
@@ -256,7 +257,7 @@ def test_flwr_run_command(tmp_path: Path) -> None:
 def test_flower_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")  # the user's choice is kept
     monkeypatch.delenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", raising=False)
-    env = launcher.flower_env(tmp_path, Path("/opt/bin"))
+    env = processes.flower_env(tmp_path, Path("/opt/bin"))
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert env["FLWR_TELEMETRY_ENABLED"] == "1"
     assert env["FLWR_HOME"] == str(tmp_path)
@@ -269,10 +270,10 @@ def test_private_flower_config_is_read_by_flwr(
 ) -> None:
     from flwr.cli.flower_config import read_superlink_connection
 
-    launcher.write_flower_config(tmp_path, "127.0.0.1:40123")
+    superlink.write_flower_config(tmp_path, "127.0.0.1:40123", simulation.CONNECTION)
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     connection = read_superlink_connection(None)
-    assert connection.name == launcher.CONNECTION
+    assert connection.name == simulation.CONNECTION
     assert connection.address == "127.0.0.1:40123" and connection.insecure
 
 
@@ -282,7 +283,7 @@ def test_private_flower_config_is_read_by_flwr(
 def test_app_dir_is_found_upwards(app: Path) -> None:
     deep = app / "a" / "b"
     deep.mkdir(parents=True)
-    assert launcher.find_app_dir(deep) == app.resolve()
+    assert run_config.find_app_dir(deep) == app.resolve()
 
 
 def test_app_dir_falls_back_to_the_installed_repo(
@@ -291,21 +292,21 @@ def test_app_dir_falls_back_to_the_installed_repo(
     repo = make_app(tmp_path / "repo")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    monkeypatch.setattr(launcher, "_installed_repo_root", lambda: repo)
-    assert launcher.find_app_dir(elsewhere) == repo
+    monkeypatch.setattr(run_config, "_installed_repo_root", lambda: repo)
+    assert run_config.find_app_dir(elsewhere) == repo
 
 
 def test_no_app_dir_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launcher, "_installed_repo_root", lambda: None)
+    monkeypatch.setattr(run_config, "_installed_repo_root", lambda: None)
     with pytest.raises(RunConfigError, match="no Flower app found"):
-        launcher.find_app_dir(tmp_path)
+        run_config.find_app_dir(tmp_path)
     with pytest.raises(RunConfigError, match="is not a Flower app"):
-        launcher.resolve_app_dir(tmp_path)
+        run_config.resolve_app_dir(tmp_path)
 
 
 def test_installed_repo_root_is_this_checkout() -> None:
-    root = launcher._installed_repo_root()
-    assert root is not None and (root / "src" / "reefl" / "launcher.py").is_file()
+    root = run_config._installed_repo_root()
+    assert root is not None and (root / "src" / "reefl" / "launch" / "run_config.py").is_file()
 
 
 # -- the CLI error path ---------------------------------------------------------------------
@@ -338,9 +339,9 @@ def test_validation_runs_on_the_merged_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[dict] = []
-    monkeypatch.setattr(launcher, "_validate", seen.append)
+    monkeypatch.setattr(run_config, "_validate", seen.append)
     app = make_app(tmp_path / "reefl-app", method="reefl", package="reefl.federation")
-    launcher.prepare_run(["seed=4"], app_dir=app, cwd=tmp_path)
+    run_config.prepare_run(["seed=4"], app_dir=app, cwd=tmp_path)
     assert seen and seen[0]["seed"] == 4 and seen[0]["run-name"].startswith("reefl-s4-")
     assert seen[0]["output-dir"] == str(tmp_path / "outputs")
 
@@ -375,39 +376,39 @@ def test_the_watchdog_stops_a_tree_across_sessions() -> None:
     parent = _parent_of_a_stubborn_child()
     tree = _tree_of(parent)
     try:
-        assert len(launcher._recorded(tree)) == 2
-        watchdog = launcher.Watchdog(None)
-        watchdog.watch(parent.pid)
+        assert len(watchdog.recorded(tree)) == 2
+        dog = watchdog.Watchdog(None)
+        dog.watch(parent.pid)
         time.sleep(1.5)  # it has seen the child
-        watchdog.stop()
-        assert launcher._recorded(tree) == [p for p in launcher._recorded(tree)
+        dog.stop()
+        assert watchdog.recorded(tree) == [p for p in watchdog.recorded(tree)
                                             if p.status() == psutil.STATUS_ZOMBIE]
     finally:
         parent.kill()
         parent.wait()
-        launcher.stop_processes(launcher._recorded(tree), grace=0.5)
+        processes.stop_processes(watchdog.recorded(tree), grace=0.5)
 
 
 def test_a_reused_pid_is_not_ours() -> None:
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         started = psutil.Process(process.pid).create_time()
-        assert len(launcher._recorded(json.dumps([[process.pid, started]]))) == 1
+        assert len(watchdog.recorded(json.dumps([[process.pid, started]]))) == 1
         # as if the pid now belonged to a process started at another time
-        assert launcher._recorded(json.dumps([[process.pid, started - 1.0]])) == []
+        assert watchdog.recorded(json.dumps([[process.pid, started - 1.0]])) == []
     finally:
         process.kill()
         process.wait()
 
 
 LAUNCHER_STANDIN = """
-import json, subprocess, sys, time
+import json, os, sys, time
 from pathlib import Path
 import psutil
-from reefl import launcher
-link = launcher.LocalSuperLink(Path(sys.argv[1]), Path.cwd(), Path(sys.argv[1]) / "log")
-link.adopt(subprocess.Popen([sys.executable, "-c", sys.argv[2]], start_new_session=True))
-parent = psutil.Process(link._children[0].pid)
+from reefl.launch.processes import ProcessGroup
+group = ProcessGroup(dict(os.environ), Path.cwd(), remove_on_death=Path(sys.argv[1]))
+child = group.spawn("stand-in", [sys.executable, "-c", sys.argv[2]], None)
+parent = psutil.Process(child.pid)
 while not parent.children():
     time.sleep(0.05)
 time.sleep(1.5)  # the watchdog has seen the child
@@ -426,17 +427,17 @@ def test_nothing_is_left_when_the_launcher_is_sigkilled(tmp_path: Path) -> None:
     assert stand_in.stdout is not None
     tree = stand_in.stdout.readline() or "[]"
     try:
-        assert len(launcher._recorded(tree)) == 2
+        assert len(watchdog.recorded(tree)) == 2
         stand_in.kill()
         stand_in.wait()
         deadline = time.monotonic() + 20
-        while (launcher._recorded(tree) or home.exists()) and time.monotonic() < deadline:
+        while (watchdog.recorded(tree) or home.exists()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert launcher._recorded(tree) == [] and not home.exists()
+        assert watchdog.recorded(tree) == [] and not home.exists()
     finally:
         stand_in.kill()
         stand_in.wait()
-        launcher.stop_processes(launcher._recorded(tree), grace=0.5)
+        processes.stop_processes(watchdog.recorded(tree), grace=0.5)
 
 
 # -- one real run (toy app) -------------------------------------------------------------------
@@ -449,17 +450,17 @@ def test_toy_app_smoke(
     app = make_app(tmp_path / "app")
     monkeypatch.chdir(tmp_path)
     trees: list[list[psutil.Process]] = []
-    stop = launcher.LocalSuperLink.stop
+    stop = processes.ProcessGroup.stop
 
-    def recording_stop(self: launcher.LocalSuperLink) -> None:
-        for child in self._children:  # the SuperLink (flwr run has ended), all below it
+    def recording_stop(self: processes.ProcessGroup) -> None:
+        for child in self.processes:  # the SuperLink (flwr run has ended), all below it
             with contextlib.suppress(psutil.Error):
                 process = psutil.Process(child.pid)
                 trees.append([process, *process.children(recursive=True)])
         stop(self)
 
-    monkeypatch.setattr(launcher.LocalSuperLink, "stop", recording_stop)
-    run_dir = launcher.run_app(["num-clients=2 num-server-rounds=2"], app_dir=app,
+    monkeypatch.setattr(processes.ProcessGroup, "stop", recording_stop)
+    run_dir = simulation.run_app(["num-clients=2 num-server-rounds=2"], app_dir=app,
                                view=StreamView())  # --verbose
     out = capsys.readouterr().out
 
@@ -469,13 +470,13 @@ def test_toy_app_smoke(
     assert "round 2: 2 replies" in (run_dir / FLOWER_LOG).read_text()  # and written
     assert out.count(f"reefl: run folder {run_dir}") == 2
     assert len(trees[0]) >= 2  # the SuperLink and what it started (SuperExec...)
-    assert not any(launcher.still_running(p) for tree in trees for p in tree)  # nothing left
+    assert not any(processes.still_running(p) for tree in trees for p in tree)  # nothing left
 
 
 def test_a_named_checkpoint_is_fetched_before_flower_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from reefl.launcher import RunConfigError
-    from reefl.launcher import _check_pretrained as _fetch_checkpoint
+    from reefl.launch.errors import RunConfigError
+    from reefl.launch.simulation import _check_pretrained as _fetch_checkpoint
     from reefl.models import pretrained
 
     source = tmp_path / "deit_tiny_patch16_224-a1311bcf.pth"

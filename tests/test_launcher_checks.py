@@ -1,5 +1,5 @@
 """reefl run: the checks made before Flower starts, the failure check after it ran, and
-``--resume``. Nothing here starts Flower: ``launcher._run_flower`` is refused or faked."""
+``--resume``. Nothing here starts Flower: ``simulation._run_flower`` is refused or faked."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ from typing import Any
 
 import pytest
 
-from reefl import cli, launcher
+from reefl import cli
 from reefl.config import RunConfig
-from reefl.launcher import PreparedRun, RunConfigError
+from reefl.launch import resources, run_config, simulation
+from reefl.launch.errors import RunConfigError
+from reefl.launch.run_config import PreparedRun
 from reefl.models.pretrained import CheckpointError, check_checkpoint_file
+from reefl.outputs import run_folder
 from test_launcher import make_app
 
-REPO_APP = launcher._installed_repo_root()
+REPO_APP = run_config._installed_repo_root()
 
 
 @pytest.fixture
@@ -27,10 +30,10 @@ def app(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def no_flower(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(prepared: PreparedRun, log: object) -> tuple[int, str]:
+    def refuse(prepared: PreparedRun, federation: object, log: object) -> tuple[int, str]:
         raise AssertionError("Flower was started")
 
-    monkeypatch.setattr(launcher, "_run_flower", refuse)
+    monkeypatch.setattr(simulation, "_run_flower", refuse)
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -55,7 +58,7 @@ def test_run_config_drops_nothing(item: str, fragment: str) -> None:
 
     assert "seed" not in parse_config_args([item])  # what Flower makes of it
     with pytest.raises(RunConfigError, match="^--run-config: ") as error:
-        launcher.parse_overrides([item])
+        run_config.parse_overrides([item])
     assert fragment in str(error.value)
 
 
@@ -72,27 +75,28 @@ def test_run_config_drops_nothing(item: str, fragment: str) -> None:
 def test_bad_federation_config_is_one_line(app: Path, items: list[str], fragment: str) -> None:
     with pytest.raises(RunConfigError, match="^--federation-config: |^--federation-config '"
                        ) as error:
-        launcher.prepare_run([], app_dir=app, federation_overrides=items)
+        resources.federation_config(run_config.prepare_run([], app_dir=app).config, items)
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
 def test_federation_config_matching_the_run_config_is_fine(app: Path) -> None:
-    run = launcher.prepare_run(["num-clients=6"], app_dir=app, federation_overrides=[
+    run = run_config.prepare_run(["num-clients=6"], app_dir=app)
+    federation = resources.federation_config(run.config, [
         "num-supernodes=6 client-resources-num-cpus=1 client-resources-num-gpus=0.0"])
-    assert run.federation["num-supernodes"] == 6
+    assert federation["num-supernodes"] == 6
 
 
 # -- output-dir -----------------------------------------------------------------------------
 
 
 def test_output_dir_is_probed_and_left_clean(tmp_path: Path) -> None:
-    launcher.check_output_dir(tmp_path / "new" / "out")
+    simulation.check_output_dir(tmp_path / "new" / "out")
     assert list((tmp_path / "new" / "out").iterdir()) == []
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(RunConfigError, match=f"^output-dir '{blocker / 'out'}' cannot be "
                                              "written: "):
-        launcher.check_output_dir(blocker / "out")
+        simulation.check_output_dir(blocker / "out")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -100,7 +104,7 @@ def test_a_read_only_output_dir_is_refused(tmp_path: Path) -> None:
     tmp_path.chmod(0o500)
     try:
         with pytest.raises(RunConfigError, match="cannot be written: Permission denied"):
-            launcher.check_output_dir(tmp_path)
+            simulation.check_output_dir(tmp_path)
     finally:
         tmp_path.chmod(0o700)
 
@@ -119,13 +123,13 @@ def test_an_unwritable_output_dir_exits_2_before_flower(
 def test_an_explicit_run_name_of_a_used_folder_is_refused(app: Path, tmp_path: Path) -> None:
     overrides = [f"run-name='mine' output-dir='{tmp_path / 'out'}'"]
     (tmp_path / "out" / "mine").mkdir(parents=True)
-    assert launcher.prepare_run(overrides, app_dir=app).run_dir == tmp_path / "out" / "mine"
+    assert run_config.prepare_run(overrides, app_dir=app).run_dir == tmp_path / "out" / "mine"
     (tmp_path / "out" / "mine" / "config.json").write_text("{}")
     with pytest.raises(RunConfigError, match="^run-name 'mine': .* already exists and is not "
                                              r"empty; continue that run with `reefl run "
                                              r"--resume .*` or choose another run-name$"):
-        launcher.prepare_run(overrides, app_dir=app)
-    assert launcher.prepare_run(overrides, app_dir=app, existing_ok=True)
+        run_config.prepare_run(overrides, app_dir=app)
+    assert run_config.prepare_run(overrides, app_dir=app, existing_ok=True)
 
 
 # -- pretrained -----------------------------------------------------------------------------
@@ -165,7 +169,7 @@ def test_a_garbage_pretrained_file_exits_2_before_flower(
 
 
 def _prepared(tmp_path: Path, run_name: str = "r") -> PreparedRun:
-    return launcher.prepare_run([f"output-dir='{tmp_path}' run-name='{run_name}'"],
+    return run_config.prepare_run([f"output-dir='{tmp_path}' run-name='{run_name}'"],
                                 app_dir=REPO_APP)
 
 
@@ -182,24 +186,24 @@ def _write_final(prepared: PreparedRun, **extra: Any) -> Path:
 def test_run_failure(tmp_path: Path) -> None:
     prepared = _prepared(tmp_path)
     started = time.time()
-    assert launcher.run_failure(prepared, 1, started) == "flwr run exited with 1"
-    assert launcher.run_failure(prepared, 0, started) == "no final.json written"
+    assert simulation.run_failure(prepared, 1, started) == "flwr run exited with 1"
+    assert simulation.run_failure(prepared, 0, started) == "no final.json written"
     path = _write_final(prepared)
-    assert launcher.run_failure(prepared, 0, started) is None  # a ServerApp without digests
+    assert simulation.run_failure(prepared, 0, started) is None  # a ServerApp without digests
     os.utime(path, (started - 60, started - 60))
-    assert launcher.run_failure(prepared, 0, started) == "no final.json written by this run"
+    assert simulation.run_failure(prepared, 0, started) == "no final.json written by this run"
     _write_final(prepared, config_digest="0123456789abcdef")
-    assert launcher.run_failure(prepared, 0, started) == (
+    assert simulation.run_failure(prepared, 0, started) == (
         f"final.json has config_digest 0123456789abcdef, not {prepared.digest} of this run's "
         "config")
     _write_final(prepared, config_digest=prepared.digest)
-    assert launcher.run_failure(prepared, 0, started) is None
+    assert simulation.run_failure(prepared, 0, started) is None
 
 
 def test_a_server_app_failure_is_a_failure_though_flwr_run_exits_0(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(launcher, "_run_flower", lambda prepared, log: (0, ""))
+    monkeypatch.setattr(simulation, "_run_flower", lambda prepared, federation, log: (0, ""))
     code = cli.main(["run", "-q", "-c", f"output-dir='{tmp_path}' run-name='r'"])
     err = capsys.readouterr().err
     assert code == 1 and "run failed (no final.json written)" in err
@@ -215,7 +219,7 @@ def _interrupted_run(tmp_path: Path, checkpoint: bool = True) -> PreparedRun:
     flat = RunConfig.from_flat(prepared.config).to_flat()
     (prepared.run_dir / "config.json").write_text(json.dumps(flat))
     if checkpoint:
-        (prepared.run_dir / launcher.CHECKPOINT_FILE).write_bytes(b"saved")
+        (prepared.run_dir / run_folder.CHECKPOINT_FILE).write_bytes(b"saved")
     return prepared
 
 
@@ -224,12 +228,12 @@ def test_resume_runs_the_folders_own_config(tmp_path: Path, monkeypatch: pytest.
     prepared = _interrupted_run(tmp_path)
     seen: list[PreparedRun] = []
 
-    def fake_flower(resumed: PreparedRun, log: object) -> tuple[int, str]:
+    def fake_flower(resumed: PreparedRun, federation: object, log: object) -> tuple[int, str]:
         seen.append(resumed)
         _write_final(resumed, config_digest=resumed.digest)
         return 0, ""
 
-    monkeypatch.setattr(launcher, "_run_flower", fake_flower)
+    monkeypatch.setattr(simulation, "_run_flower", fake_flower)
     code = cli.main(["run", "--resume", str(prepared.run_dir),
                      "--federation-config", "client-resources-num-cpus=1"])
     assert code == 0 and len(seen) == 1
@@ -279,13 +283,13 @@ def test_resume_errors_start_nothing(
 
 def test_ctrl_c_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    def interrupted(prepared: PreparedRun, log: object) -> tuple[int, str]:
+    def interrupted(prepared: PreparedRun, federation: object, log: object) -> tuple[int, str]:
         prepared.run_dir.mkdir(parents=True, exist_ok=True)
         if prepared.run_dir.name == "saved":
-            (prepared.run_dir / launcher.CHECKPOINT_FILE).write_bytes(b"saved")
+            (prepared.run_dir / run_folder.CHECKPOINT_FILE).write_bytes(b"saved")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(launcher, "_run_flower", interrupted)
+    monkeypatch.setattr(simulation, "_run_flower", interrupted)
     for name, hint in (("saved", f"continue it with `reefl run --resume {tmp_path / 'saved'}`"),
                        ("early", f"no round was saved in {tmp_path / 'early'}")):
         code = cli.main(["run", "-q", "-c", f"output-dir='{tmp_path}' run-name='{name}'"])

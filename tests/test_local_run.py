@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from reefl.config import RunConfig
 from reefl.federation.local import run_in_process
-from reefl.launcher import run_app
+from reefl.launch.simulation import run_app
 
 TINY = ('num-clients=4 num-exits=2 depth=2 embed-dim=16 num-heads=2 num-server-rounds=2 '
         'eval-every=1 fraction-train=0.5 local-epochs=1 seed=5')

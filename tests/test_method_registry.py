@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from reefl.config import ConfigError, RunConfig, Setting, method_spec, registered_methods
-from reefl.launcher import prepare_run, run_app
+from reefl.launch.run_config import prepare_run
+from reefl.launch.simulation import run_app
 from reefl.methods import ClientUpdate, Method, TaskSpec, build_method, method_names
 from reefl.methods.losses import exit_cross_entropies
 from reefl.models import EarlyExitModel
@@ -142,7 +143,7 @@ def test_a_sixth_method_runs_end_to_end(driver: str, tmp_path: Path,
         run_dir = run_app(overrides, quiet=True)
     else:
         from reefl.federation.local import run_local
-        from reefl.launcher import parse_overrides
+        from reefl.launch.run_config import parse_overrides
 
         run_dir = run_local(RunConfig.from_flat(parse_overrides(overrides)))
     config = json.loads((run_dir / "config.json").read_text())

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from reefl import launcher
 from reefl.config import RunConfig
+from reefl.launch import errors, run_config
 from reefl.methods.scalefl import tier_widths
 from reefl.presets import PresetError, preset_names, preset_path, read_config_file
 
@@ -27,7 +27,7 @@ def test_every_experiment_of_the_paper_has_a_preset() -> None:
 def test_preset_is_a_valid_config_with_the_official_recipe(name: str) -> None:
     data, regime, k = name.split("-")
     values = read_config_file(preset_path(name))
-    cfg = RunConfig.from_flat({**launcher.app_defaults(Path.cwd()), **values})
+    cfg = RunConfig.from_flat({**run_config.app_defaults(Path.cwd()), **values})
     assert (cfg.dataset, cfg.regime, cfg.num_exits) == (data, regime, int(k[1:]))
     assert (cfg.model, cfg.pretrained, cfg.img_size) == ("deit-small", "official", 224)
     assert (cfg.optimizer, cfg.lr_max, cfg.lr_min) == ("sgd", 0.05, 0.001)
@@ -58,9 +58,9 @@ def test_a_base_loop_and_an_unknown_base_are_errors(tmp_path: Path) -> None:
 
 
 def test_the_command_line_applies_on_top_of_a_preset() -> None:
-    overrides = launcher.with_preset("cifar100-lora-k4", ['method="depthfl" num-clients=10'])
-    prepared = launcher.prepare_run(overrides)
+    overrides = run_config.with_preset("cifar100-lora-k4", ['method="depthfl" num-clients=10'])
+    prepared = run_config.prepare_run(overrides)
     assert prepared.config["regime"] == "lora" and prepared.config["method"] == "depthfl"
     assert prepared.config["num-clients"] == 10 and prepared.config["dataset"] == "cifar100"
-    with pytest.raises(launcher.RunConfigError, match="unknown preset 'nope'; presets: "):
-        launcher.with_preset("nope", [])
+    with pytest.raises(errors.RunConfigError, match="unknown preset 'nope'; presets: "):
+        run_config.with_preset("nope", [])

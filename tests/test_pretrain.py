@@ -277,7 +277,7 @@ def test_a_federated_run_starts_from_the_pretrained_backbone(tmp_path: Path) -> 
     In process (the ServerApp loop and ClientApp handlers); a pretrained frozen run through
     the real Flower app is test_end_to_end's reefl-frozen-pretrained row (extended)."""
     from reefl.federation.local import run_local
-    from reefl.launcher import parse_overrides
+    from reefl.launch.run_config import parse_overrides
 
     checkpoint = tmp_path / "digits.safetensors"
     assert main(["pretrain", "-c", TINY_BACKBONE, "-o", str(checkpoint), "--epochs", "1",

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from reefl import cli, launcher
+from reefl import cli
 from reefl.federation.server_app import _progress_line
-from reefl.launcher import PreparedRun
+from reefl.launch import processes, simulation
+from reefl.launch.run_config import PreparedRun
+from reefl.outputs import run_folder
 from reefl.outputs.progress import (
     NOT_FOR_REEFL,
     FlowerLog,
@@ -217,12 +219,13 @@ def test_a_folder_holding_only_flower_log_holds_no_run(tmp_path: Path) -> None:
     folder = tmp_path / "r"
     folder.mkdir()
     (folder / FLOWER_LOG).write_text("a failed start\n")
-    assert not holds_run_files(folder) and not launcher.holds_files(folder)
+    assert not holds_run_files(folder) and not run_folder.holds_run_files(folder)
     RunFolder.create(folder)  # the ServerApp starts the run in it
     assert holds_run_files(folder)
 
 
-def _flower_that_fails(prepared: PreparedRun, log: FlowerLog) -> tuple[int, str]:
+def _flower_that_fails(prepared: PreparedRun, federation: object, log: FlowerLog
+                       ) -> tuple[int, str]:
     for k in range(60):
         log.write(flower(f"line {k}"))
     log.write(flower("ServerApp raised ValueError: boom", "ERROR"))
@@ -233,7 +236,7 @@ def _flower_that_fails(prepared: PreparedRun, log: FlowerLog) -> tuple[int, str]
 def test_a_failed_run_shows_the_end_of_flowers_log_and_where_it_is(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         verbose: bool) -> None:
-    monkeypatch.setattr(launcher, "_run_flower", _flower_that_fails)
+    monkeypatch.setattr(simulation, "_run_flower", _flower_that_fails)
     code = cli.main(["run", *(["-v"] if verbose else ["-q"]),
                      "-c", f"output-dir='{tmp_path}' run-name='r'"])
     captured = capsys.readouterr()
@@ -271,15 +274,14 @@ def test_ray_temp_root_is_where_ray_goes(monkeypatch: pytest.MonkeyPatch,
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert launcher.ray_temp_root() == Path(get_default_system_temp_dir())
+    assert simulation.ray_temp_root() == Path(get_default_system_temp_dir())
 
 
 def test_the_ray_session_goes_into_the_private_flower_home(tmp_path: Path) -> None:
     home = Path("/tmp/reefl-flwr-abcdefgh")  # as tempfile names it (nothing is made)
-    link = launcher.LocalSuperLink(home, tmp_path, home / "superlink.log")
-    assert link.env["RAY_TMPDIR"] == str(home)
+    assert simulation.ray_env(home) == {"RAY_TMPDIR": str(home)}
     # where Ray's socket paths would not fit, Ray keeps its own place
-    assert launcher.ray_env(Path("/" + "x" * 40)) == {}
+    assert simulation.ray_env(Path("/" + "x" * 40)) == {}
 
 
 # -- one real run -------------------------------------------------------------------------------
@@ -311,13 +313,14 @@ def test_a_real_run_shows_progress_and_leaves_nothing_behind(
     monkeypatch.setenv("RAY_TMPDIR", str(ray_root))
     monkeypatch.setenv("REEFL_CACHE_DIR", str(tmp_path / "cache"))
     sessions: list[Path] = []
-    stop = launcher.LocalSuperLink.stop
+    stop = processes.ProcessGroup.stop
 
-    def recording_stop(self: launcher.LocalSuperLink) -> None:
-        sessions.extend((self.flwr_home / "ray").glob("session_2*"))
+    def recording_stop(self: processes.ProcessGroup) -> None:
+        assert self.remove_on_death is not None  # the private FLWR_HOME
+        sessions.extend((self.remove_on_death / "ray").glob("session_2*"))
         stop(self)
 
-    monkeypatch.setattr(launcher.LocalSuperLink, "stop", recording_stop)
+    monkeypatch.setattr(processes.ProcessGroup, "stop", recording_stop)
     previous = os.umask(0o027)
     try:
         code = cli.main(["run", "-c", f'{TINY_RUN} output-dir="{tmp_path / "out"}" '

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from reefl.config import RunConfig
-from reefl.launcher import run_app
+from reefl.launch.simulation import run_app
 from reefl.methods.base import TaskSpec
 from reefl.models import Ree
 

@@ -18,12 +18,18 @@ from typing import Any
 import psutil
 import pytest
 
-from reefl.outputs.accounting import tier_table
 from reefl.anytime.calibrate import calibrate_run, operating_points_table, plot_curves
 from reefl.cli import main as cli_main
-from reefl.outputs.compare import Comparison, RunResult, format_markdown, parse_entries, write_reports
-from reefl.outputs.run_folder import final_table
+from reefl.outputs.accounting import tier_table
+from reefl.outputs.compare import (
+    Comparison,
+    RunResult,
+    format_markdown,
+    parse_entries,
+    write_reports,
+)
 from reefl.outputs.html import load_comparison, operating_rule, table_html, write_report
+from reefl.outputs.run_folder import final_table
 
 EXIT_FLOPS = [1_350_000, 2_630_000]
 

@@ -8,11 +8,11 @@ from collections.abc import Callable
 import pytest
 
 from conftest import TINY
-from reefl.outputs.accounting import tier_costs
 from reefl.config import RunConfig
 from reefl.federation.inputs import source_task
 from reefl.federation.tiers import MIB, client_tier, tier_needs, tier_of
 from reefl.methods import build_method
+from reefl.outputs.accounting import tier_costs
 
 EXAMPLES = 50  # the client's training examples per epoch
 ABOVE, BELOW = 1 + 1e-9, 1 - 1e-9

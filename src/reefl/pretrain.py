@@ -312,15 +312,18 @@ def _format_epoch(result: EpochResult, epochs: int) -> str:
 
 
 def pretrain(cfg: RunConfig, epochs: int, output: Path | None = None,
-             max_examples: int | None = None,
+             max_examples: int | None = None, threads: int | None = None,
              log: Callable[[str], None] = print) -> PretrainResult:
     """Train ``cfg``'s backbone (+ norm + head) on the whole training split of ``cfg``'s data
     set for ``epochs`` epochs and write it as a DeiT checkpoint at ``output`` (default
-    ``default_output``) with a JSON beside it; one ``log`` line per epoch.
+    ``default_output``) with a JSON beside it; one ``log`` line per epoch. ``threads``: torch's
+    CPU threads (default: torch's own).
 
     Raises PretrainError (bad options, checked first; OutputError if writing fails),
     DataError (the data) and CheckpointError (a ``pretrained`` start that does not fit)."""
-    output = check_options(output or default_output(cfg), epochs, max_examples)
+    output = check_options(output or default_output(cfg), epochs, max_examples, threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     spec = load_source(cfg.data_options.source)
     data = central_data(spec, cfg.seed, max_examples)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from reefl.data.federated import FederatedData
+from reefl.data.federated import DataOptions, FederatedData
 
 
 def dataset_slug(dataset: str) -> str:
@@ -85,3 +85,29 @@ def plot_label_histogram(data: FederatedData, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def histogram_path(options: DataOptions, output_dir: Path) -> Path:
+    """``<output_dir>/data-<dataset>-s<seed>-<digest>.png``: the digest (8 hex digits of
+    SHA-256 over every option that fixes the partition) gives other options another file."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(options).encode()).hexdigest()[:8]
+    name = dataset_slug(options.source.dataset)
+    return output_dir / f"data-{name}-s{options.seed}-{digest}.png"
+
+
+def write_summary(options: DataOptions, output_dir: Path,
+                  output: Path | None = None, as_json: bool = False) -> tuple[str, Path]:
+    """``reefl data``: partition the data of ``options``, draw its label histogram at
+    ``output`` (default ``histogram_path``) and return the summary (text, or JSON with
+    ``as_json``) and the PNG's path. DataError for data that cannot be read."""
+    import json
+
+    from reefl.data import build_federated_data
+
+    data = build_federated_data(options)
+    path = output or histogram_path(options, output_dir)
+    summary = partition_summary(data)
+    plot_label_histogram(data, path)
+    return (json.dumps(summary, indent=2) if as_json else format_summary(summary)), path

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from reefl.outputs.files import atomic_write
+from reefl.outputs.run_folder import CHECKPOINT_FILE as CHECKPOINT_NAME
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "reefl-checkpoint-2"
 LEGACY_FORMAT = "reefl-checkpoint-1"
 """Client states as ``client/<pid>/<name>`` tensors in the checkpoint, no ``client_rounds``."""

@@ -32,8 +32,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +39,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
-    from reefl.methods import Method
+    from reefl.config import RunConfig
+    from reefl.methods import Method, TaskSpec
     from reefl.outputs.tables import Table
 
 ACCOUNTING_FILE = "accounting.json"
@@ -164,13 +163,6 @@ def regime_table(rows: list[dict[str, Any]], current: str | None = None) -> Tabl
         ]
         body.append([f"{regime} (this run)" if regime == current else regime, *cells])
     return table(["regime", *(f"tier {t}" for t in tiers)], body)
-
-
-def format_regime_table(rows: list[dict[str, Any]], current: str | None = None) -> str:
-    """``regime_table`` as text (what ``reefl costs`` prints)."""
-    from reefl.outputs.tables import text
-
-    return text(regime_table(rows, current))
 
 
 def exit_flops(method: Method, img_size: int | None = None) -> list[int]:
@@ -328,3 +320,18 @@ def format_tier_table(costs: list[dict[str, Any]]) -> str:
     from reefl.outputs.tables import text
 
     return text(tier_table(costs))
+
+
+def print_costs(cfg: RunConfig, task: TaskSpec) -> None:
+    """``reefl costs``: the run config's per-tier table (parameters sent, forward FLOPs to
+    each exit), then every regime's trained parameters per tier."""
+    from reefl.methods import build_method
+    from reefl.outputs.tables import print_table
+
+    method = build_method(cfg, task)
+    print(f"{cfg.method}, {cfg.model} backbone, exits after blocks {method.exit_blocks}, "
+          f"{task.num_classes} classes, regime {cfg.regime}: per tier, per round", flush=True)
+    print_table(tier_table(tier_costs(method)))
+    print("\nEvery regime: trained parameters · MB sent each way per round · share of the "
+          "full model", flush=True)
+    print_table(regime_table(regime_costs(method), current=cfg.regime))

@@ -31,19 +31,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from reefl.outputs.accounting import (
-    ACCOUNTING_FILE,
-    FLOPS_NOTE,
-    human,
-    read_accounting,
-    tier_table,
-)
 from reefl.anytime.calibrate import (
     CALIBRATION_FILE,
     CURVE_PNG,
     DEFAULT_TOLERANCE,
     operating_points_table,
     plot_curves,
+)
+from reefl.outputs.accounting import (
+    ACCOUNTING_FILE,
+    FLOPS_NOTE,
+    human,
+    read_accounting,
+    tier_table,
 )
 from reefl.outputs.compare import (
     RUNS_SUBDIR,

@@ -37,6 +37,7 @@ def default_run_name(method: str, seed: int, now: float | None = None) -> str:
 FLOWER_LOG = "flower.log"
 """Flower's log of the run, which ``reefl run`` writes into the run folder from before the
 ServerApp starts: a folder holding only it holds no run yet."""
+CHECKPOINT_FILE = "checkpoint.safetensors"  # what the ServerApp saves after every round
 
 
 def holds_run_files(path: Path) -> bool:
