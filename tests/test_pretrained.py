@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from reefl.federation.aggregate import slice_to
+from reefl.methods.aggregate import slice_to
 from reefl.models import VisionTransformer, pretrained
 from reefl.models.pretrained import (
     CheckpointError,

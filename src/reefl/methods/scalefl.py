@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from reefl.config import ConfigError, RunConfig, Setting
-from reefl.federation.aggregate import sliced_mean
+from reefl.methods.aggregate import sliced_mean
 from reefl.methods.base import ClientUpdate, HeldOutCE, Method, TaskSpec
 from reefl.methods.losses import distill_from, exit_cross_entropies
 from reefl.models import EarlyExitModel, PerExitHeads, TierExits

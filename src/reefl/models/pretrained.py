@@ -42,7 +42,6 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from reefl.federation.aggregate import slice_to
 from reefl.models.vit import VisionTransformer
 
 OFFICIAL_URLS: dict[str, str] = {
@@ -221,7 +220,7 @@ def fit_tensor(key: str, tensor: torch.Tensor, shape: torch.Size,
         tensor = tensor.sum(dim=1, keepdim=True)
     if tensor.shape != shape and allow_narrower and tensor.dim() == len(shape) \
             and all(s <= t for s, t in zip(shape, tensor.shape, strict=True)):
-        tensor = slice_to(tensor, shape)
+        tensor = tensor[tuple(slice(0, s) for s in shape)]  # methods.aggregate.slice_to
     if tensor.shape != shape:
         raise CheckpointError(f"checkpoint tensor '{key}' has shape {stored}, "
                               f"the model expects {tuple(shape)}")
