@@ -14,7 +14,7 @@ import pytest
 from reefl import cli, launcher
 from reefl.config import RunConfig
 from reefl.launcher import PreparedRun, RunConfigError
-from reefl.models.pretrained import CheckpointError, check_checkpoint_file
+from reefl.models.checkpoints import CheckpointError, check_checkpoint_file
 from test_launcher import make_app
 
 REPO_APP = launcher._installed_repo_root()

@@ -347,7 +347,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from reefl.data import DataError
     from reefl.launcher import LaunchError, resolved_config
-    from reefl.models.pretrained import CheckpointError
+    from reefl.models.checkpoints import CheckpointError
     from reefl.pretrain import PretrainError, check_options, default_output, pretrain
 
     try:

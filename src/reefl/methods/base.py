@@ -33,8 +33,8 @@ from torch import nn
 from reefl.config import MethodSpec, RunConfig, Setting, register_method
 from reefl.methods.aggregate import AdamHyperParams, FedAdam, slice_to, weighted_mean_per_key
 from reefl.models import EarlyExitModel, PerExitHeads, VisionTransformer
+from reefl.models.checkpoints import backbone_weights, fit_to
 from reefl.models.finetune import Regime, apply_regime
-from reefl.models.pretrained import backbone_weights, fit_to
 
 HeldOutCE = Callable[[], list[float]]
 """Per-exit CE of the model being trained on the next batch of the client's held-out data."""
