@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from reefl.federation.aggregate import weighted_mean_per_key
+from reefl.methods.aggregate import weighted_mean_per_key
 
 
 def test_three_tiers_hand_example() -> None:

@@ -121,7 +121,7 @@ def test_two_rounds_write_the_run_folder(extra: str, tmp_path: Path) -> None:
     final = json.loads((run_dir / "final.json").read_text())
     assert final["exit_accuracy"] == rounds[-1]["exit_accuracy"]
     assert final["method"] == config["method"] and final["seed"] == 3 and final["wall_seconds"] > 0
-    assert final["simulation_poll"] == "reefl"  # simulation_fix took effect in Flower's run
+    assert final["simulation_poll"] == "reefl"  # message_poll took effect in Flower's run
     if config["personalised-epochs"]:  # every client answered the evaluate message
         personalised = json.loads((run_dir / "personalised.json").read_text())
         assert (personalised["clients_answered"], personalised["clients_failed"]) == (4, 0)

@@ -15,6 +15,7 @@ from conftest import TINY, timm_checkpoint
 from reefl.config import REGIMES, ConfigError, RunConfig
 from reefl.methods import TaskSpec, build_method, method_names
 from reefl.models import VisionTransformer
+from reefl.models.checkpoints import load_backbone
 from reefl.models.finetune import (
     Regime,
     add_adapter,
@@ -22,7 +23,6 @@ from reefl.models.finetune import (
     add_scale_shift,
     apply_regime,
 )
-from reefl.models.pretrained import load_backbone
 from reefl.models.vit import trunc_normal_
 from reefl.training import train_locally
 

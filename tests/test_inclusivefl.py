@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from reefl.config import ConfigError, RunConfig
-from reefl.federation.aggregate import AdamHyperParams, FedAdam, fedadam_step
 from reefl.methods import ClientUpdate, TaskSpec, build_method
+from reefl.methods.aggregate import AdamHyperParams, FedAdam, fedadam_step
 from reefl.methods.inclusivefl import InclusiveFL, block_mean, momentum_distillation
 from reefl.training import train_locally
 

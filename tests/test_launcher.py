@@ -477,16 +477,16 @@ def test_a_named_checkpoint_is_fetched_before_flower_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from reefl.launch.errors import RunConfigError
     from reefl.launch.simulation import _check_pretrained as _fetch_checkpoint
-    from reefl.models import pretrained
+    from reefl.models import checkpoints
 
     source = tmp_path / "deit_tiny_patch16_224-a1311bcf.pth"
     source.write_bytes(b"\x80\x02weights")  # a legacy torch pickle, as far as its header goes
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setitem(pretrained.OFFICIAL_URLS, "deit-tiny", source.as_uri())
+    monkeypatch.setitem(checkpoints.OFFICIAL_URLS, "deit-tiny", source.as_uri())
     _fetch_checkpoint({"pretrained": "official", "model": "deit-tiny"}, quiet=True)
     cached = tmp_path / "torch" / "hub" / "checkpoints" / source.name
     assert cached.read_bytes() == b"\x80\x02weights"
     _fetch_checkpoint({"pretrained": "", "model": "custom"}, quiet=True)  # nothing to fetch
-    monkeypatch.setitem(pretrained.OFFICIAL_URLS, "deit-base", (tmp_path / "gone.pth").as_uri())
+    monkeypatch.setitem(checkpoints.OFFICIAL_URLS, "deit-base", (tmp_path / "gone.pth").as_uri())
     with pytest.raises(RunConfigError, match="^pretrained: "):
         _fetch_checkpoint({"pretrained": "official", "model": "deit-base"}, quiet=True)

@@ -16,7 +16,7 @@ from reefl.config import RunConfig
 from reefl.launch import resources, run_config, simulation
 from reefl.launch.errors import RunConfigError
 from reefl.launch.run_config import PreparedRun
-from reefl.models.pretrained import CheckpointError, check_checkpoint_file
+from reefl.models.checkpoints import CheckpointError, check_checkpoint_file
 from reefl.outputs import run_folder
 from test_launcher import make_app
 

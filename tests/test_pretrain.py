@@ -17,7 +17,7 @@ from reefl.data import load_source, loaders
 from reefl.data.federated import IMAGENET_MEAN, IMAGENET_STD, input_pipeline
 from reefl.data.sources import FASHION_MNIST_DIR
 from reefl.models import VisionTransformer
-from reefl.models.pretrained import backbone_weights, read_checkpoint, to_backbone_names
+from reefl.models.checkpoints import backbone_weights, read_checkpoint, to_backbone_names
 from reefl.pretrain import (
     Classifier,
     PretrainError,

@@ -12,9 +12,9 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from reefl.federation.aggregate import slice_to
-from reefl.models import VisionTransformer, pretrained
-from reefl.models.pretrained import (
+from reefl.methods.aggregate import slice_to
+from reefl.models import VisionTransformer, checkpoints
+from reefl.models.checkpoints import (
     CheckpointError,
     backbone_weights,
     fit_to,
@@ -169,7 +169,7 @@ def test_fit_to_names_the_first_mismatching_or_missing_key() -> None:
 
 def test_official_download_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = save(timm_state(), tmp_path / "deit_small_patch16_224-xxxx", "official")
-    monkeypatch.setitem(pretrained.OFFICIAL_URLS, "deit-small", source.as_uri())
+    monkeypatch.setitem(checkpoints.OFFICIAL_URLS, "deit-small", source.as_uri())
     cache = tmp_path / "cache"
     path = resolve_checkpoint("official", "deit-small", cache)
     assert path == cache / source.name
@@ -185,7 +185,7 @@ def test_timm_download_goes_to_torch_home(tmp_path: Path,
     repo = tmp_path / "hub" / "timm" / "deit_small_x" / "resolve" / "main"
     repo.mkdir(parents=True)
     source = save(ckpt, repo / "model", "timm")
-    monkeypatch.setitem(pretrained.TIMM_URLS, "deit-small", source.as_uri())
+    monkeypatch.setitem(checkpoints.TIMM_URLS, "deit-small", source.as_uri())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     model = vit()
@@ -197,13 +197,13 @@ def test_timm_download_goes_to_torch_home(tmp_path: Path,
 def test_a_file_is_read_once_until_it_changes(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     reads = []
-    read = pretrained.read_checkpoint
+    read = checkpoints.read_checkpoint
 
     def counted_read(path: Path) -> dict[str, torch.Tensor]:
         reads.append(path)
         return read(path)
 
-    monkeypatch.setattr(pretrained, "read_checkpoint", counted_read)
+    monkeypatch.setattr(checkpoints, "read_checkpoint", counted_read)
     path = save(timm_state(), tmp_path / "x", "timm")
     for _ in range(3):
         load_backbone(vit(), str(path), "deit-small")

@@ -15,9 +15,9 @@ from flwr.app import Message
 from safetensors.torch import load_file
 
 from reefl.config import RunConfig
-from reefl.federation.aggregate import FedAdam
 from reefl.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from reefl.federation.local import LocalGrid, run_local
+from reefl.methods.aggregate import FedAdam
 from reefl.outputs.run_folder import config_digest
 
 TINY = {"num-clients": 4, "num-exits": 2, "depth": 2, "embed-dim": 16, "num-heads": 2,

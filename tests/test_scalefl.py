@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from reefl.config import ConfigError, RunConfig
-from reefl.federation.aggregate import slice_to, sliced_mean, weighted_mean_per_key
 from reefl.methods import ClientUpdate, TaskSpec, build_method
+from reefl.methods.aggregate import slice_to, sliced_mean, weighted_mean_per_key
 from reefl.methods.scalefl import ScaleFL, scaled_channels
 from reefl.models import EarlyExitModel, PerExitHeads, VisionTransformer
 

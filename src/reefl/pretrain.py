@@ -51,7 +51,7 @@ from reefl.data.federated import (
 )
 from reefl.data.loaders import client_loader, test_loader
 from reefl.data.summary import dataset_slug
-from reefl.models.pretrained import load_backbone
+from reefl.models.checkpoints import load_backbone
 from reefl.models.vit import VisionTransformer, trunc_normal_
 from reefl.outputs.files import atomic_write
 from reefl.training import autocast, cosine_lr, precision_line

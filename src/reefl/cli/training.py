@@ -222,7 +222,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from reefl.data import DataError
     from reefl.launch.errors import LaunchError
     from reefl.launch.run_config import resolved_config
-    from reefl.models.pretrained import CheckpointError
+    from reefl.models.checkpoints import CheckpointError
     from reefl.pretrain import PretrainError, check_options, default_output, pretrain
 
     try:

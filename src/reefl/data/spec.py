@@ -66,8 +66,3 @@ class DataSpec:
     def channels(self) -> int:
         """Input channels as stored (1 for grey images and for audio features)."""
         return int(self.train.inputs.shape[1])
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Stored height and width (frames and mel bins for audio)."""
-        return int(self.train.inputs.shape[2]), int(self.train.inputs.shape[3])

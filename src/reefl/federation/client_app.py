@@ -24,7 +24,7 @@ from reefl.data import (
     held_out_split,
 )
 from reefl.evaluation import evaluate_exits
-from reefl.federation import simulation_fix
+from reefl.federation import message_poll
 from reefl.federation.inputs import run_data
 from reefl.federation.tiers import client_tier
 from reefl.methods import Method, build_method
@@ -33,8 +33,8 @@ from reefl.training import train_locally
 app = ClientApp()
 
 # Flower's simulation process imports this module before its runtime starts polling the
-# SuperNodes' messages: the place to replace the poll's quadratic sweep (simulation_fix).
-simulation_fix.install()
+# SuperNodes' messages: the place to replace the poll's quadratic sweep (message_poll).
+message_poll.install()
 
 
 @lru_cache(maxsize=4)

@@ -23,7 +23,7 @@ from flwr.supercore import log
 from reefl.config import RunConfig
 from reefl.data import test_loader
 from reefl.evaluation import evaluate_exits
-from reefl.federation import simulation_fix
+from reefl.federation import message_poll
 from reefl.federation.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -146,7 +146,7 @@ def run_server(grid: Grid, cfg: RunConfig,
         for pid, seen in checkpoint.partitions.items():  # sampled as before, node or not
             roster.clients[pid] = ClientInfo(NO_NODE, seen["tier"], seen["num-examples"])
     joined = roll_call(grid, cfg, roster)
-    poll = simulation_fix.running_poll()  # the runtime's threads answered the roll call
+    poll = message_poll.running_poll()  # the runtime's threads answered the roll call
     strategy.summary()
 
     def save() -> None:

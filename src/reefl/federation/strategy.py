@@ -105,10 +105,6 @@ class Roster:
     def tiers(self) -> dict[int, int]:
         return {pid: info.tier for pid, info in self.clients.items()}
 
-    def partition_of(self, node_id: int) -> int | None:
-        return next((pid for pid, info in self.clients.items() if info.node_id == node_id),
-                    None)
-
     def discover(self, grid: Grid, online: set[int], timeout: float) -> tuple[
             dict[int, int], dict[int, str]]:
         """Ask the ``online`` nodes the roster does not know for their partition id, tier and

@@ -282,7 +282,7 @@ def _check_pretrained(config: dict[str, Any], quiet: bool) -> None:
     if not pretrained:
         return
     from reefl.config import PRETRAINED_SOURCES
-    from reefl.models.pretrained import CheckpointError, check_checkpoint_file, resolve_checkpoint
+    from reefl.models.checkpoints import CheckpointError, check_checkpoint_file, resolve_checkpoint
 
     try:
         path = resolve_checkpoint(pretrained, str(config["model"]))

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from reefl.config import MethodSpec, RunConfig, Setting, register_method
-from reefl.federation.aggregate import AdamHyperParams, FedAdam, slice_to, weighted_mean_per_key
+from reefl.methods.aggregate import AdamHyperParams, FedAdam, slice_to, weighted_mean_per_key
 from reefl.models import EarlyExitModel, PerExitHeads, VisionTransformer
+from reefl.models.checkpoints import backbone_weights, fit_to
 from reefl.models.finetune import Regime, apply_regime
-from reefl.models.pretrained import backbone_weights, fit_to
 
 HeldOutCE = Callable[[], list[float]]
 """Per-exit CE of the model being trained on the next batch of the client's held-out data."""
@@ -303,7 +303,7 @@ class Method(TierModels, ABC):
     def aggregate(self, global_state: dict[str, torch.Tensor],
                   updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         """The server update: ``merge``, then the ``server-update``: ``fedavg`` takes the
-        merged state; ``fedadam`` takes one FedAdam step (``federation.aggregate.FedAdam``,
+        merged state; ``fedadam`` takes one FedAdam step (``methods.aggregate.FedAdam``,
         moments per parameter, kept across rounds) along the pseudo-gradient merged − w of
         every parameter some client returned."""
         merged = self.merge(global_state, updates)

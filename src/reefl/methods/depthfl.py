@@ -40,7 +40,7 @@ from collections import Counter
 import torch
 
 from reefl.config import RunConfig, Setting
-from reefl.federation.aggregate import weighted_mean_per_key
+from reefl.methods.aggregate import weighted_mean_per_key
 from reefl.methods.base import ClientUpdate, HeldOutCE, Method, TaskSpec
 from reefl.methods.losses import exit_cross_entropies, kd_weight, mutual_distillation
 from reefl.models import EarlyExitModel

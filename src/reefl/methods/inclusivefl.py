@@ -33,7 +33,7 @@ first; for each tier t with clients,
    left in the previous round (zero if tier t + 1 had no clients in that round, or it is
    round 1); β is ``inclusivefl-beta`` (0.2);
 3. the tier's server step: ``fedavg`` w_t = w + g_t (the plain tier mean where nothing was
-   mixed); ``fedadam`` one FedAdam step (``federation.aggregate.FedAdam``, β1 0.9, β2 0.999,
+   mixed); ``fedadam`` one FedAdam step (``methods.aggregate.FedAdam``, β1 0.9, β2 0.999,
    τ 1e-6, no bias correction, η = ``fedadam-lr``, default the paper's 1e-3) along g_t, with
    one optimiser state per tier (the tier's moments for every parameter it holds, shared
    ones included, updated only in rounds it has clients);
@@ -80,7 +80,7 @@ import torch
 from torch import nn
 
 from reefl.config import RunConfig, Setting
-from reefl.federation.aggregate import AdamHyperParams, FedAdam, weighted_mean_per_key
+from reefl.methods.aggregate import AdamHyperParams, FedAdam, weighted_mean_per_key
 from reefl.methods.base import ClientUpdate, HeldOutCE, Method, TaskSpec
 from reefl.methods.losses import exit_cross_entropies
 from reefl.models import Block, EarlyExitModel, PerExitHeads, VisionTransformer

@@ -33,7 +33,7 @@ Choices where the method (docs/method.md) is silent, or departs from the rest of
   LoRA A [r, d_t] and B [a_t, r] on q and v (B [a_t, r] for v as well), adapter down
   [m, d_t] and up [d_t, m], and SSF vectors of the channels they scale. A pretrained
   checkpoint is loaded into the full-width global model, so a tier's frozen weights are the
-  leading block of the checkpoint's, as in ``models.pretrained.fit_to(allow_narrower=True)``.
+  leading block of the checkpoint's, as in ``models.checkpoints.fit_to(allow_narrower=True)``.
 * **Attention scale** follows the narrow model's own head size, (a_t / H)^−0.5, as a model
   of that width would be built and trained on its own.
 * **Aggregation weights.** docs/method.md §6 says ScaleFL "averages each element over the
@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from reefl.config import ConfigError, RunConfig, Setting
-from reefl.federation.aggregate import sliced_mean
+from reefl.methods.aggregate import sliced_mean
 from reefl.methods.base import ClientUpdate, HeldOutCE, Method, TaskSpec
 from reefl.methods.losses import distill_from, exit_cross_entropies
 from reefl.models import EarlyExitModel, PerExitHeads, TierExits

