@@ -24,6 +24,7 @@ from reefl.anytime.calibrate import (
     thresholds_for_shares,
 )
 from reefl.anytime.export import OnnxTier, export_tier
+from reefl.anytime.model import BUNDLE_FORMAT, TierBundle, write_bundle
 from reefl.anytime.policy import NEVER, last_affordable_exit
 from reefl.anytime.predict import parse_flops
 from reefl.cli import main
@@ -321,3 +322,49 @@ def test_tiers_of_methods_with_their_own_tier_models(method: str, exits: list[li
         with torch.no_grad():
             expected = torch.stack(own.eval()(x))
         torch.testing.assert_close(model.exit_logits(x), expected, atol=1e-6, rtol=0)
+
+
+# -- a hand-built tier (no run): the command line --------------------------------------------
+
+
+def _tier(folder: Path) -> Path:
+    """An exported tier of ``_model()`` (grey 8x8 images, 5 classes, 3 exits), without
+    calibration, written to ``folder`` as ``reefl export`` writes one."""
+    cfg = RunConfig.from_flat(SMALL)
+    model = _model()
+    info = {"format": BUNDLE_FORMAT, "tier": 2, "method": cfg.method,
+            "source_run": "runs/the-run", "model_config": cfg.to_flat(),
+            "task": {"num_classes": 5, "in_chans": 1}, "exit_ids": [0, 1, 2],
+            "exit_blocks": [0, 2, 3],
+            "pipeline": {"kind": "image", "size": 8, "channels": 1, "mean": [0.5],
+                         "std": [0.25]},
+            "class_names": list("abcde"), "exit_flops": exit_flops_in(model, 1, 8)}
+    return write_bundle(TierBundle(info, model.state_dict()), folder)
+
+
+def test_predict_options_before_or_after_inputs(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    tier = str(_tier(tmp_path / "tier"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(photos / "a.png")
+    capsys.readouterr()
+    for argv in (["predict", tier, "--tier", "2", str(photos), "--threshold", "0"],
+                 ["predict", "--threshold", "0", tier, str(photos), "--tier", "2", "-q"],
+                 ["predict", tier, str(photos), "--tier", "2", "--threshold", "0"]):
+        assert main(argv) == 0, argv
+        assert "exits taken [100.0% 0.0% 0.0%]" in capsys.readouterr().out
+    for argv, message in [
+            (["predict", tier, str(photos), "--bogus"], "unrecognized arguments: --bogus"),
+            (["predict", tier], "give INPUT files or folders to predict, or --split"),
+            (["predict", tier, str(photos), "--split", "test"],
+             "give INPUT files or folders or --split, not both"),
+            (["export", tier], "the following arguments are required: --output")]:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: reefl {argv[0]} "), err  # the sub-command's usage
+        assert f"reefl {argv[0]}: error: {message}" in err
