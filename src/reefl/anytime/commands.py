@@ -118,7 +118,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="write one tier's sub-model to a folder (safetensors + JSON, ONNX)",
         description="Write one tier's sub-model, its regime merged (LoRA and SSF folded into "
                     "the weights), with what it needs to predict alone: reefl-model.json, "
-                    "model.safetensors and one ONNX graph per exit (onnx-stages.json).")
+                    "model.safetensors and one ONNX graph per exit (onnx-stages.json). The "
+                    "tier's calibrated thresholds go with it when the run has them: run "
+                    "reefl calibrate RUN_DIR first.")
     export.add_argument("run", type=Path, metavar="RUN_DIR")
     export.add_argument("--tier", type=int, default=None, help="default: the deepest")
     export.add_argument("--output", "-o", type=Path, required=True, metavar="FOLDER",
@@ -178,9 +180,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         calibrate_run,
         operating_points_table,
     )
-    from reefl.anytime.model import ModelLoadError
+    from reefl.anytime.model import ModelLoadError, is_bundle_folder
     from reefl.anytime.predict import PredictError, parse_flops
     from reefl.tables import print_table
+
+    if is_bundle_folder(args.folder):
+        run = _bundle_info(args.folder).get("source_run", "RUN_DIR")
+        return _fail(f"{args.folder} is an exported tier, which carries no data to calibrate "
+                     f"on: run reefl calibrate {run} (its run folder), then reefl export "
+                     "again; the export takes the calibrated thresholds with it")
 
     try:
         flops = parse_flops(args.target_flops) if args.target_flops else None
@@ -206,7 +214,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from reefl.anytime.export import export_tier
-    from reefl.anytime.model import ModelLoadError
+    from reefl.anytime.model import DEFAULT_THRESHOLD, ModelLoadError
 
     try:
         folder = export_tier(args.run, args.tier, args.output, onnx=not args.no_onnx)
@@ -214,7 +222,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _fail(str(err))
     for path in sorted(folder.iterdir()):
         print(f"wrote {path}")
+    info = _bundle_info(folder)
+    calibrated = info.get("calibration")
+    if calibrated is None:
+        print(f"no calibrated thresholds: reefl predict will use {DEFAULT_THRESHOLD} unless "
+              f"given --threshold (to carry them: reefl calibrate {args.run}, then export "
+              "again)")
+    else:
+        print(f"with the calibrated thresholds of tier {info['tier']} "
+              f"({calibrated['criterion']}, from {calibrated['source']})")
     return 0
+
+
+def _bundle_info(folder: Path) -> dict:
+    """An exported tier's reefl-model.json (without loading its weights)."""
+    import json
+
+    from reefl.anytime.model import BUNDLE_FILE
+
+    return json.loads((folder / BUNDLE_FILE).read_text())
 
 
 COMMANDS = {"predict": cmd_predict, "calibrate": cmd_calibrate, "export": cmd_export}
