@@ -23,6 +23,7 @@ from reefl.anytime.calibrate import (
     thresholds_for_shares,
 )
 from reefl.anytime.export import OnnxTier, export_tier
+from reefl.anytime.model import BUNDLE_FORMAT, TierBundle, write_bundle
 from reefl.anytime.policy import NEVER, last_affordable_exit
 from reefl.anytime.predict import parse_flops
 from reefl.cli import main
@@ -321,3 +322,188 @@ def test_tiers_of_methods_with_their_own_tier_models(method: str, exits: list[li
         with torch.no_grad():
             expected = torch.stack(own.eval()(x))
         torch.testing.assert_close(model.exit_logits(x), expected, atol=1e-6, rtol=0)
+
+
+# -- a hand-built tier (no run): inputs, paths, exports, the command line ------------------
+
+
+def _tier(folder: Path) -> Path:
+    """An exported tier of ``_model()`` (grey 8x8 images, 5 classes, 3 exits), without
+    calibration, written to ``folder`` as ``reefl export`` writes one."""
+    cfg = RunConfig.from_flat(SMALL)
+    model = _model()
+    info = {"format": BUNDLE_FORMAT, "tier": 2, "method": cfg.method,
+            "source_run": "runs/the-run", "model_config": cfg.to_flat(),
+            "task": {"num_classes": 5, "in_chans": 1}, "exit_ids": [0, 1, 2],
+            "exit_blocks": [0, 2, 3],
+            "pipeline": {"kind": "image", "size": 8, "channels": 1, "mean": [0.5],
+                         "std": [0.25]},
+            "class_names": list("abcde"), "exit_flops": exit_flops_in(model, 1, 8)}
+    return write_bundle(TierBundle(info, model.state_dict()), folder)
+
+
+def test_inputs_take_numpy_pil_paths_and_lists(tmp_path: Path) -> None:
+    from PIL import Image
+
+    model = load(_tier(tmp_path / "tier"))
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)  # H, W, C as PIL gives it
+    grey = np.round(rgb.astype(np.float64).mean(axis=-1)).astype(np.uint8)
+    # what the stored (channels-first tensor) path gives for the same pixels
+    expected = model.inputs(torch.from_numpy(grey)[None, None])
+    assert expected.shape == (1, 1, 8, 8) and expected.dtype == torch.float32
+    torch.testing.assert_close(model.inputs(rgb), expected)  # RGB averaged to grey
+    torch.testing.assert_close(model.inputs(grey), expected)  # [H, W]
+    torch.testing.assert_close(model.inputs(grey[..., None]), expected)  # [H, W, 1]
+    rgba = np.concatenate([rgb, np.zeros((12, 10, 1), np.uint8)], axis=-1)
+    torch.testing.assert_close(model.inputs(rgba), expected)  # alpha dropped
+    torch.testing.assert_close(model.inputs(torch.from_numpy(rgb).permute(2, 0, 1)),
+                               expected)  # one [C, H, W] tensor, RGB
+    batch = np.stack([rgb, rgb[::-1].copy()])  # [N, H, W, C]
+    other = model.inputs(torch.from_numpy(grey[::-1].copy())[None, None])
+    torch.testing.assert_close(model.inputs(batch), torch.cat([expected, other]))
+    torch.testing.assert_close(model.inputs(np.stack([grey, grey[::-1]])),
+                               torch.cat([expected, other]))  # grey batch [N, H, W]
+    image = Image.fromarray(rgb)
+    torch.testing.assert_close(model.inputs(image), expected)
+    image.save(tmp_path / "one.png")
+    small = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    Image.fromarray(small).save(tmp_path / "two.png")
+    torch.testing.assert_close(model.inputs(str(tmp_path / "one.png")), expected)
+    mixed = model.inputs([rgb, small, tmp_path / "one.png"])  # a list, sizes of their own
+    torch.testing.assert_close(mixed, torch.cat([expected, model.inputs(small), expected]))
+    # a folder, as reefl predict reads it: its images sorted by name
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    image.save(folder / "a.png")
+    Image.fromarray(grey[::-1].copy()).save(folder / "b.png")
+    torch.testing.assert_close(model.inputs(folder), torch.cat([expected, other]))
+    prediction = model.predict(model.inputs(batch), threshold=0.0)
+    assert prediction.exits.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="numpy images must be uint8"):
+        model.inputs(rgb.astype(np.float32) / 255)
+    with pytest.raises(ValueError, match="channels last"):
+        model.inputs(np.zeros((2, 3, 8, 8), np.uint8))
+
+
+def test_export_and_onnx_tier_take_str_paths(tmp_path: Path) -> None:
+    source = _tier(tmp_path / "tier")
+    out = export_tier(str(source), None, str(tmp_path / "exported"))
+    assert out == tmp_path / "exported"
+    model = load(str(out))
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = model.exit_logits(x)
+    for folder in (str(out), out):
+        onnx = OnnxTier(folder)
+        for mine, theirs in zip(onnx.exit_logits(x.numpy()), expected, strict=True):
+            np.testing.assert_allclose(mine, theirs.numpy(), atol=1e-5)
+    assert onnx.policy is None  # the source was not calibrated
+    ranked = confidence(expected[0]).sort().values
+    thresholds = [float(ranked[2] + ranked[3]) / 2, 0.0, 0.0]  # between two: no float ties
+    labels, exits = onnx.predict(x.numpy(), thresholds)  # one threshold per exit
+    prediction = model.predict(x, thresholds)
+    assert exits.tolist() == prediction.exits.tolist()
+    assert labels.tolist() == prediction.labels.tolist()
+    assert exits.tolist().count(0) == 3
+
+
+def test_a_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    import reefl.anytime.export as export
+
+    source = _tier(tmp_path / "tier")
+    parent = tmp_path / "exports"
+
+    def fail(model: object, folder: Path) -> Path:
+        (folder / "exit-0.onnx").write_bytes(b"half")  # a half-written graph
+        raise RuntimeError("exporter broke\nmore lines")
+
+    monkeypatch.setattr(export, "export_onnx", fail)
+    with pytest.raises(export.ExportError, match="ONNX export of tier 2 failed "
+                                                  r"\(RuntimeError: exporter broke\)"):
+        export_tier(source, None, parent / "out")
+    assert list(parent.iterdir()) == []  # no out/, no temporary sibling
+    (parent / "empty").mkdir()
+    assert main(["export", str(source), "-o", str(parent / "empty")]) == 2
+    assert "--no-onnx writes the safetensors and JSON only" in capsys.readouterr().err
+    assert [p.name for p in parent.iterdir()] == ["empty"]
+    assert list((parent / "empty").iterdir()) == []  # left as it was
+    monkeypatch.undo()
+    assert main(["export", str(source), "-o", str(parent / "empty")]) == 0
+    assert [p.name for p in parent.iterdir()] == ["empty"]  # renamed into place
+    assert sorted(p.name for p in (parent / "empty").iterdir()) == [
+        "exit-0.onnx", "exit-1.onnx", "exit-2.onnx", "model.safetensors", "onnx-stages.json",
+        "reefl-model.json"]
+
+
+def test_predict_options_before_or_after_inputs(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    tier = str(_tier(tmp_path / "tier"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(photos / "a.png")
+    capsys.readouterr()
+    for argv in (["predict", tier, "--tier", "2", str(photos), "--threshold", "0"],
+                 ["predict", "--threshold", "0", tier, str(photos), "--tier", "2", "-q"],
+                 ["predict", tier, str(photos), "--tier", "2", "--threshold", "0"]):
+        assert main(argv) == 0, argv
+        assert "exits taken [100.0% 0.0% 0.0%]" in capsys.readouterr().out
+    # no calibration with the export: the hint names the command that carries it
+    assert main(["predict", tier, str(photos), "-q"]) == 0
+    assert ("default threshold 0.9 (the tier was exported without calibrated thresholds: "
+            "run reefl calibrate runs/the-run, then reefl export again)"
+            in capsys.readouterr().out)
+    for argv, message in [
+            (["predict", tier, str(photos), "--bogus"], "unrecognized arguments: --bogus"),
+            (["predict", tier], "give INPUT files or folders to predict, or --split"),
+            (["predict", tier, str(photos), "--split", "test"],
+             "give INPUT files or folders or --split, not both"),
+            (["export", tier], "the following arguments are required: --output")]:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: reefl {argv[0]} "), err  # the sub-command's usage
+        assert f"reefl {argv[0]}: error: {message}" in err
+
+
+def test_calibrate_export_predict_carries_the_thresholds(lora_run: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    record = calibrate_run(lora_run, plot=False)
+    thresholds = record["tiers"][1]["thresholds"]
+    out = tmp_path / "t1"
+    capsys.readouterr()
+    assert main(["export", str(lora_run), "--tier", "1", "-o", str(out)]) == 0
+    assert "with the calibrated thresholds of tier 1 (maxprob" in capsys.readouterr().out
+    carried = json.loads((out / "reefl-model.json").read_text())["calibration"]
+    assert carried["thresholds"] == thresholds and carried["criterion"] == "maxprob"
+    assert carried["source"] == str(lora_run / "calibration.json")
+    policy = json.loads((out / "onnx-stages.json").read_text())["policy"]
+    assert policy["thresholds"] == thresholds
+    # the exported tier predicts with them: reefl predict, reefl.load and OnnxTier alike
+    model = load(out)
+    assert model.calibration["thresholds"] == thresholds
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    explicit = model.predict(x, thresholds)
+    assert model.predict(x).exits.tolist() == explicit.exits.tolist()
+    labels, exits = OnnxTier(out).predict(x.numpy())
+    assert exits.tolist() == explicit.exits.tolist()
+    assert labels.tolist() == explicit.labels.tolist()
+    images = tmp_path / "images"
+    images.mkdir()
+    np.save(images / "not-an-image.npy", np.zeros(1))  # skipped: not an image suffix
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(images / "a.png")
+    assert main(["predict", str(out), str(images), "-q"]) == 0
+    assert (f"calibrated thresholds of tier 1 ({lora_run / 'calibration.json'})"
+            in capsys.readouterr().out)
+    # calibrating the export itself is refused, with the way that works
+    assert main(["calibrate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"run reefl calibrate {lora_run} (its run folder), then reefl export again" in err
+    # another criterion than the calibration's: the default, saying why
+    assert main(["predict", str(out), str(images), "-q", "--criterion", "entropy"]) == 0
+    assert "the calibration is for maxprob, not --criterion entropy" in capsys.readouterr().out

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from reefl.anytime.model import AnytimeModel, ModelLoadError, load
+from reefl.anytime.model import CALIBRATION_FILE, AnytimeModel, ModelLoadError, load
 from reefl.anytime.policy import NEVER, ExitPolicy, confidence
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 SHARE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 40))
 """MSDNet's values of p: 0.05, 0.10, ..., 1.95."""
-CALIBRATION_FILE = "calibration.json"
 CURVE_CSV = "accuracy_vs_flops.csv"
 CURVE_PNG = "accuracy_vs_flops.png"
 DEFAULT_TOLERANCE = 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from reefl.anytime import CRITERIA
@@ -15,10 +16,59 @@ allows) and nothing deeper is computed for it. Thresholds: --threshold, else the
 calibrated operating point (reefl calibrate), else 0.9."""
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: options before, between or after the positional arguments
+    (``parse_known_intermixed_args``), and every usage error (an unknown argument, or what
+    ``check`` finds wrong in the parsed arguments) shown with the sub-command's usage
+    rather than the top-level one."""
+
+    def __init__(self, *args: object, check: Callable[[argparse.Namespace], str | None]
+                 | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.check = check
+        self._inner = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self._inner:  # parse_known_intermixed_args parses in two passes through here
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        problem = self.check(namespace) if self.check is not None else None
+        if problem:
+            self.error(problem)
+        return namespace, []
+
+
+def _add_parser(commands: argparse._SubParsersAction, name: str, **kwargs: object
+                ) -> CommandParser:
+    """``commands.add_parser`` making a ``CommandParser`` whatever the top-level parser's
+    class (once the top level passes ``parser_class=CommandParser`` to add_subparsers,
+    this is plain ``add_parser``)."""
+    saved = commands._parser_class
+    commands._parser_class = CommandParser
+    try:
+        return commands.add_parser(name, **kwargs)
+    finally:
+        commands._parser_class = saved
+
+
+def _check_predict(args: argparse.Namespace) -> str | None:
+    if args.inputs and args.split:
+        return "give INPUT files or folders or --split, not both"
+    if not args.inputs and not args.split:
+        return "give INPUT files or folders to predict, or --split test|validation"
+    return None
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register predict, calibrate and export."""
-    predict = commands.add_parser("predict", help="early-exit prediction with a trained run",
-                                  description=PREDICT_HELP)
+    """Register predict, calibrate and export (all their parser construction is here)."""
+    predict = _add_parser(commands, "predict", help="early-exit prediction with a trained run",
+                          description=PREDICT_HELP, check=_check_predict)
     predict.add_argument("model", type=Path, metavar="MODEL",
                          help="a finished run folder, or a tier folder from reefl export")
     predict.add_argument("inputs", type=Path, nargs="*", metavar="INPUT",
@@ -43,8 +93,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--quiet", "-q", action="store_true",
                          help="print only the summary, not one line per sample")
 
-    calibrate = commands.add_parser(
-        "calibrate", help="set exit thresholds on the validation split; accuracy vs FLOPs",
+    calibrate = _add_parser(
+        commands, "calibrate",
+        help="set exit thresholds on the validation split; accuracy vs FLOPs",
         description="Set every tier's exit thresholds on the run's validation split "
                     "(validation-fraction > 0; never the test set), MSDNet's budgeted way, and "
                     "write calibration.json, accuracy_vs_flops.csv and .png. On a comparison "
@@ -62,11 +113,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                            help="without a target: the cheapest point within this many "
                                 "accuracy points of the tier's best (default 1.0)")
 
-    export = commands.add_parser(
-        "export", help="write one tier's sub-model to a folder (safetensors + JSON, ONNX)",
+    export = _add_parser(
+        commands, "export",
+        help="write one tier's sub-model to a folder (safetensors + JSON, ONNX)",
         description="Write one tier's sub-model, its regime merged (LoRA and SSF folded into "
                     "the weights), with what it needs to predict alone: reefl-model.json, "
-                    "model.safetensors and one ONNX graph per exit (onnx-stages.json).")
+                    "model.safetensors and one ONNX graph per exit (onnx-stages.json). The "
+                    "tier's calibrated thresholds go with it when the run has them: run "
+                    "reefl calibrate RUN_DIR first.")
     export.add_argument("run", type=Path, metavar="RUN_DIR")
     export.add_argument("--tier", type=int, default=None, help="default: the deepest")
     export.add_argument("--output", "-o", type=Path, required=True, metavar="FOLDER",
@@ -91,8 +145,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_rows,
     )
 
-    if bool(args.inputs) == bool(args.split):
-        return _fail("give INPUT files or folders, or --split, not both")
     try:
         model = load(args.model, args.tier)
         inputs = read_split(args.model, args.split) if args.split else \
@@ -128,9 +180,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         calibrate_run,
         operating_points_table,
     )
-    from reefl.anytime.model import ModelLoadError
+    from reefl.anytime.model import ModelLoadError, is_bundle_folder
     from reefl.anytime.predict import PredictError, parse_flops
     from reefl.outputs.tables import print_table
+
+    if is_bundle_folder(args.folder):
+        run = _bundle_info(args.folder).get("source_run", "RUN_DIR")
+        return _fail(f"{args.folder} is an exported tier, which carries no data to calibrate "
+                     f"on: run reefl calibrate {run} (its run folder), then reefl export "
+                     "again; the export takes the calibrated thresholds with it")
 
     try:
         flops = parse_flops(args.target_flops) if args.target_flops else None
@@ -156,7 +214,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from reefl.anytime.export import export_tier
-    from reefl.anytime.model import ModelLoadError
+    from reefl.anytime.model import DEFAULT_THRESHOLD, ModelLoadError
 
     try:
         folder = export_tier(args.run, args.tier, args.output, onnx=not args.no_onnx)
@@ -164,7 +222,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _fail(str(err))
     for path in sorted(folder.iterdir()):
         print(f"wrote {path}")
+    info = _bundle_info(folder)
+    calibrated = info.get("calibration")
+    if calibrated is None:
+        print(f"no calibrated thresholds: reefl predict will use {DEFAULT_THRESHOLD} unless "
+              f"given --threshold (to carry them: reefl calibrate {args.run}, then export "
+              "again)")
+    else:
+        print(f"with the calibrated thresholds of tier {info['tier']} "
+              f"({calibrated['criterion']}, from {calibrated['source']})")
     return 0
+
+
+def _bundle_info(folder: Path) -> dict:
+    """An exported tier's reefl-model.json (without loading its weights)."""
+    import json
+
+    from reefl.anytime.model import BUNDLE_FILE
+
+    return json.loads((folder / BUNDLE_FILE).read_text())
 
 
 COMMANDS = {"predict": cmd_predict, "calibrate": cmd_calibrate, "export": cmd_export}

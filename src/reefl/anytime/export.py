@@ -9,12 +9,20 @@ class tokens [B, n, dim]. A device runs stage 0, reads the logits, and runs the 
 only for the samples that are not confident yet, so an early exit costs only its own
 stages. ``onnx-stages.json`` lists each stage's file, inputs and outputs, and
 ``OnnxTier`` runs them this way with onnxruntime (numpy, no torch).
+
+The run's calibrated thresholds of the tier (``reefl calibrate`` before the export) go with
+it: under ``calibration`` in reefl-model.json (``reefl predict`` and ``reefl.load`` use
+them) and as ``policy`` in onnx-stages.json (``OnnxTier.predict`` uses them).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from reefl.anytime.model import AnytimeModel, write_bundle
+from reefl.anytime.model import DEFAULT_THRESHOLD, AnytimeModel, ModelLoadError, write_bundle
 from reefl.anytime.policy import CRITERIA
 from reefl.models import EarlyExitModel
 
 STAGES_FILE = "onnx-stages.json"
 ONNX_OPSET = 17
+
+
+class ExportError(ModelLoadError):
+    """An export that could not be written (one line); nothing of it is left on disk."""
 
 
 class ExitStage(nn.Module):
@@ -93,33 +105,62 @@ def export_onnx(model: AnytimeModel, folder: Path) -> Path:
                        "inputs": inputs, "outputs": names})
         example = outputs[1:]
         history_in = outputs[2].shape[1] if len(outputs) > 2 else 0
+    calibrated = model.calibration
+    policy = None if calibrated is None else {
+        "criterion": calibrated["criterion"], "thresholds": calibrated["thresholds"],
+        "source": calibrated["source"]}
     description = {"stages": stages, "exit_flops": model.exit_flops,
-                   "input": {"channels": channels, "size": size}, "opset": ONNX_OPSET}
+                   "input": {"channels": channels, "size": size}, "opset": ONNX_OPSET,
+                   "policy": policy}
     (folder / STAGES_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return folder / STAGES_FILE
 
 
-def export_tier(run_dir: Path, tier: int | None, folder: Path, onnx: bool = True) -> Path:
+def export_tier(run_dir: str | os.PathLike[str], tier: int | None,
+                folder: str | os.PathLike[str], onnx: bool = True) -> Path:
     """``reefl export``: the tier's bundle (and ONNX stages) into ``folder``, which must be
-    new or empty; returns ``folder``."""
-    from reefl.anytime.model import ModelLoadError, load
+    new or empty; returns ``folder``. The tier's calibrated thresholds go with it when the
+    run has them (``reefl calibrate`` first).
 
-    if folder.exists() and any(folder.iterdir()):
-        raise ModelLoadError(f"export folder {folder} is not empty; choose a new one")
+    Everything is written into a temporary folder beside ``folder`` and renamed to it once
+    complete: a failed export (an ONNX error, an interrupt) leaves nothing behind."""
+    from reefl.anytime.model import load
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ExportError(f"export folder {folder} is not empty; choose a new one")
     model = load(run_dir, tier)
-    write_bundle(model.bundle, folder)
-    if onnx:
-        export_onnx(model, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        write_bundle(model.bundle, staging)
+        if onnx:
+            try:
+                export_onnx(model, staging)
+            except Exception as err:  # the exporter's errors have no common type
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise ExportError(f"ONNX export of tier {model.tier} failed "
+                                  f"({type(err).__name__}: {first}); nothing was written "
+                                  "(--no-onnx writes the safetensors and JSON only)") from err
+        if folder.exists():
+            folder.rmdir()  # empty, checked above
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
 
 
 class OnnxTier:
     """An exported tier's ONNX stages run with onnxruntime, early exit included: what a
-    device without torch runs. Inputs are model inputs (normalised, resized) as float32."""
+    device without torch runs. Inputs are model inputs (normalised, resized) as float32.
+    ``folder``: the export folder, a ``str`` or ``os.PathLike``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
         import onnxruntime
 
+        folder = Path(folder).expanduser()
+        self.folder = folder
         self.description = json.loads((folder / STAGES_FILE).read_text())
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
@@ -136,12 +177,31 @@ class OnnxTier:
             carried = outputs[1:]
         return logits
 
-    def predict(self, x: np.ndarray, threshold: float, criterion: str = "maxprob"
-                ) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def policy(self) -> dict[str, Any] | None:
+        """The calibrated ``criterion`` and ``thresholds`` (one per exit) the tier was
+        exported with, or None when its run was not calibrated before the export."""
+        return self.description.get("policy")
+
+    def predict(self, x: np.ndarray, threshold: float | Sequence[float] | None = None,
+                criterion: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(predicted class, exit taken) per sample: stage k runs only for the samples that
-        no earlier exit was confident about (one threshold for every exit)."""
+        no earlier exit was confident about. ``threshold``: one for every exit or one per
+        exit; without it, the exported calibrated thresholds (``policy``) when there are
+        some and ``criterion`` is theirs or None, else ``DEFAULT_THRESHOLD`` (0.9)."""
+        if threshold is None and self.policy is not None \
+                and criterion in (None, self.policy["criterion"]):
+            threshold, criterion = self.policy["thresholds"], self.policy["criterion"]
+        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        criterion = criterion or "maxprob"
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}")
+        count = len(self.sessions)
+        limits = ([float(threshold)] * count if isinstance(threshold, (int, float))
+                  else [float(t) for t in threshold])
+        if len(limits) != count:
+            raise ValueError(f"thresholds must be one number or {count} (one per exit); "
+                             f"got {len(limits)}")
         n = len(x)
         labels, exits = np.zeros(n, np.int64), np.zeros(n, np.int64)
         going, carried = np.arange(n), [x]
@@ -150,7 +210,7 @@ class OnnxTier:
                                                  strict=True)):
             outputs = session.run(None, dict(zip(stage["inputs"], carried, strict=True)))
             score = _confidence(outputs[0], criterion)
-            here = score >= threshold if k < last else np.ones(len(score), dtype=bool)
+            here = score >= limits[k] if k < last else np.ones(len(score), dtype=bool)
             labels[going[here]] = outputs[0][here].argmax(-1)
             exits[going[here]] = k
             going = going[~here]

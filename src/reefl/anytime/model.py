@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from reefl.anytime.policy import ExitPolicy, confidence
@@ -26,6 +28,9 @@ from reefl.models import EarlyExitModel
 BUNDLE_FILE = "reefl-model.json"
 WEIGHTS_FILE = "model.safetensors"
 BUNDLE_FORMAT = "reefl-tier/1"
+CALIBRATION_FILE = "calibration.json"
+DEFAULT_THRESHOLD = 0.9
+"""The threshold of every exit when none is given and the model carries no calibration."""
 TRAINING_ONLY_KEYS = (
     "dataset", "partitioner", "partition-by", "image-column", "audio-column", "label-column",
     "local-test-fraction", "validation-fraction", "train-examples", "test-examples",
@@ -84,6 +89,9 @@ class TierBundle:
 class AnytimeModel:
     """One tier's trained sub-model, for early-exit inference.
 
+    It carries the tier's calibrated thresholds (``calibration``) when the run was calibrated
+    (``reefl calibrate``) before it was loaded or exported; ``predict`` uses them by default.
+
     ``exit_logits`` computes every exit (for calibration and evaluation); ``predict`` stops
     each sample at its first confident exit and computes nothing deeper for it.
     ``exit_flops[k]`` is the cost of one image up to exit k, every Ree pass on the way
@@ -105,10 +113,55 @@ class AnytimeModel:
     def tier(self) -> int:
         return int(self.bundle.info["tier"])
 
-    def inputs(self, stored: torch.Tensor) -> torch.Tensor:
-        """Model inputs from stored examples (uint8 images [N, C, H, W] or log-mel
-        features), as evaluation prepares them: normalised, resized, channels matched."""
-        return self.pipeline(stored, None)
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """This tier's calibrated operating point (``reefl calibrate``): ``criterion``,
+        ``thresholds`` (one per exit), the validation/test numbers behind them and ``source``
+        (the calibration.json they came from); None when the run was not calibrated (before
+        it was loaded or exported)."""
+        return self.bundle.info.get("calibration")
+
+    def inputs(self, data: Any) -> torch.Tensor:
+        """Model inputs [N, C, size, size] (float32: normalised, resized, channels matched, as
+        evaluation prepares them) from any of:
+
+        - a ``torch.Tensor`` as the run's data stores examples, channels first: images
+          [N, C, H, W] (or one image [C, H, W]) with pixel values 0-255 (uint8, or float),
+          or, for an audio model, log-mel features [N, 1, frames, mel bins];
+        - a ``numpy.ndarray`` image as PIL and numpy give them, channels last and uint8:
+          one image [H, W] or [H, W, C], or a batch [N, H, W, C] (C is 1, 3 or 4; alpha is
+          dropped); a 3-D array whose last dimension is not 1, 3 or 4 is a batch of grey
+          images [N, H, W]. A channels-first array is read as a tensor:
+          ``torch.from_numpy(array)``. For an audio model, features as for a tensor;
+        - a PIL image;
+        - a path (``str`` or ``os.PathLike``) to an image (audio) file or to a folder of
+          them, searched recursively in sorted order, decoded as ``reefl predict`` decodes
+          files;
+        - a list or tuple of any of these, each of its own size: their inputs in order.
+
+        Images of any size are resized to the model's; RGB is averaged to grey for a model
+        of grey images, grey repeated for one of RGB images."""
+        kind = self.pipeline.kind
+        if isinstance(data, (str, os.PathLike)):
+            from reefl.anytime.predict import decode_files, input_files
+
+            return self.inputs(decode_files(self, input_files([Path(data)], kind)))
+        if isinstance(data, (list, tuple)):
+            if not data:
+                raise ValueError("no inputs: the list is empty")
+            return torch.cat([self.inputs(item) for item in data])
+        if isinstance(data, np.ndarray):
+            data = _channels_last_images(data) if kind == "image" else torch.from_numpy(data)
+        elif not isinstance(data, torch.Tensor):
+            data = _pil_image(data)
+        if kind == "image":
+            if data.dim() == 3:
+                data = data.unsqueeze(0)
+            if data.dim() != 4:
+                raise ValueError(f"image tensors must be [N, C, H, W] or [C, H, W]; got shape "
+                                 f"{tuple(data.shape)}")
+            data = match_channels(data, len(self.pipeline.mean))
+        return self.pipeline(data, None)
 
     @torch.no_grad()
     def exit_logits(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -117,19 +170,30 @@ class AnytimeModel:
                  for i in range(0, len(x), batch_size)]
         return torch.cat(parts, dim=1)
 
-    def policy(self, threshold: float | Sequence[float] = 0.9, criterion: str = "maxprob",
-               budget: float | None = None) -> ExitPolicy:
+    def policy(self, threshold: float | Sequence[float] | None = None,
+               criterion: str | None = None, budget: float | None = None) -> ExitPolicy:
         """An ``ExitPolicy`` for this model: one threshold or one per exit, the criterion,
-        and a budget in FLOPs per image (the deepest exit it affords is the last)."""
-        return ExitPolicy.build(self.num_exits, threshold, criterion, self.exit_flops, budget)
+        and a budget in FLOPs per image (the deepest exit it affords is the last).
+
+        Without ``threshold``: the calibrated thresholds (``calibration``) when the model has
+        them and ``criterion`` is theirs or None, else ``DEFAULT_THRESHOLD``; the criterion
+        defaults to the calibration's, else maxprob."""
+        calibrated = self.calibration
+        if (threshold is None and calibrated is not None
+                and criterion in (None, calibrated["criterion"])):
+            threshold, criterion = calibrated["thresholds"], calibrated["criterion"]
+        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        return ExitPolicy.build(self.num_exits, threshold, criterion or "maxprob",
+                                self.exit_flops, budget)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, threshold: float | Sequence[float] = 0.9,
-                criterion: str = "maxprob", budget: float | None = None,
+    def predict(self, x: torch.Tensor, threshold: float | Sequence[float] | None = None,
+                criterion: str | None = None, budget: float | None = None,
                 policy: ExitPolicy | None = None, batch_size: int = 256) -> Prediction:
         """Early-exit predictions for model inputs ``x`` (see ``inputs``): each sample stops
-        at its first exit whose confidence reaches the threshold, within the budget; or as
-        ``policy`` says, when given."""
+        at its first exit whose confidence reaches the threshold, within the budget (the
+        defaults as in ``policy``: the calibrated thresholds if any); or as ``policy`` says,
+        when given."""
         policy = policy or self.policy(threshold, criterion, budget)
         if len(policy.thresholds) != self.num_exits:
             raise ValueError(f"the policy has {len(policy.thresholds)} thresholds and the "
@@ -142,6 +206,52 @@ class AnytimeModel:
         out, taken = torch.cat(logits), torch.cat(exits)
         flops = torch.tensor(self.exit_flops, dtype=torch.long)[taken]
         return Prediction(out.argmax(-1), taken, confidence(out, policy.criterion), flops)
+
+
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Images [N, C, H, W] with ``channels`` channels: RGB averaged to grey (uint8 stays
+    uint8), grey repeated."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 1:
+        grey = images.float().mean(dim=1, keepdim=True)
+        return grey.round().to(torch.uint8) if images.dtype == torch.uint8 else grey
+    if images.shape[1] != 1:
+        raise ValueError(f"images have {images.shape[1]} channels; the model takes "
+                         f"{channels} (or 1, repeated)")
+    return images.expand(-1, channels, -1, -1).contiguous()
+
+
+def _channels_last_images(array: np.ndarray) -> torch.Tensor:
+    """uint8 [N, C, H, W] from a numpy image or batch laid out channels last (see
+    ``AnytimeModel.inputs``)."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"numpy images must be uint8 (0-255, as PIL and image readers give "
+                         f"them); got {array.dtype}: for another scale pass a tensor "
+                         "[N, C, H, W] of 0-255 values")
+    if array.ndim == 2:
+        array = array[None, :, :, None]
+    elif array.ndim == 3:
+        array = array[None] if array.shape[-1] in (1, 3, 4) else array[..., None]
+    elif array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"numpy images must be [H, W], [H, W, C] or [N, H, W, C] with C 1, 3 "
+                         f"or 4 (channels last); got shape {array.shape}: for a "
+                         "channels-first array pass torch.from_numpy(array)")
+    images = torch.from_numpy(np.array(array)).permute(0, 3, 1, 2)  # a copy of its own
+    return images[:, :3].contiguous() if images.shape[1] == 4 else images.contiguous()
+
+
+def _pil_image(image: Any) -> torch.Tensor:
+    """uint8 [1, C, H, W] from a PIL image (grey modes to 1 channel, any other to RGB)."""
+    from PIL import Image
+
+    from reefl.data.decode import GREY_MODES
+
+    if not isinstance(image, Image.Image):
+        raise TypeError("inputs takes a tensor, a numpy array, a PIL image, a path or a list "
+                        f"of them; got {type(image).__name__}")
+    grey = image.mode in GREY_MODES
+    return _channels_last_images(np.asarray(image.convert("L" if grey else "RGB")))
 
 
 # -- bundles from a run folder and from disk ----------------------------------------------
@@ -205,9 +315,31 @@ def run_bundle(run_dir: Path, tier: int | None = None) -> TierBundle:
                      "std": list(pipeline.std)},
         "class_names": list(data.spec.class_names),
     }
+    calibration = tier_calibration(run_dir, tier)
+    if calibration is not None:
+        info["calibration"] = calibration
     bundle = TierBundle(info, merged)
     info["exit_flops"] = exit_flops_in(bundle.build(), task.in_chans, cfg.img_size)
     return bundle
+
+
+CALIBRATION_KEYS = ("point", "thresholds", "validation_accuracy", "validation_flops",
+                    "test_accuracy", "test_flops")
+
+
+def tier_calibration(run_dir: Path, tier: int) -> dict[str, Any] | None:
+    """The operating point ``reefl calibrate`` chose for ``tier`` of the run (its
+    calibration.json): the criterion, one threshold per exit, the validation and test
+    numbers behind it, and the file it came from; None when the run has none for the tier."""
+    path = run_dir / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    chosen = [t for t in record.get("tiers", []) if t.get("tier") == tier]
+    if not chosen:
+        return None
+    return {"criterion": record["criterion"], **{k: chosen[0][k] for k in CALIBRATION_KEYS},
+            "source": str(path)}
 
 
 def read_bundle(folder: Path) -> TierBundle:

@@ -13,10 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from reefl.anytime.model import AnytimeModel, Prediction
+from reefl.anytime.model import (
+    DEFAULT_THRESHOLD,
+    AnytimeModel,
+    Prediction,
+    is_bundle_folder,
+)
 from reefl.anytime.policy import ExitPolicy
 
-DEFAULT_THRESHOLD = 0.9
 SPLITS = ("test", "validation")
 _SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
 
@@ -72,33 +76,27 @@ def input_files(paths: list[Path], kind: str) -> list[Path]:
     return files
 
 
-def read_files(model: AnytimeModel, paths: list[Path]) -> Inputs:
-    """Model inputs from image or audio files, decoded as training decoded the run's data
-    (images to the model's channels; audio to log-mel features)."""
+def decode_files(model: AnytimeModel, files: list[Path]) -> torch.Tensor:
+    """Stored examples from image or audio files, decoded as training decoded the run's
+    data: uint8 images [N, C, H, W] (one size: the files' own if they share it, else the
+    model's) or log-mel features."""
     from reefl.data import DataError
     from reefl.data.decode import decode_audio, decode_images
 
-    kind = model.pipeline.kind
-    files = input_files(paths, kind)
     names = [str(f) for f in files]
     try:
-        stored = (decode_images(files, names, model.pipeline.size) if kind == "image"
-                  else decode_audio(files, names))
+        stored = (decode_images(files, names, model.pipeline.size)
+                  if model.pipeline.kind == "image" else decode_audio(files, names))
     except DataError as err:
         raise PredictError(str(err)) from None
-    x = torch.from_numpy(stored)
-    if kind == "image":
-        x = _match_channels(x, len(model.pipeline.mean))
-    return Inputs(names, model.inputs(x))
+    return torch.from_numpy(stored)
 
 
-def _match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
-    """uint8 images with the data's channel count: RGB averaged to grey, grey repeated."""
-    if images.shape[1] == channels:
-        return images
-    if channels == 1:
-        return images.float().mean(dim=1, keepdim=True).round().to(torch.uint8)
-    return images.expand(-1, channels, -1, -1).contiguous()
+def read_files(model: AnytimeModel, paths: list[Path]) -> Inputs:
+    """Model inputs from image or audio files or folders of them (images to the model's
+    channels; audio to log-mel features)."""
+    files = input_files(paths, model.pipeline.kind)
+    return Inputs([str(f) for f in files], model.inputs(decode_files(model, files)))
 
 
 def read_split(run_dir: Path, split: str) -> Inputs:
@@ -127,40 +125,40 @@ def read_split(run_dir: Path, split: str) -> Inputs:
 
 
 def calibrated_policy(model: AnytimeModel, source: Path, criterion: str | None
-                      ) -> ExitPolicy | None:
-    """The operating point of the model's tier from ``source``/calibration.json, or None
-    when there is none (or it was made for another criterion than the one asked)."""
-    from reefl.anytime.calibrate import CALIBRATION_FILE
-
-    path = source / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
+                      ) -> tuple[ExitPolicy | None, str]:
+    """The calibrated operating point of the model's tier (carried by the model: read from
+    the run's calibration.json when it was loaded or exported), and a line saying where it
+    came from; or None and a line saying why there is none and how to get one."""
+    record = model.calibration
+    if record is None:
+        if is_bundle_folder(source):
+            run = model.bundle.info.get("source_run", "RUN_DIR")
+            return None, (f"the tier was exported without calibrated thresholds: run reefl "
+                          f"calibrate {run}, then reefl export again")
+        return None, f"no calibration.json: see reefl calibrate {source}"
     if criterion is not None and criterion != record["criterion"]:
-        return None
-    tiers = {t["tier"]: t for t in record["tiers"]}
-    if model.tier not in tiers:
-        return None
-    return ExitPolicy.build(model.num_exits, tiers[model.tier]["thresholds"],
-                            record["criterion"])
+        return None, (f"the calibration is for {record['criterion']}, not --criterion "
+                      f"{criterion}")
+    return (ExitPolicy.build(model.num_exits, record["thresholds"], record["criterion"]),
+            f"calibrated thresholds of tier {model.tier} ({record['source']})")
 
 
 def choose_policy(model: AnytimeModel, source: Path, threshold: str | None,
                   criterion: str | None, budget: str | None) -> tuple[ExitPolicy, str]:
     """The policy to predict with, and a line saying where it came from: ``--threshold``
-    if given, else the run's calibrated operating point, else ``DEFAULT_THRESHOLD``;
+    if given, else the calibrated operating point the model carries (a run folder's
+    calibration.json, or the one an exported tier took with it), else ``DEFAULT_THRESHOLD``;
     ``--budget`` caps the deepest exit in every case."""
     flops = parse_flops(budget) if budget is not None else None
-    chosen = None if threshold is not None else calibrated_policy(model, source, criterion)
+    chosen, why = (None, "--threshold") if threshold is not None else \
+        calibrated_policy(model, source, criterion)
     if chosen is not None:
-        why = f"calibrated thresholds of tier {model.tier} ({source / 'calibration.json'})"
         values: float | list[float] = list(chosen.thresholds)
         criterion = chosen.criterion
     else:
         values = parse_thresholds(threshold) if threshold is not None else DEFAULT_THRESHOLD
-        why = ("--threshold" if threshold is not None else
-               f"default threshold {DEFAULT_THRESHOLD} (no calibration.json: see reefl "
-               "calibrate)")
+        if threshold is None:
+            why = f"default threshold {DEFAULT_THRESHOLD} ({why})"
     try:
         policy = ExitPolicy.build(model.num_exits, values, criterion or "maxprob",
                                   model.exit_flops, flops)
