@@ -20,12 +20,12 @@ import pytest
 
 from reefl.anytime.calibrate import calibrate_run, operating_points_table, plot_curves
 from reefl.cli import main as cli_main
+from reefl.launch.comparison import parse_entries
 from reefl.outputs.accounting import tier_table
 from reefl.outputs.compare import (
     Comparison,
     RunResult,
     format_markdown,
-    parse_entries,
     write_reports,
 )
 from reefl.outputs.html import load_comparison, operating_rule, table_html, write_report

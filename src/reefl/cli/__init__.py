@@ -9,10 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from reefl.anytime.commands import COMMANDS as ANYTIME_COMMANDS
-from reefl.anytime.commands import add_commands as add_anytime_commands
-from reefl.cli import inspection, training
-from reefl.cli.common import error, sigterm_as_exit
+from reefl.cli import anytime, inspection, training
+from reefl.cli.common import CommandParser, error, sigterm_as_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,12 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reefl", description="Federated early-exit transformers on Flower."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=CommandParser)
     training.add_commands(commands)
     inspection.add_commands(commands)
-    add_anytime_commands(commands)
-    for name, handler in ANYTIME_COMMANDS.items():
-        commands.choices[name].set_defaults(handler=handler)
+    anytime.add_commands(commands)
     return parser
 
 

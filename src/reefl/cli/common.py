@@ -8,7 +8,7 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 RUN_CONFIG_HELP = (
@@ -71,3 +71,31 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: options before, between or after the positional arguments
+    (``parse_known_intermixed_args``), and every usage error (an unknown argument, or what
+    ``check`` finds wrong in the parsed arguments) shown with the sub-command's usage
+    rather than the top-level one."""
+
+    def __init__(self, *args: object, check: Callable[[argparse.Namespace], str | None]
+                 | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.check = check
+        self._inner = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self._inner:  # parse_known_intermixed_args parses in two passes through here
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        problem = self.check(namespace) if self.check is not None else None
+        if problem:
+            self.error(problem)
+        return namespace, []

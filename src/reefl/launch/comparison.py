@@ -44,6 +44,7 @@ from reefl.launch.run_config import (
     toml_value,
 )
 from reefl.outputs.compare import (
+    RUNS_SUBDIR,
     Comparison,
     Entry,
     RunResult,
@@ -56,7 +57,6 @@ from reefl.outputs.run_folder import holds_run_files
 if TYPE_CHECKING:
     from reefl.outputs.progress import LogView
 
-RUNS_SUBDIR = "runs"
 # Keys that compare itself sets for every run.
 SET_BY_COMPARE = {"method": "--methods", "seed": "--seeds", "output-dir": "--output-dir",
                   "run-name": "--output-dir (run folders are <DIR>/runs/<entry>-s<seed>)"}

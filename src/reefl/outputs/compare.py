@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from reefl.outputs.tables import Table
 
+RUNS_SUBDIR = "runs"  # the run folders of a comparison: <DIR>/runs/<entry>-s<seed>
 STD_KIND = "sample standard deviation (n - 1) over seeds"
 
 

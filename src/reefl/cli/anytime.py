@@ -1,60 +1,19 @@
-"""The command line of the exits: ``reefl predict``, ``reefl calibrate``, ``reefl export``."""
+"""``reefl predict``, ``calibrate`` and ``export``: parsing and exit codes over
+``anytime.model.load``/``predict``, ``anytime.calibrate`` and ``anytime.export``."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from reefl.anytime import CRITERIA
+from reefl.cli.common import error
 
 PREDICT_HELP = """\
 Early-exit prediction with a trained run folder or an exported tier: every sample stops at
 the first exit whose confidence reaches its threshold (or at the last exit the --budget
 allows) and nothing deeper is computed for it. Thresholds: --threshold, else the run's
 calibrated operating point (reefl calibrate), else 0.9."""
-
-
-class CommandParser(argparse.ArgumentParser):
-    """A sub-command's parser: options before, between or after the positional arguments
-    (``parse_known_intermixed_args``), and every usage error (an unknown argument, or what
-    ``check`` finds wrong in the parsed arguments) shown with the sub-command's usage
-    rather than the top-level one."""
-
-    def __init__(self, *args: object, check: Callable[[argparse.Namespace], str | None]
-                 | None = None, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.check = check
-        self._inner = False
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
-        if self._inner:  # parse_known_intermixed_args parses in two passes through here
-            return super().parse_known_args(args, namespace)
-        self._inner = True
-        try:
-            namespace, extras = self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inner = False
-        if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
-        problem = self.check(namespace) if self.check is not None else None
-        if problem:
-            self.error(problem)
-        return namespace, []
-
-
-def _add_parser(commands: argparse._SubParsersAction, name: str, **kwargs: object
-                ) -> CommandParser:
-    """``commands.add_parser`` making a ``CommandParser`` whatever the top-level parser's
-    class (once the top level passes ``parser_class=CommandParser`` to add_subparsers,
-    this is plain ``add_parser``)."""
-    saved = commands._parser_class
-    commands._parser_class = CommandParser
-    try:
-        return commands.add_parser(name, **kwargs)
-    finally:
-        commands._parser_class = saved
 
 
 def _check_predict(args: argparse.Namespace) -> str | None:
@@ -67,7 +26,7 @@ def _check_predict(args: argparse.Namespace) -> str | None:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register predict, calibrate and export (all their parser construction is here)."""
-    predict = _add_parser(commands, "predict", help="early-exit prediction with a trained run",
+    predict = commands.add_parser("predict", help="early-exit prediction with a trained run",
                           description=PREDICT_HELP, check=_check_predict)
     predict.add_argument("model", type=Path, metavar="MODEL",
                          help="a finished run folder, or a tier folder from reefl export")
@@ -93,8 +52,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--quiet", "-q", action="store_true",
                          help="print only the summary, not one line per sample")
 
-    calibrate = _add_parser(
-        commands, "calibrate",
+    calibrate = commands.add_parser(
+        "calibrate",
         help="set exit thresholds on the validation split; accuracy vs FLOPs",
         description="Set every tier's exit thresholds on the run's validation split "
                     "(validation-fraction > 0; never the test set), MSDNet's budgeted way, and "
@@ -113,8 +72,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                            help="without a target: the cheapest point within this many "
                                 "accuracy points of the tier's best (default 1.0)")
 
-    export = _add_parser(
-        commands, "export",
+    export = commands.add_parser(
+        "export",
         help="write one tier's sub-model to a folder (safetensors + JSON, ONNX)",
         description="Write one tier's sub-model, its regime merged (LoRA and SSF folded into "
                     "the weights), with what it needs to predict alone: reefl-model.json, "
@@ -126,11 +85,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--output", "-o", type=Path, required=True, metavar="FOLDER",
                         help="a new (or empty) folder")
     export.add_argument("--no-onnx", action="store_true", help="safetensors and JSON only")
+    predict.set_defaults(handler=cmd_predict)
+    calibrate.set_defaults(handler=cmd_calibrate)
+    export.set_defaults(handler=cmd_export)
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"reefl: error: {message}", file=sys.stderr, flush=True)
-    return code
+    return error(message, code)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -241,6 +202,3 @@ def _bundle_info(folder: Path) -> dict:
     from reefl.anytime.model import BUNDLE_FILE
 
     return json.loads((folder / BUNDLE_FILE).read_text())
-
-
-COMMANDS = {"predict": cmd_predict, "calibrate": cmd_calibrate, "export": cmd_export}
