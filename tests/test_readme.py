@@ -1,12 +1,14 @@
-"""README tells the truth: its example outputs are what the current code prints, and every
-``reefl`` command it shows is one the command line accepts.
+"""README and the user guide in docs/ tell the truth: their example outputs are what the
+current code prints, every ``reefl`` command they show is one the command line accepts, README
+links every page of docs/, and the configuration reference lists every run-config key.
 
-An example output in README is a fenced block whose first line is ``$ reefl ...``: the rest
-of the block is what that command prints (stdout and stderr, in order of the streams), with
-the working directory shown as ``/path/to/cwd``. The quick ones run here in-process on every
-test run; ``reefl run``'s (a 3-minute training) runs in the extended suite, where only its
-layout is compared (the digits differ between CPUs, as README says): the block must appear,
-line for line, in what the command prints (the progress lines come around it).
+An example output in README or a docs/ page is a fenced block whose first line is
+``$ reefl ...``: the rest of the block is what that command prints (stdout and stderr, in
+order of the streams), with the working directory shown as ``/path/to/cwd``. The quick ones
+run here in-process on every test run; ``reefl run``'s (a 3-minute training) runs in the
+extended suite, where only its layout is compared (the digits differ between CPUs, as README
+says): the block must appear, line for line, in what the command prints (the progress lines
+come around it).
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ import pytest
 
 from reefl.cli import build_parser, main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README, *sorted(DOCS.rglob("*.md"))]
 SLOW = ("reefl run",)
 CWD = "/path/to/cwd"
 
 
 @dataclass(frozen=True)
 class Example:
-    """A ``$ reefl ...`` block: its README line, the command and the expected lines."""
+    """A ``$ reefl ...`` block: its page and line, the command and the expected lines."""
 
+    page: str
     line: int
     command: str
     expected: list[str]
@@ -49,9 +55,10 @@ def fenced_blocks(text: str) -> list[tuple[int, str, list[str]]]:
     return blocks
 
 
-def examples(text: str) -> list[Example]:
+def examples(text: str, page: str = "README.md") -> list[Example]:
     """Every block that starts with ``$ reefl``."""
-    return [Example(start, lines[0][2:], lines[1:]) for start, _, lines in fenced_blocks(text)
+    return [Example(page, start, lines[0][2:], lines[1:])
+            for start, _, lines in fenced_blocks(text)
             if lines and lines[0].startswith("$ reefl ")]
 
 
@@ -81,22 +88,59 @@ def run_command(command: str, capfd: pytest.CaptureFixture, cwd: Path) -> list[s
     return [line.rstrip() for line in text.strip("\n").splitlines()]
 
 
+def name(page: Path) -> str:
+    """The page's path from the repository root (``README.md``, ``docs/data.md``)."""
+    return page.relative_to(ROOT).as_posix()
+
+
 TEXT = README.read_text()
+EXAMPLES = [e for page in PAGES for e in examples(page.read_text(), name(page))]
+COMMANDS = [(name(page), line, command) for page in PAGES
+            for line, command in shown_commands(page.read_text())]
 
 
-def test_the_readme_has_examples_to_check() -> None:
-    commands = [e.command for e in examples(TEXT)]
+def test_the_pages_have_examples_to_check() -> None:
+    commands = [e.command for e in EXAMPLES]
     assert any(c.startswith("reefl costs") for c in commands)
-    assert any(c.startswith("reefl run -c") for c in commands)  # an error example
-    assert len(shown_commands(TEXT)) >= 15
+    assert any(c.startswith("reefl data") for c in commands)
+    assert any(e.page == "README.md" and e.command == "reefl run" for e in EXAMPLES)
+    assert any(e.page == "README.md" and e.command.startswith("reefl run -c")
+               for e in EXAMPLES)  # an error example
+    assert len(shown_commands(TEXT)) >= 5
+    assert len(COMMANDS) >= 20
 
 
-@pytest.mark.parametrize("line,command", shown_commands(TEXT))
-def test_every_command_shown_is_accepted(line: int, command: str) -> None:
+@pytest.mark.parametrize("page,line,command", COMMANDS)
+def test_every_command_shown_is_accepted(page: str, line: int, command: str) -> None:
     try:
         build_parser().parse_args(shlex.split(command)[1:])
     except SystemExit as err:
-        pytest.fail(f"README.md:{line}: `{command}` is refused (exit {err.code})")
+        pytest.fail(f"{page}:{line}: `{command}` is refused (exit {err.code})")
+
+
+def readme_links() -> set[str]:
+    """The relative targets README links to, without their #anchors."""
+    return {target.split("#")[0] for target in re.findall(r"\]\(([^)\s]+)\)", TEXT)
+            if "://" not in target}
+
+
+@pytest.mark.parametrize("page", [name(p) for p in PAGES if p.parent == DOCS]
+                         + ["docs/claim/results.md"])
+def test_readme_links_every_docs_page(page: str) -> None:
+    assert page in readme_links(), f"README.md does not link {page}"
+
+
+def test_readme_links_lead_to_files() -> None:
+    for target in readme_links():
+        assert (ROOT / target).exists(), f"README.md links {target}, which does not exist"
+
+
+def test_the_configuration_reference_lists_every_key() -> None:
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    listed = re.findall(r"^\| `([a-z0-9-]+)` \|", (DOCS / "configuration.md").read_text(), re.M)
+    assert listed == list(config), "docs/configuration.md must list pyproject's keys in order"
 
 
 def is_quick(example: Example) -> bool:
@@ -105,10 +149,10 @@ def is_quick(example: Example) -> bool:
     return refused or not example.command.startswith(SLOW)
 
 
-QUICK = [e for e in examples(TEXT) if is_quick(e)]
+QUICK = [e for e in EXAMPLES if is_quick(e)]
 
 
-@pytest.mark.parametrize("example", QUICK, ids=[f"README.md:{e.line}" for e in QUICK])
+@pytest.mark.parametrize("example", QUICK, ids=[f"{e.page}:{e.line}" for e in QUICK])
 def test_example_output_is_what_the_command_prints(example: Example, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capfd: pytest.CaptureFixture) -> None:
@@ -124,13 +168,13 @@ def masked(lines: list[str]) -> list[str]:
     return [re.sub(r"\d", "#", line) for line in lines]
 
 
-SLOW_EXAMPLES = [e for e in examples(TEXT) if e not in QUICK]
+SLOW_EXAMPLES = [e for e in EXAMPLES if e not in QUICK]
 
 
 @pytest.mark.slow
 @pytest.mark.extended
 @pytest.mark.parametrize("example", SLOW_EXAMPLES,
-                         ids=[f"README.md:{e.line}" for e in SLOW_EXAMPLES])
+                         ids=[f"{e.page}:{e.line}" for e in SLOW_EXAMPLES])
 def test_slow_example_prints_the_layout_readme_shows(example: Example, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     capfd: pytest.CaptureFixture) -> None:
