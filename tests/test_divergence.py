@@ -64,13 +64,15 @@ def test_non_finite_training_diverges_at_once() -> None:
 
 def test_progress_line_and_final_title_say_diverged() -> None:
     progress = RunProgress(rounds=5, started=0.0)
-    progress.update("reefl: round 2/5 | lr 0.05 | train-loss 9.000 | diverged | 1.0s", 1.0)
+    progress.update([{"round": 2, "lr": 0.05, "train-loss": 9.0, "round_seconds": 1.0,
+                      "diverged": {"round": 2, "reason": "x"}}], 1.0)
     assert progress.parts(1.0)[-1] == "DIVERGED"
     final = {"method": "reefl", "seed": 0, "rounds": 5, "rounds_run": 2, "wall_seconds": 3.0,
              "diverged": {"round": 2, "reason": "x"}}
-    assert final_title(final) == "reefl · seed 0 · 2 rounds · 3 s · diverged in round 2"
-    assert final_title({**final, "diverged": None, "rounds_run": 5}) == \
-        "reefl · seed 0 · 5 rounds · 3 s"
+    assert final_title(final) == (
+        "reefl · seed 0 · 2 rounds · 3 s of training · diverged in round 2")
+    assert final_title({**final, "diverged": None, "rounds_run": 1}) == \
+        "reefl · seed 0 · 1 round · 3 s of training"
 
 
 TINY_RUN = {"num-clients": 4, "num-exits": 2, "depth": 2, "embed-dim": 16, "num-heads": 2,

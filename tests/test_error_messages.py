@@ -110,7 +110,11 @@ def test_a_bad_value_in_a_config_file_names_its_key_file_and_line(
         f"seed must be an integer; got 'abc' ({path}, line 2)")
     path.write_text("num-clients = 10\nseed = 1.5\n")  # TOML, of the wrong type
     assert _error_line(capsys, ["costs", "-c", str(path)]) == (
-        "seed must be an integer; got '1.5'")
+        f"seed must be an integer; got '1.5' (set in {path})")
+    path.write_text("num-client = 10\n")  # a key the app does not declare
+    assert _error_line(capsys, ["costs", "-c", str(path)]) == (
+        f"unknown run-config key 'num-client' in {path} (not in the app's "
+        "[tool.flwr.app.config]); did you mean 'num-clients'?")
 
 
 def _every_key() -> list[str]:

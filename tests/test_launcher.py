@@ -437,6 +437,7 @@ def test_nothing_is_left_when_the_launcher_is_sigkilled(tmp_path: Path) -> None:
     finally:
         stand_in.kill()
         stand_in.wait()
+        stand_in.stdout.close()
         processes.stop_processes(watchdog.recorded(tree), grace=0.5)
 
 

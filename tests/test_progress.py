@@ -9,7 +9,9 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -29,6 +31,7 @@ from reefl.outputs.progress import (
     StreamView,
     clock,
     plain,
+    read_records,
     wants_live,
 )
 from reefl.outputs.run_folder import FLOWER_LOG, RunFolder, holds_run_files
@@ -70,30 +73,70 @@ UNWANTED_LINES = [
 # -- the progress line --------------------------------------------------------------------------
 
 
-def test_the_progress_line_follows_the_server_apps_round_lines() -> None:
+def _record(k: int, seconds: float, loss: float | None = None,
+            mean: float | None = None) -> dict[str, Any]:
+    """A metrics.jsonl record of round ``k`` as the ServerApp writes it."""
+    record: dict[str, Any] = {"round": k, "lr": 0.05, "round_seconds": seconds}
+    if loss is not None:
+        record["train-loss"] = loss
+    if mean is not None:
+        record.update(exit_accuracy=[mean - 1, mean + 1], mean_accuracy=mean)
+    return record
+
+
+def test_the_progress_line_follows_the_metrics_records() -> None:
     progress = RunProgress(rounds=40, started=100.0)
+    records: list[dict[str, Any]] = []
     assert progress.describe(112.0) == "round 0/40 · 0:12 elapsed · starting Flower"
-    assert progress.update(plain(round_line(1, 40, 10.0, loss=2.5)), now=130.0)
+    assert not progress.update(records, now=120.0)
+    records.append(_record(1, 10.0, loss=2.5))
+    assert progress.update(records, now=130.0)
     assert progress.describe(130.0) == (
         "round 1/40 · 0:30 elapsed · ETA 6:30 · train-loss 2.500")
-    assert not progress.update(plain(flower("TieredStrategy: 20 clients")), now=131.0)
-    assert progress.update(plain(round_line(2, 40, 20.0, loss=0.4123, mean=81.25)), now=150.0)
+    assert not progress.update(records, now=131.0)  # nothing new
+    records.append(_record(2, 20.0, loss=0.4123, mean=81.25))
+    assert progress.update(records, now=150.0)
     # mean round 15 s x 38 rounds left, counted down since the last round
     assert progress.describe(160.0) == (
         "round 2/40 · 1:00 elapsed · ETA 9:20 · train-loss 0.412 · mean acc 81.2%")
-    progress.update(plain(round_line(3, 40, 15.0)), now=165.0)  # no loss, no evaluation
+    records.append(_record(3, 15.0))  # no loss, no evaluation
+    progress.update(records, now=165.0)
     assert progress.describe(165.0).endswith("train-loss 0.412 · mean acc 81.2%")
-    progress.update(plain(round_line(40, 40, 15.0, loss=0.1, mean=90.0)), now=700.0)
+    records += [_record(k, 15.0) for k in range(4, 40)] + [_record(40, 15.0, 0.1, 90.0)]
+    progress.update(records, now=700.0)
     assert progress.describe(700.0) == (
         "round 40/40 · 10:00 elapsed · finishing · train-loss 0.100 · mean acc 90.0%")
+    progress.status = "stopping"
+    assert progress.describe(701.0).startswith("round 40/40 · 10:01 elapsed · stopping ·")
     progress.ended = True
-    assert "finishing" not in progress.describe(710.0)
+    assert "stopping" not in progress.describe(710.0)
 
 
-def test_a_resumed_run_starts_at_its_checkpoint() -> None:
-    progress = RunProgress(rounds=None, started=0.0)
-    progress.update(plain(flower("reefl: resuming after round 12 of 40")), now=5.0)
-    assert progress.describe(5.0) == "round 12/40 · 0:05 elapsed · starting Flower"
+def test_a_resumed_run_starts_at_its_last_recorded_round(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(_record(k, 5.0)) + "\n" for k in (1, 2))
+                       + '{"round": 3, "lr"')  # a line still being written
+    assert [r["round"] for r in read_records(metrics)] == [1, 2]
+    view = ProgressView(live=False)
+    view.start(40, metrics)
+    try:
+        assert view.progress.describe(view.progress.started + 5) == (
+            "round 2/40 · 0:05 elapsed · ETA 3:05")  # 5 s x 38 left, 5 s ago
+    finally:
+        view.stop()
+
+
+def test_the_live_line_keeps_the_round_at_80_columns() -> None:
+    from rich.console import Console
+
+    console = Console(width=80, file=io.StringIO(), force_terminal=True)
+    view = ProgressView(live=False, console=console)
+    view.progress = RunProgress(6, time.monotonic() - 90)
+    view.progress.update([_record(1, 40.0, 2.345, 55.5)], time.monotonic())
+    console.print(view.renderable())
+    line = plain(console.file.getvalue()).splitlines()[0]
+    assert line.startswith("reefl: round 1/6 ") and len(line) <= 80
+    assert "1:30 elapsed" in line
 
 
 def test_clock() -> None:
@@ -102,15 +145,21 @@ def test_clock() -> None:
 
 
 def test_a_plain_line_per_round_where_stderr_is_no_terminal(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     view = ProgressView()
     assert not view.live  # pytest's captured stderr is no terminal
-    view.start(2)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("")
+    view.start(2, metrics)
     for line in [flower("Starting Flower Simulation"), *UNWANTED_LINES,
-                 flower("reefl: roll call: 3 of 4 partitions have a SuperNode", "WARNING"),
-                 round_line(1, 2, 1.0, loss=1.5), flower("Traceback: boom", "ERROR"),
-                 round_line(2, 2, 1.0, loss=1.25, mean=50.0)]:
+                 flower("reefl: roll call: 3 of 4 partitions have a SuperNode", "WARNING")]:
         view.line(line)
+    with metrics.open("a") as file:
+        file.write(json.dumps(_record(1, 1.0, loss=1.5)) + "\n")
+    view.poll()
+    view.line(flower("Traceback: boom", "ERROR"))
+    with metrics.open("a") as file:
+        file.write(json.dumps(_record(2, 1.0, loss=1.25, mean=50.0)) + "\n")
     view.stop()
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
@@ -129,14 +178,16 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_the_live_line_is_drawn_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_live_line_is_drawn_on_a_terminal(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
     monkeypatch.setenv("TERM", "xterm-256color")
     out = Terminal()
     console = Console(file=out, width=120)
     view = ProgressView(console=console)
     assert view.live
-    view.start(4)
-    view.line(round_line(1, 4, 1.0, loss=0.5, mean=42.0))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps(_record(1, 1.0, loss=0.5, mean=42.0)) + "\n")
+    view.start(4, metrics)
     view.line(flower("client 3 not used: diverged", "WARNING"))
     view.stop()
     text = plain(out.getvalue())
@@ -170,13 +221,14 @@ def test_lines_that_do_not_apply_to_reefl_are_left_out() -> None:
     assert all(keep.keeps(plain(line)) for line in kept)
 
 
-def test_the_stream_keeps_flowers_colours_less_the_unwanted_lines() -> None:
-    out = io.StringIO()
-    view = StreamView(out)
+def test_the_stream_keeps_flowers_colours_on_a_terminal_less_the_unwanted_lines() -> None:
     lines = [flower("Starting Flower Simulation"), *UNWANTED_LINES, round_line(1, 2, 1.0)]
-    for line in lines:
-        view.line(line)
-    assert out.getvalue() == lines[0] + lines[-1]
+    for out, shown in ((Terminal(), lines[0] + lines[-1]),  # colours where they show
+                       (io.StringIO(), plain(lines[0]) + "\n" + plain(lines[-1]) + "\n")):
+        view = StreamView(out)
+        for line in lines:
+            view.line(line)
+        assert out.getvalue() == shown
 
 
 # -- flower.log and a failed run ----------------------------------------------------------------
@@ -186,7 +238,7 @@ class Recording(LogView):
     def __init__(self) -> None:
         self.events: list[str] = []
 
-    def start(self, rounds: int | None) -> None:
+    def start(self, rounds: int | None, metrics: Path | None = None) -> None:
         self.events.append(f"start {rounds}")
 
     def line(self, raw: str) -> None:

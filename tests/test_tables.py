@@ -74,7 +74,7 @@ FINAL = {"method": "reefl", "seed": 0, "rounds": 3, "wall_seconds": 41.6,
 
 def test_final_table() -> None:
     assert format_final_table(FINAL).splitlines() == [
-        "reefl · seed 0 · 3 rounds · 42 s",
+        "reefl · seed 0 · 3 rounds · 42 s of training",
         "exit       block   accuracy %    loss",
         "─" * 37,
         "0              0        61.25   1.234",

@@ -53,6 +53,7 @@ from reefl.outputs.compare import (
     write_reports,
 )
 from reefl.outputs.run_folder import holds_run_files
+from reefl.outputs.tables import plural
 
 if TYPE_CHECKING:
     from reefl.outputs.progress import LogView
@@ -289,7 +290,8 @@ def compare(
                 raise RunConfigError(f"{entry.label} (seed {seed}): {err}") from None
             plan.append((entry, seed, overrides, prepared, action))
     output_dir.mkdir(parents=True, exist_ok=True)
-    _say(out, f"{len(plan)} runs ({len(entries)} entries × {len(seeds)} seeds) into {runs_dir}")
+    _say(out, f"{plural(len(plan), 'run')} ({plural(len(entries), 'entry', 'entries')} × "
+              f"{plural(len(seeds), 'seed')}) into {runs_dir}")
     try:
         for index, (entry, seed, overrides, prepared, action) in enumerate(plan, 1):
             tag = f"[{index}/{len(plan)}] {entry.label} · seed {seed}"

@@ -140,22 +140,35 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     Unlike Flower, files and key=value strings may be mixed, and anything in a string that
     is not a ``key=value`` pair is an error, not ignored.
     """
+    return parse_overrides_with_origins(overrides)[0]
+
+
+def parse_overrides_with_origins(overrides: Sequence[str]
+                                 ) -> tuple[dict[str, Any], dict[str, str]]:
+    """``parse_overrides``, and for every key the TOML file that set it last (keys set by a
+    ``key=value`` string are not in it): errors about a key can name its file."""
     from reefl.presets import PresetError, PresetValueError, read_config_file
 
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for item in (item for item in overrides if item):
         if item.endswith(".toml"):
             try:
-                values.update(read_config_file(Path(item)))
+                read = read_config_file(Path(item))
             except PresetValueError as err:  # names its key, as validation does
                 raise RunConfigError(str(err)) from None
             except PresetError as err:
                 raise RunConfigError(f"--run-config: {err}") from None
+            values.update(read)
+            origins.update(dict.fromkeys(read, item))
         elif "=" not in item:
             raise RunConfigError(f"--run-config '{item}' is neither key=value nor a .toml file")
         else:
-            values.update(parse_pairs(item, "--run-config"))
-    return values
+            pairs = parse_pairs(item, "--run-config")
+            values.update(pairs)
+            for key in pairs:
+                origins.pop(key, None)
+    return values, origins
 
 
 def with_preset(preset: str | None, overrides: Sequence[str]) -> list[str]:
@@ -170,13 +183,16 @@ def with_preset(preset: str | None, overrides: Sequence[str]) -> list[str]:
         raise RunConfigError(str(err)) from None
 
 
-def merge_config(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Defaults updated with overrides; a key the app does not declare is an error."""
+def merge_config(defaults: dict[str, Any], overrides: dict[str, Any],
+                 origins: dict[str, str] | None = None) -> dict[str, Any]:
+    """Defaults updated with overrides; a key the app does not declare is an error, naming
+    the file it came from (``origins``) and the declared key it most resembles."""
     for key in overrides:
         if key not in defaults:
             close = difflib.get_close_matches(key, list(defaults), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise RunConfigError(f"unknown run-config key '{key}' (not in the app's "
+            where = f" in {origins[key]}" if origins and key in origins else ""
+            raise RunConfigError(f"unknown run-config key '{key}'{where} (not in the app's "
                                  f"[tool.flwr.app.config]){hint}")
     return {**defaults, **overrides}
 
@@ -270,8 +286,8 @@ def prepare_run(
     """
     cwd = (cwd or Path.cwd()).resolve()
     app = resolve_app_dir(app_dir, cwd)
-    return _prepare(app, parse_overrides(overrides), federation_overrides, cwd, now,
-                    existing_ok)
+    values, origins = parse_overrides_with_origins(overrides)
+    return _prepare(app, values, federation_overrides, cwd, now, existing_ok, origins)
 
 
 def prepare_resume(
@@ -299,12 +315,13 @@ def prepare_resume(
 
 
 def _prepare(app: Path, user: dict[str, Any], federation_overrides: Sequence[str], cwd: Path,
-             now: float | None, existing_ok: bool) -> PreparedRun:
+             now: float | None, existing_ok: bool, origins: dict[str, str] | None = None
+             ) -> PreparedRun:
     """``prepare_run`` once the user's overrides are parsed."""
     defaults = app_defaults(app)
     if is_reefl_app(app):
         user = pack_method_options(defaults, user)
-    merged = merge_config(defaults, user)
+    merged = merge_config(defaults, user, origins)
     sent = dict(user)
     for key in ("output-dir", "run-name"):
         if key not in merged:
@@ -318,7 +335,13 @@ def _prepare(app: Path, user: dict[str, Any], federation_overrides: Sequence[str
         _check_run_folder(output_dir, run_name, existing_ok)
     sent["output-dir"] = merged["output-dir"] = str(output_dir)
     sent["run-name"] = merged["run-name"] = run_name
-    digest = _validate(merged) if is_reefl_app(app) else None
+    try:
+        digest = _validate(merged) if is_reefl_app(app) else None
+    except RunConfigError as err:  # "<key> must be ...": name the file that set the key
+        key = str(err).split(" ", 1)[0]
+        if origins and key in origins:
+            raise RunConfigError(f"{err} (set in {origins[key]})") from None
+        raise
     return PreparedRun(app, merged, sent, tuple(federation_overrides), output_dir / run_name,
                        digest)
 

@@ -135,6 +135,7 @@ def run_app(
     did not write a final.json of its config (``run_failure``), LaunchError if Flower could
     not be started. Ctrl-C gives RunInterrupted once every started process is stopped.
     """
+    begun = time.monotonic()
     if resume is None:
         prepared = prepare_run(overrides, app_dir, federation_overrides)
     else:
@@ -169,7 +170,7 @@ def run_app(
                         run_dir)
     if table:
         print_final(prepared)
-    say(f"run folder {run_dir}", quiet)
+    say(f"run folder {run_dir} · {time.monotonic() - begun:.0f} s in all", quiet)
     return run_dir
 
 
@@ -211,6 +212,7 @@ def _run_flower(prepared: PreparedRun, federation: dict[str, Any], log: FlowerLo
             )
             returncode = group.spawn("flwr-run", command, None, echo=log).wait()
         except BaseException:
+            log.view.stopping()
             log.view.note("stopping Flower processes...")
             group.stop()
             raise

@@ -56,7 +56,7 @@ from reefl.outputs.compare import (
     plot_comparison,
 )
 from reefl.outputs.run_folder import final_table, final_title
-from reefl.outputs.tables import Table
+from reefl.outputs.tables import Table, plural
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -284,7 +284,7 @@ def plot_entry_round_curves(runs_by_entry: dict[str, list[list[dict[str, Any]]]]
         for label, runs in runs_by_entry.items():
             rounds, means = seed_mean_curve(runs, key, k)
             if rounds:
-                seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+                seeds = f" ({plural(len(runs), 'seed')})" if len(runs) > 1 else ""
                 axes.plot(rounds, means, marker="o", markersize=2, label=label + seeds)
         axes.set_title(title, fontsize="medium")
         axes.grid(alpha=0.3)
@@ -371,7 +371,8 @@ def final_section(final: dict[str, Any] | None, records: list[dict[str, Any]]) -
     is none."""
     if final is None:
         return section("Final accuracy", note(
-            f"No final.json: the run has not finished ({len(records)} rounds recorded)."))
+            "No final.json: the run has not finished "
+            f"({plural(len(records), 'round')} recorded)."))
     return section("Final accuracy", table_html(final_table(final)),
                    note("Test accuracy % and loss of every exit after the last round, "
                         "their mean, and the ensemble of the exits (final.json)."))
@@ -465,7 +466,8 @@ def run_page(run_dir: Path, out: Path) -> tuple[str, str, list[str]]:
         subtitle = final_title(final)
     else:
         subtitle = (f"{config.get('method', '?')} · seed {config.get('seed', '?')} · "
-                    f"{len(records)} of {config.get('num-server-rounds', '?')} rounds so far")
+                    f"{len(records)} of "
+                    f"{plural(config.get('num-server-rounds', '?'), 'round')} so far")
     if config.get("dataset"):
         subtitle += f" · {config['dataset']}"
     sections = [

@@ -4,20 +4,24 @@
 ``FlowerLog``: every line goes to ``flower.log`` in the run folder (colours removed), and to
 a view that decides what reaches the terminal:
 
-* ``ProgressView`` (the default): one line, updated per round from the ServerApp's
-  ``reefl: round k/R | ...`` log lines: round k/R, elapsed time, ETA, the last train loss
-  and the last mean accuracy; live (rich, on stderr) where stderr is a terminal, else a
-  plain line per round (tests, CI, a pipe: logs stay readable). Flower's warnings and
-  errors are printed as they come, less those of NOT_FOR_REEFL.
-* ``StreamView`` (``--verbose``): the log as Flower prints it, less NOT_FOR_REEFL.
+* ``ProgressView`` (the default): one line, updated per round from the run folder's
+  ``metrics.jsonl`` (what the ServerApp records after every round, read twice a second):
+  round k/R, elapsed time, ETA, the last train loss and the last mean accuracy; live (rich,
+  on stderr) where stderr is a terminal, else a plain line per round (tests, CI, a pipe:
+  logs stay readable). Flower's warnings and errors are printed as they come, less those of
+  NOT_FOR_REEFL.
+* ``StreamView`` (``--verbose``): the log as Flower prints it, less NOT_FOR_REEFL; without
+  colour codes unless the output is a terminal.
 * ``LogView`` (``--quiet``): nothing.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +39,8 @@ pid=123) WARNING : ...``)."""
 ERROR = re.compile(r"^(?:\([^)]*\)\s*)?(ERROR|CRITICAL)\s*:|Traceback \(most recent call last\)")
 
 # The ServerApp's lines (reefl.federation.server_app: _progress_line and the resume line).
-ROUND = re.compile(r"reefl: round (\d+)/(\d+) \|")
-TRAIN_LOSS = re.compile(r"\| train-loss (\S+) \|")
-MEAN_ACCURACY = re.compile(r"\] mean (\S+) ens ")
-DIVERGED = re.compile(r"\| diverged \|")
-ROUND_SECONDS = re.compile(r"\| ([0-9.]+)s\s*$")
-RESUMED = re.compile(r"reefl: resuming after round (\d+) of (\d+)")
+POLL_INTERVAL = 0.5  # seconds between two looks at metrics.jsonl
+METRICS_FILE = "metrics.jsonl"  # beside flower.log in the run folder
 
 
 @dataclass(frozen=True)
@@ -116,17 +116,12 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def _number(pattern: re.Pattern[str], text: str) -> float | None:
-    found = pattern.search(text)
-    return float(found.group(1)) if found else None
-
-
 @dataclass
 class RunProgress:
-    """What the progress line shows, taken from the ServerApp's log lines: the round, the
-    time since ``started`` (``time.monotonic()`` when the launch began), the ETA (the mean
-    duration of the rounds seen times the rounds left), the last train loss and mean
-    accuracy that a round reported."""
+    """What the progress line shows, taken from the run's metrics.jsonl records: the round,
+    the time since ``started`` (``time.monotonic()`` when the launch began), the ETA (the mean
+    duration of the rounds recorded times the rounds left), the last train loss and mean
+    accuracy recorded; ``status`` (e.g. "stopping") replaces the ETA once set."""
 
     rounds: int | None
     started: float
@@ -136,26 +131,22 @@ class RunProgress:
     train_loss: float | None = None
     mean_accuracy: float | None = None
     diverged: bool = False
+    status: str | None = None
     ended: bool = False
 
-    def update(self, text: str, now: float) -> bool:
-        """Take one log line (without colours); True if it ended a round."""
-        resumed = RESUMED.search(text)
-        if resumed:
-            self.round, self.rounds = int(resumed.group(1)), int(resumed.group(2))
+    def update(self, records: list[dict], now: float) -> bool:
+        """Take every record of metrics.jsonl so far; True if a new round ended."""
+        if not records or records[-1].get("round", 0) == self.round:
             return False
-        found = ROUND.search(text)
-        if not found:
-            return False
-        self.round, self.rounds = int(found.group(1)), int(found.group(2))
+        self.round = int(records[-1]["round"])
         self.last_round_at = now
-        seconds = _number(ROUND_SECONDS, text)
-        if seconds is not None:
-            self.round_seconds.append(seconds)
-        loss, accuracy = _number(TRAIN_LOSS, text), _number(MEAN_ACCURACY, text)
-        self.train_loss = self.train_loss if loss is None else loss
-        self.mean_accuracy = self.mean_accuracy if accuracy is None else accuracy
-        self.diverged = self.diverged or DIVERGED.search(text) is not None
+        self.round_seconds = [float(r["round_seconds"]) for r in records
+                              if isinstance(r.get("round_seconds"), (int, float))]
+        losses = [r["train-loss"] for r in records if "train-loss" in r]
+        accuracies = [r["mean_accuracy"] for r in records if "mean_accuracy" in r]
+        self.train_loss = losses[-1] if losses else None
+        self.mean_accuracy = accuracies[-1] if accuracies else None
+        self.diverged = any("diverged" in r for r in records)
         return True
 
     def eta(self, now: float) -> float | None:
@@ -169,10 +160,13 @@ class RunProgress:
         return max(0.0, per_round * left - (now - self.last_round_at))
 
     def state(self, now: float) -> str | None:
-        """The ETA, or what the run does while there is none; None once it has ended."""
-        eta = self.eta(now)
+        """The status, the ETA, or what the run does while there is none; None once it has
+        ended."""
         if self.ended:
             return None
+        if self.status is not None:
+            return self.status
+        eta = self.eta(now)
         if eta is not None:
             return f"ETA {clock(eta)}"
         if self.last_round_at is None:
@@ -201,6 +195,23 @@ class RunProgress:
         return " · ".join(self.parts(now))
 
 
+def read_records(path: Path) -> list[dict]:
+    """The whole lines of a metrics.jsonl being written (a line still being written, or an
+    unreadable one, is left out)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    records = []
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n"):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
 class LogView:
     """What the user sees of Flower's output during a run; this one shows nothing
     (``--quiet``). ``shows_log``: whether every line reaches the user (a failure then need
@@ -208,14 +219,18 @@ class LogView:
 
     shows_log = False
 
-    def start(self, rounds: int | None) -> None:
-        """The run begins; ``rounds`` is its num-server-rounds where known."""
+    def start(self, rounds: int | None, metrics: Path | None = None) -> None:
+        """The run begins; ``rounds`` is its num-server-rounds where known, ``metrics`` the
+        metrics.jsonl its rounds are recorded in."""
 
     def line(self, raw: str) -> None:
         """One line of Flower's output, as Flower printed it (colours, line break)."""
 
     def note(self, message: str) -> None:
         """One line of reefl's own about the run (e.g. that it is being stopped)."""
+
+    def stopping(self) -> None:
+        """The run is being stopped (Ctrl-C, an error): no more ETA."""
 
     def stop(self) -> None:
         """The run has ended, failed or been interrupted."""
@@ -233,7 +248,8 @@ class StreamView(LogView):
     def line(self, raw: str) -> None:
         if self._filter.keeps(plain(raw)):
             out = self._out or sys.stdout
-            out.write(raw)
+            isatty = getattr(out, "isatty", None)
+            out.write(raw if isatty and isatty() else plain(raw) + "\n")
             out.flush()
 
     def note(self, message: str) -> None:
@@ -250,9 +266,12 @@ def wants_live(console: Console) -> bool:
 
 
 class ProgressView(LogView):
-    """The default: one progress line on stderr (``RunProgress``) after ``prefix``; live where
-    ``wants_live`` (or ``live``) says so, else a plain line per round. Flower's warnings and
-    errors that LineFilter keeps are printed as they come (above the live line)."""
+    """The default: one progress line on stderr (``RunProgress``) after ``prefix``, fed from
+    metrics.jsonl by a polling thread; live where ``wants_live`` (or ``live``) says so, else a
+    plain line per round. Flower's warnings and errors that LineFilter keeps are printed as
+    they come (above the live line)."""
+
+    BAR_WIDTH = 20  # at most; narrower (or none) where the terminal is narrow
 
     def __init__(self, prefix: str = "reefl: ", live: bool | None = None,
                  transient: bool = False, console: Console | None = None) -> None:
@@ -265,48 +284,82 @@ class ProgressView(LogView):
         self.progress = RunProgress(None, time.monotonic())
         self._filter = LineFilter()
         self._live: Live | None = None
+        self._metrics: Path | None = None
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._poller: threading.Thread | None = None
 
-    def start(self, rounds: int | None) -> None:
+    def start(self, rounds: int | None, metrics: Path | None = None) -> None:
         from rich.live import Live
 
         self.progress = RunProgress(rounds, time.monotonic())
+        self._metrics = metrics
+        self.poll()  # a resumed run starts at its last recorded round
         if self.live:
             self._live = Live(console=self.console, get_renderable=self.renderable,
                               refresh_per_second=2, transient=self.transient)
             self._live.start()
+        if metrics is not None:
+            self._halt.clear()
+            self._poller = threading.Thread(target=self._poll_loop, name="reefl-progress",
+                                            daemon=True)
+            self._poller.start()
+
+    def _poll_loop(self) -> None:
+        while not self._halt.wait(POLL_INTERVAL):
+            self.poll()
+
+    def poll(self) -> None:
+        """Read metrics.jsonl; a plain line for a new round where the line is not live."""
+        if self._metrics is None:
+            return
+        records = read_records(self._metrics)
+        now = time.monotonic()
+        with self._lock:
+            if self.progress.update(records, now) and not self.live:
+                self._print(self.prefix + self.progress.describe(now))
 
     def line(self, raw: str) -> None:
         text = plain(raw)
-        now = time.monotonic()
-        if self.progress.update(text, now):
-            if not self.live:
-                self._print(self.prefix + self.progress.describe(now))
-        elif is_warning(text) and self._filter.keeps(text):
+        if is_warning(text) and self._filter.keeps(text):
             self._print(text)
 
     def note(self, message: str) -> None:
         self._print(f"reefl: {message}")
 
+    def stopping(self) -> None:
+        self.progress.status = "stopping"
+
     def stop(self) -> None:
+        self._halt.set()
+        if self._poller is not None:
+            self._poller.join()
+            self._poller = None
+        self.poll()  # the last round, if it came after the last look
         self.progress.ended = True
         if self._live is not None:
             self._live.stop()
             self._live = None
 
     def renderable(self) -> RenderableType:
-        """The live line: the round, a bar, then the rest of ``RunProgress.parts``."""
+        """The live line: the round, a bar (as wide as the terminal leaves room for), then
+        the rest of ``RunProgress.parts``, cut with an ellipsis where it does not fit."""
         from rich.progress_bar import ProgressBar
         from rich.table import Table
 
         first, *rest = self.progress.parts(time.monotonic())
+        head, tail = self.prefix + first, " · ".join(rest)
+        room = self.console.width - len(head) - len(tail) - 2
+        bar_width = min(self.BAR_WIDTH, room) if room >= 6 else 0
         grid = Table.grid(padding=(0, 1))
-        grid.add_column(no_wrap=True)
-        grid.add_column(no_wrap=True)
+        grid.add_column(no_wrap=True, min_width=len(head))
+        if bar_width:
+            grid.add_column(no_wrap=True, width=bar_width)
         grid.add_column(no_wrap=True, overflow="ellipsis")
         rounds = self.progress.rounds
-        bar = ProgressBar(total=rounds, completed=self.progress.round, width=24,
+        bar = ProgressBar(total=rounds, completed=self.progress.round, width=bar_width,
                           pulse=not rounds)
-        grid.add_row(self.prefix + first, bar, " · ".join(rest))
+        grid.add_row(head, *([bar] if bar_width else []), tail)
         return grid
 
     def _print(self, text: str) -> None:
@@ -337,7 +390,7 @@ class FlowerLog:
     def __enter__(self) -> FlowerLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a" if self.append else "w", encoding="utf-8")
-        self.view.start(self.rounds)
+        self.view.start(self.rounds, self.path.parent / METRICS_FILE)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -355,6 +408,9 @@ class FlowerLog:
             self._file.flush()
         self._tail.append(text)
         self.view.line(raw)
+
+    def flush(self) -> None:
+        """Every line is flushed as it is written (``write``)."""
 
     def tail(self) -> str:
         """The last lines written (at most TAIL_LINES), without colours."""

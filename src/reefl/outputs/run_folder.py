@@ -21,7 +21,8 @@ runs' configs are compared (a resumed run is the same run)."""
 
 def config_digest(cfg: RunConfig) -> str:
     """A short fingerprint of a run config (``RunConfig.identity``) without the
-    ``RUN_CONTROL_KEYS``: equal digests, same run. Written into final.json and the
+    ``RUN_CONTROL_KEYS``: the first 16 hex digits (64 bits) of its SHA-256. Equal digests,
+    same run. Written into final.json and the
     checkpoint, so a finished or saved run is only reused or resumed for the same config."""
     import hashlib
 
@@ -101,9 +102,13 @@ class RunFolder:
 
 
 def final_title(final: dict[str, Any]) -> str:
-    """The line over the final table: method, seed, rounds, wall time."""
-    title = (f"{final['method']} · seed {final['seed']} · "
-             f"{final.get('rounds_run', final['rounds'])} rounds · {final['wall_seconds']:.0f} s")
+    """The line over the final table: method, seed, rounds, the ServerApp's training time
+    (Flower's start-up is not in it: the launcher says the whole command's time)."""
+    from reefl.outputs.tables import plural
+
+    rounds = plural(final.get("rounds_run", final["rounds"]), "round")
+    title = (f"{final['method']} · seed {final['seed']} · {rounds} · "
+             f"{final['wall_seconds']:.0f} s of training")
     diverged = final.get("diverged")
     return title if not diverged else f"{title} · diverged in round {diverged['round']}"
 

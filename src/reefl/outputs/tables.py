@@ -44,6 +44,12 @@ class Table:
                 raise ValueError(f"a row has {len(row)} cells, the header {width}: {row}")
 
 
+def plural(count: int | str, word: str, many: str | None = None) -> str:
+    """``1 round``, ``2 rounds``: ``count`` and ``word``, or ``many`` (default: ``word`` + s)
+    unless the count is one."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "",
           sections: Sequence[int] = (), title: str = "") -> Table:
     """A ``Table``; ``align`` defaults to the first column left, every other right."""
