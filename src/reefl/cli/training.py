@@ -5,6 +5,7 @@ and ``pretrain.pretrain``."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from reefl.cli.common import (
@@ -168,38 +169,40 @@ def _view(args: argparse.Namespace):  # noqa: ANN202 - a LogView, imported lazil
     return LogView() if getattr(args, "quiet", False) else None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from reefl.launch.errors import LaunchError, RunInterrupted
-    from reefl.launch.simulation import run_app
-
-    try:
-        run_app(args.run_config, app_dir=args.app, federation_overrides=args.federation_config,
-                quiet=args.quiet, resume=args.resume, view=_view(args))
-    except LaunchError as err:
-        return error(str(err), err.exit_code)
-    except KeyboardInterrupt as err:
-        hint = f"; {err.hint()}" if isinstance(err, RunInterrupted) else ""
-        return error(f"interrupted; all Flower processes stopped{hint}", 130)
-    return 0
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    from reefl.launch.deployment import deploy, parse_tiers
+def _launched(launch: Callable[[], object], workdir_hint: bool = False) -> int:
+    """Run ``launch`` (a run on Flower); its exit code: 0, the LaunchError's code with its
+    line (``workdir_hint``: and where the processes' logs can be kept), or 130 after
+    Ctrl-C with how the run can go on."""
     from reefl.launch.errors import LaunchError, RunConfigError, RunInterrupted
 
     try:
-        deploy(args.run_config, args.nodes, parse_tiers(args.tiers, args.nodes),
-               tls=args.tls or args.auth, auth=args.auth, app_dir=args.app,
-               workdir=args.workdir, resume=args.resume, quiet=args.quiet, view=_view(args))
+        launch()
     except LaunchError as err:
         started = not isinstance(err, RunConfigError)  # a config error stops before any process
-        hint = (" (--workdir DIR keeps every process's log)"
-                if started and args.workdir is None else "")
+        hint = " (--workdir DIR keeps every process's log)" if workdir_hint and started else ""
         return error(f"{err}{hint}", err.exit_code)
     except KeyboardInterrupt as err:
         hint = f"; {err.hint()}" if isinstance(err, RunInterrupted) else ""
         return error(f"interrupted; all Flower processes stopped{hint}", 130)
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from reefl.launch.simulation import run_app
+
+    return _launched(lambda: run_app(
+        args.run_config, app_dir=args.app, federation_overrides=args.federation_config,
+        quiet=args.quiet, resume=args.resume, view=_view(args)))
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from reefl.launch.deployment import deploy, parse_tiers
+
+    return _launched(lambda: deploy(
+        args.run_config, args.nodes, parse_tiers(args.tiers, args.nodes),
+        tls=args.tls or args.auth, auth=args.auth, app_dir=args.app, workdir=args.workdir,
+        resume=args.resume, quiet=args.quiet, view=_view(args)),
+        workdir_hint=args.workdir is None)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

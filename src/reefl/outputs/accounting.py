@@ -241,6 +241,7 @@ def cached_accounting_record(method: Method, img_size: int | None = None) -> dic
     temporary file and renamed, so a reader never sees half a record; with a plain file's
     mode (``as_if_opened``), like the rest of the cache."""
     from reefl.outputs.files import atomic_write
+
     size = int(img_size if img_size is not None else method.cfg.img_size)
     path = accounting_cache_path(method, size)
     try:
@@ -324,14 +325,16 @@ def format_tier_table(costs: list[dict[str, Any]]) -> str:
 
 def print_costs(cfg: RunConfig, task: TaskSpec) -> None:
     """``reefl costs``: the run config's per-tier table (parameters sent, forward FLOPs to
-    each exit), then every regime's trained parameters per tier."""
+    each exit), then every regime's trained parameters per tier; counted once per model
+    and kept in the cache (``cached_accounting_record``), as a run does."""
     from reefl.methods import build_method
     from reefl.outputs.tables import print_table
 
     method = build_method(cfg, task)
+    record = cached_accounting_record(method)
     print(f"{cfg.method}, {cfg.model} backbone, exits after blocks {method.exit_blocks}, "
           f"{task.num_classes} classes, regime {cfg.regime}: per tier, per round", flush=True)
-    print_table(tier_table(tier_costs(method)))
+    print_table(tier_table(record["tiers"]))
     print("\nEvery regime: trained parameters · MB sent each way per round · share of the "
           "full model", flush=True)
-    print_table(regime_table(regime_costs(method), current=cfg.regime))
+    print_table(regime_table(record["regimes"], current=cfg.regime))
