@@ -24,8 +24,8 @@ from reefl.cli import build_parser
 from reefl.launch.certificates import make_node_keys, make_tls_certificates
 from reefl.launch.deployment import CONNECTION, LocalDeployment, parse_tiers, prepare_deploy_run
 from reefl.launch.errors import RunConfigError
-from reefl.launch.processes import still_running
 from reefl.launch.superlink import SuperLink, SuperNode, write_flower_config
+from reefl.launch.watchdog import still_running
 
 for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                      "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from reefl.config import RunConfig
-from reefl.federation.checkpoint import write_atomically
 from reefl.methods import TaskSpec, build_method
 from reefl.outputs import files as file_modes
+from reefl.outputs.files import write_atomically
 from reefl.outputs.run_folder import RunFolder
 
 UMASK = 0o027  # not the usual 022, so that a hard-coded 0644 shows

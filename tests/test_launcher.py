@@ -386,7 +386,7 @@ def test_the_watchdog_stops_a_tree_across_sessions() -> None:
     finally:
         parent.kill()
         parent.wait()
-        processes.stop_processes(watchdog.recorded(tree), grace=0.5)
+        watchdog.stop_processes(watchdog.recorded(tree), grace=0.5)
 
 
 def test_a_reused_pid_is_not_ours() -> None:
@@ -438,7 +438,7 @@ def test_nothing_is_left_when_the_launcher_is_sigkilled(tmp_path: Path) -> None:
         stand_in.kill()
         stand_in.wait()
         stand_in.stdout.close()
-        processes.stop_processes(watchdog.recorded(tree), grace=0.5)
+        watchdog.stop_processes(watchdog.recorded(tree), grace=0.5)
 
 
 # -- one real run (toy app) -------------------------------------------------------------------
@@ -471,7 +471,7 @@ def test_toy_app_smoke(
     assert "round 2: 2 replies" in (run_dir / FLOWER_LOG).read_text()  # and written
     assert out.count(f"reefl: run folder {run_dir}") == 2
     assert len(trees[0]) >= 2  # the SuperLink and what it started (SuperExec...)
-    assert not any(processes.still_running(p) for tree in trees for p in tree)  # nothing left
+    assert not any(watchdog.still_running(p) for tree in trees for p in tree)  # nothing left
 
 
 def test_a_named_checkpoint_is_fetched_before_flower_starts(

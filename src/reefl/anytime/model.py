@@ -143,8 +143,6 @@ class AnytimeModel:
         of grey images, grey repeated for one of RGB images."""
         kind = self.pipeline.kind
         if isinstance(data, (str, os.PathLike)):
-            from reefl.anytime.predict import decode_files, input_files
-
             return self.inputs(decode_files(self, input_files([Path(data)], kind)))
         if isinstance(data, (list, tuple)):
             if not data:
@@ -355,10 +353,48 @@ def read_bundle(folder: Path) -> TierBundle:
 
 def write_bundle(bundle: TierBundle, folder: Path) -> Path:
     """``folder``/reefl-model.json and model.safetensors: the tier, loadable alone."""
-    from reefl.federation.checkpoint import write_atomically
+    from reefl.outputs.files import write_atomically
 
     folder.mkdir(parents=True, exist_ok=True)
     write_atomically(folder / WEIGHTS_FILE, bundle.state)
     (folder / BUNDLE_FILE).write_text(json.dumps(bundle.info, indent=2) + "\n")
     return folder
 
+
+class PredictError(ValueError):
+    """A bad input or option of ``reefl predict`` (one line)."""
+
+
+def input_files(paths: list[Path], kind: str) -> list[Path]:
+    """The image (or audio) files among ``paths``, folders searched recursively, sorted."""
+    from reefl.data.folder import AUDIO_SUFFIXES, IMAGE_SUFFIXES
+
+    suffixes = IMAGE_SUFFIXES if kind == "image" else AUDIO_SUFFIXES
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise PredictError(f"input {path} does not exist")
+    if not files:
+        raise PredictError(f"no {kind} files ({', '.join(sorted(suffixes))}) in "
+                           f"{', '.join(map(str, paths))}")
+    return files
+
+
+def decode_files(model: AnytimeModel, files: list[Path]) -> torch.Tensor:
+    """Stored examples from image or audio files, decoded as training decoded the run's
+    data: uint8 images [N, C, H, W] (one size: the files' own if they share it, else the
+    model's) or log-mel features."""
+    from reefl.data import DataError
+    from reefl.data.decode import decode_audio, decode_images
+
+    names = [str(f) for f in files]
+    try:
+        stored = (decode_images(files, names, model.pipeline.size)
+                  if model.pipeline.kind == "image" else decode_audio(files, names))
+    except DataError as err:
+        raise PredictError(str(err)) from None
+    return torch.from_numpy(stored)

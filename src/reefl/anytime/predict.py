@@ -16,17 +16,16 @@ import torch
 from reefl.anytime.model import (
     DEFAULT_THRESHOLD,
     AnytimeModel,
+    PredictError,
     Prediction,
+    decode_files,
+    input_files,
     is_bundle_folder,
 )
 from reefl.anytime.policy import ExitPolicy
 
 SPLITS = ("test", "validation")
 _SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
-
-
-class PredictError(ValueError):
-    """A bad input or option of ``reefl predict`` (one line)."""
 
 
 @dataclass
@@ -55,41 +54,6 @@ def parse_thresholds(text: str) -> float | list[float]:
         raise PredictError(f"--threshold must be a number or one number per exit separated "
                            f"by commas; got '{text}'") from None
     return values[0] if len(values) == 1 else values
-
-
-def input_files(paths: list[Path], kind: str) -> list[Path]:
-    """The image (or audio) files among ``paths``, folders searched recursively, sorted."""
-    from reefl.data.folder import AUDIO_SUFFIXES, IMAGE_SUFFIXES
-
-    suffixes = IMAGE_SUFFIXES if kind == "image" else AUDIO_SUFFIXES
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise PredictError(f"input {path} does not exist")
-    if not files:
-        raise PredictError(f"no {kind} files ({', '.join(sorted(suffixes))}) in "
-                           f"{', '.join(map(str, paths))}")
-    return files
-
-
-def decode_files(model: AnytimeModel, files: list[Path]) -> torch.Tensor:
-    """Stored examples from image or audio files, decoded as training decoded the run's
-    data: uint8 images [N, C, H, W] (one size: the files' own if they share it, else the
-    model's) or log-mel features."""
-    from reefl.data import DataError
-    from reefl.data.decode import decode_audio, decode_images
-
-    names = [str(f) for f in files]
-    try:
-        stored = (decode_images(files, names, model.pipeline.size)
-                  if model.pipeline.kind == "image" else decode_audio(files, names))
-    except DataError as err:
-        raise PredictError(str(err)) from None
-    return torch.from_numpy(stored)
 
 
 def read_files(model: AnytimeModel, paths: list[Path]) -> Inputs:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from reefl.outputs.files import atomic_write
+from reefl.outputs.files import write_atomically
 from reefl.outputs.run_folder import CHECKPOINT_FILE as CHECKPOINT_NAME
 
 FORMAT = "reefl-checkpoint-2"
@@ -66,23 +66,8 @@ class Checkpoint:
     """The client states a ``reefl-checkpoint-1`` file held itself (never written)."""
 
 
-def write_atomically(path: Path, tensors: Tensors,
-                     metadata: dict[str, str] | None = None) -> None:
-    """Save ``tensors`` as safetensors at ``path`` so that ``path`` is never half written:
-    a temporary file in the same folder, fsync, rename, then fsync of the folder (so the
-    rename is on disk before anything that relies on it, e.g. deleting older files). The
-    file gets the mode of a plain ``open()`` (safetensors writes 0600 files)."""
-    from safetensors.torch import save_file
-
-    # contiguous clones: states may hold views of one storage (LoRA's merged weights), which
-    # safetensors refuses to save as separate names
-    with atomic_write(path, durable=True) as partial:
-        save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-                   for k, v in tensors.items()}, str(partial), metadata=metadata)
-
-
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` atomically (``write_atomically``); returns its path."""
+    """Write ``checkpoint`` atomically (``outputs.files.write_atomically``); returns its path."""
     tensors = {f"global/{k}": v for k, v in checkpoint.global_state.items()}
     tensors.update({f"server/{k}": v for k, v in checkpoint.server_state.items()})
     metadata = {

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from reefl.federation.checkpoint import Checkpoint, CheckpointError, write_atomically
-from reefl.outputs.files import PARTIAL
+from reefl.federation.checkpoint import Checkpoint, CheckpointError
+from reefl.outputs.files import PARTIAL, write_atomically
 
 STORE_DIR = "client-states"
 _STATE_FILE = re.compile(r"(\d+)\.r(\d+)\.safetensors")

@@ -17,17 +17,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, Protocol
 
 import psutil
 
-if TYPE_CHECKING:
-    from reefl.launch.watchdog import Watchdog
+from reefl.launch.watchdog import STOP_GRACE, Watchdog, still_running, stop_processes
 
-STOP_GRACE = 5.0  # seconds a process gets between SIGTERM and SIGKILL
 REFRESH_INTERVAL = 0.5  # how often the process trees are recorded
 
 # Environment every Flower process of a launch gets.
@@ -70,41 +67,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def still_running(process: psutil.Process) -> bool:
-    """Whether ``process`` still runs: same pid *and* start time (psutil compares both, so a
-    reused pid is not ours), and not a zombie."""
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def wait_gone(processes: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Those of ``processes`` still running after up to ``timeout`` seconds. A zombie counts
-    as gone: psutil.wait_procs waits until another process's zombie is reaped, which for
-    Ray's processes took the whole timeout (measured)."""
-    deadline = time.monotonic() + timeout
-    while (left := [p for p in processes if still_running(p)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
-
-
-def stop_processes(processes: Sequence[psutil.Process], grace: float = STOP_GRACE,
-                   kill_first: bool = False) -> None:
-    """SIGTERM ``processes``, then SIGKILL those still running after ``grace`` seconds (Ray's
-    agents ignore SIGTERM); SIGKILL alone with ``kill_first`` (as a crash would end them).
-    psutil refuses to signal a pid that now belongs to another process, so only these very
-    processes are hit."""
-    sends = (psutil.Process.kill,) if kill_first else (psutil.Process.terminate,
-                                                       psutil.Process.kill)
-    for send in sends:
-        left = [process for process in processes if still_running(process)]
-        for process in left:
-            with contextlib.suppress(psutil.Error):
-                send(process)
-        processes = wait_gone(left, grace)
 
 
 class LineSink(Protocol):
@@ -251,8 +213,6 @@ class ProcessGroup:
     def spawn(self, name: str, command: list[str], log_path: Path | None,
               echo: LineSink | None = None) -> TrackedProcess:
         """Start ``command``, tracked here (to stop it alone) and by the watchdog."""
-        from reefl.launch.watchdog import Watchdog
-
         if self._watchdog is None:
             self._watchdog = Watchdog(self.remove_on_death)
             self._start_refresher()

@@ -16,16 +16,52 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
 
 from reefl.launch.errors import LaunchError
-from reefl.launch.processes import STOP_GRACE, still_running, stop_processes, wait_gone
 
+STOP_GRACE = 5.0  # seconds a process gets between SIGTERM and SIGKILL
 CASCADE_GRACE = 2.0  # seconds SuperExec's children get to follow the SuperLink out
 SERVER_APP_HOSTS = ("flwr-simulation", "flwr-serverapp")  # Flower's TaskType commands
+
+
+def still_running(process: psutil.Process) -> bool:
+    """Whether ``process`` still runs: same pid *and* start time (psutil compares both, so a
+    reused pid is not ours), and not a zombie."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def wait_gone(processes: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of ``processes`` still running after up to ``timeout`` seconds. A zombie counts
+    as gone: psutil.wait_procs waits until another process's zombie is reaped, which for
+    Ray's processes took the whole timeout (measured)."""
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in processes if still_running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def stop_processes(processes: Sequence[psutil.Process], grace: float = STOP_GRACE,
+                   kill_first: bool = False) -> None:
+    """SIGTERM ``processes``, then SIGKILL those still running after ``grace`` seconds (Ray's
+    agents ignore SIGTERM); SIGKILL alone with ``kill_first`` (as a crash would end them).
+    psutil refuses to signal a pid that now belongs to another process, so only these very
+    processes are hit."""
+    sends = (psutil.Process.kill,) if kill_first else (psutil.Process.terminate,
+                                                       psutil.Process.kill)
+    for send in sends:
+        left = [process for process in processes if still_running(process)]
+        for process in left:
+            with contextlib.suppress(psutil.Error):
+                send(process)
+        processes = wait_gone(left, grace)
 
 
 def recorded(line: str) -> list[psutil.Process]:

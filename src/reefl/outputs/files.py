@@ -18,6 +18,10 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _UMASK_LOCK = threading.Lock()
 PARTIAL = ".partial"  # the name of a temporary file or folder of atomic_write ends so
@@ -94,3 +98,18 @@ def atomic_write(path: Path, *, directory: bool = False, durable: bool = False
         raise
     if durable:
         _fsync(path.parent)
+
+
+def write_atomically(path: Path, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Save ``tensors`` as safetensors at ``path`` through ``atomic_write(durable=True)``:
+    never half written, on disk before anything relies on it, with a plain file's mode
+    (safetensors itself writes 0600 files)."""
+    import torch
+    from safetensors.torch import save_file
+
+    # contiguous clones: states may hold views of one storage (LoRA's merged weights), which
+    # safetensors refuses to save as separate names
+    with atomic_write(path, durable=True) as partial:
+        save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                   for k, v in tensors.items()}, str(partial), metadata=metadata)

@@ -96,7 +96,7 @@ class RunFolder:
 
     def save_model(self, state: dict[str, torch.Tensor]) -> None:
         """``model.safetensors``: the final global model (written like the checkpoint)."""
-        from reefl.federation.checkpoint import write_atomically
+        from reefl.outputs.files import write_atomically
 
         write_atomically(self.path / "model.safetensors", state)
 
