@@ -264,7 +264,7 @@ def test_resize_keeps_a_batch_of_the_right_size_and_averages_when_shrinking():
 def test_pretrained_pipeline_repeats_grey_on_three_channels_with_imagenet_stats():
     data = build()
     pipeline = input_pipeline(data, 14, pretrained=True, augment=False)
-    stored = torch.from_numpy(np.asarray(data.train.inputs[:4]))
+    stored = torch.from_numpy(np.array(data.train.inputs[:4]))
     out = pipeline(stored, None)
     assert out.shape == (4, 3, 14, 14) and pipeline.channels == 3
     grey = torch.nn.functional.interpolate(stored.float() / 255, size=(14, 14), mode="bilinear",
