@@ -49,6 +49,18 @@ def test_data_command_summarises_the_partition_and_saves_the_histogram(
     assert summary["partitioner"] == "equal-dirichlet" and summary["clients"] == 3
 
 
+def test_other_options_get_another_histogram_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _folder(tmp_path / "images")
+    paths = []
+    for clients in (3, 2, 3):
+        assert main(["data", "-c", f'dataset="{folder}" num-clients={clients} img-size=8 '
+                     f'patch-size=4 output-dir="{tmp_path / "out"}"']) == 0
+        paths.append(capsys.readouterr().out.splitlines()[-1].split(": ", 1)[1])
+    assert paths[0] != paths[1] and paths[0] == paths[2]  # the same options, the same file
+    assert all(Path(p).name.startswith("data-images-s0-") for p in paths)
+
+
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [(lambda root: root.mkdir(), "no image or audio files"),

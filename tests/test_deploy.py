@@ -171,3 +171,48 @@ def test_deployment_tls_auth_kill_restart(tmp_path: Path) -> None:
     joined = {int(pid): node for r in records for pid, node in r["nodes"]["joined"].items()}
     assert joined == registered  # the impostor never got a node id, let alone a partition
     assert all(not r["clients"]["rejected"] for r in records)
+
+
+class _FakeDeployment:
+    """LocalDeployment without processes: ``submit`` echoes two coloured log lines and
+    writes the run's final.json, as a finished flwr run would."""
+
+    address = "127.0.0.1:9093"
+    supernodes: list = []
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __enter__(self) -> _FakeDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def submit(self, prepared, echo):  # noqa: ANN001, ANN201
+        class Run:
+            def wait(self) -> Path:
+                echo.write("\x1b[92mINFO \x1b[0m:      Starting Flower ServerApp\n")
+                prepared.run_dir.mkdir(parents=True, exist_ok=True)
+                (prepared.run_dir / "final.json").write_text(json.dumps({
+                    "method": "reefl", "seed": 0, "rounds": 1, "wall_seconds": 2.0,
+                    "exit_blocks": [0], "exit_accuracy": [50.0], "exit_loss": [1.0],
+                    "mean_accuracy": 50.0, "ensemble_accuracy": 50.0,
+                    "config_digest": prepared.digest}))
+                return prepared.run_dir
+        return Run()
+
+
+def test_reefl_deploy_writes_flower_log_and_prints_the_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from reefl.cli import main
+    from reefl.launch import deployment
+
+    monkeypatch.setattr(deployment, "LocalDeployment", _FakeDeployment)
+    assert main(["deploy", "-v", "-c", f"output-dir='{tmp_path}' run-name='d'"]) == 0
+    out = capsys.readouterr().out
+    assert "INFO :      Starting Flower ServerApp" in out and "\x1b[" not in out  # not a tty
+    assert "reefl · seed 0 · 1 round · 2 s of training" in out
+    log = (tmp_path / "d" / "flower.log").read_text()
+    assert log == "INFO :      Starting Flower ServerApp\n"

@@ -209,6 +209,22 @@ def test_a_server_app_failure_is_a_failure_though_flwr_run_exits_0(
     assert code == 1 and "run failed (no final.json written)" in err
 
 
+def test_quiet_prints_only_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`reefl run -q`: no progress line, none of reefl's own lines; the final table."""
+
+    def finished(prepared: PreparedRun, federation: object, log: object) -> tuple[int, str]:
+        _write_final(prepared, config_digest=prepared.digest)
+        return 0, ""
+
+    monkeypatch.setattr(simulation, "_run_flower", finished)
+    assert cli.main(["run", "-q", "-c", f"output-dir='{tmp_path}' run-name='r'"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.splitlines()[0] == "reefl · seed 0 · 1 round · 1 s of training"
+    assert "mean" in captured.out and "reefl:" not in captured.out
+
+
 # -- --resume ---------------------------------------------------------------------------------
 
 
@@ -296,3 +312,14 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         err = one_error_line(capsys)
         assert code == 130 and err.startswith("reefl: error: interrupted; all Flower processes "
                                               "stopped; ") and hint in err
+
+
+def test_the_pair_pattern_is_flowers_own() -> None:
+    """``run_config.FLOWER_PAIR`` finds the tokens Flower's parser would drop; it must be the
+    very pattern of flwr.common.config.parse_config_args (local there, so copied)."""
+    import inspect
+
+    from flwr.common.config import parse_config_args
+
+    source = inspect.getsource(parse_config_args)
+    assert f're.compile(r"{run_config.FLOWER_PAIR.pattern}")' in source
