@@ -147,7 +147,8 @@ def test_deployment_tls_auth_kill_restart(tmp_path: Path) -> None:
         assert impostor.process is not None
         assert impostor.process.popen.wait(60) != 0
         assert "Failed to activate SuperNode" in impostor.process.log_text()
-        assert {int(n["node-id"]) for n in deployment.list_nodes()} == set(registered.values())
+        known = {int(n["node-id"]) for n in deployment.superlink.list_nodes()}
+        assert known == set(registered.values())
 
         run = deployment.submit(deployment.prepare(overrides))
         victim = deployment.supernodes[KILLED]

@@ -92,3 +92,22 @@ def test_a_data_cache_entry(tmp_path: Path, umask: int) -> None:
     entry = tmp_path / "data" / "entry"
     assert mode(entry) == 0o750
     assert {mode(path) for path in entry.iterdir()} == {0o640}
+
+
+def test_atomic_write_renames_on_success_and_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "record.json"
+    with file_modes.atomic_write(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.endswith(file_modes.PARTIAL)
+        tmp.write_text("new")
+        assert not target.exists()  # nothing at the path until the block ends
+    assert target.read_text() == "new"
+    assert stat.S_IMODE(target.stat().st_mode) == file_modes.default_mode()
+    with pytest.raises(RuntimeError), file_modes.atomic_write(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed while writing")
+    assert target.read_text() == "new" and sorted(target.parent.iterdir()) == [target]
+    folder = tmp_path / "entry"
+    with file_modes.atomic_write(folder, directory=True) as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert (folder / "meta.json").is_file()
+    assert stat.S_IMODE(folder.stat().st_mode) == file_modes.default_mode(directory=True)

@@ -60,7 +60,7 @@ class ActiveRun:
 
     def wait(self, timeout: float | None = None) -> Path:
         """The run folder; RunFailed if ``flwr run`` failed or this run wrote no
-        ``final.json`` of its config (``launcher.run_failure``)."""
+        ``final.json`` of its config (``simulation.run_failure``)."""
         returncode = self.process.popen.wait(timeout)
         self.process.stop()  # the output copier has everything
         reason = run_failure(self.prepared, returncode, self.started)
@@ -74,7 +74,7 @@ def prepare_deploy_run(overrides: Sequence[str], num_nodes: int,
                        resume: Path | str | None = None) -> PreparedRun:
     """The run config as ``reefl run`` checks it, with ``num-clients`` defaulting to the
     number of SuperNodes (the user's value wins), or, with ``resume``, the run folder's own
-    config (``launcher.prepare_resumable``); the SuperNodes' tiers checked against
+    config (``run_config.prepare_resumable``); the SuperNodes' tiers checked against
     ``num-exits``. Starts nothing; RunConfigError if something does not fit."""
     if resume is None:
         prepared = prepare_run([f"num-clients={num_nodes}", *overrides], app_dir)
