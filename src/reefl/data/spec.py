@@ -13,9 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KINDS = ("image", "audio")
-
-
 class DataError(ValueError):
     """Bad or missing data; the message is one line naming the file, folder or column."""
 
