@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+
 class DataError(ValueError):
     """Bad or missing data; the message is one line naming the file, folder or column."""
 
