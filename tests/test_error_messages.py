@@ -71,6 +71,21 @@ def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         ("patch-size=5", "img-size must be a multiple of patch-size (5); got '28'"),
         ("ree-attn-dim=18", "ree-attn-dim must be a multiple of ree-heads (8); got '18'"),
         ('run-name="a/b"', "run-name must be a plain folder name (no '/'); got 'a/b'"),
+        # issue 24: values that started Flower, or failed inside it in a traceback
+        ('dataset=""', "dataset must be a source name or a path, not empty (an empty path is "
+                       "the current folder, whose files would be read as a data set; write "
+                       "\".\" to mean it); got ''"),
+        ('output-dir=""', "output-dir must be a folder, not empty (run folders would be "
+                          "written into the current folder; write \".\" to mean it); got ''"),
+        ("num-server-rounds=1000000000", "num-server-rounds must be an integer from 1 to "
+         "1000000 (1000 times the paper's 1000 rounds; even at one second a round that is "
+         "11.6 days); got '1000000000'"),
+        ("seed=1180591620717411303424", "seed must be an integer from 0 to "
+         "9223372036854775807 (2**63 - 1, the largest integer a Flower run config carries); "
+         "got '1180591620717411303424'"),
+        ("dirichlet-alpha=inf", "dirichlet-alpha must be a finite number > 0 (a large one, "
+         "such as 1000.0, gives every client nearly the same class mix); got 'inf'"),
+        ("lr-min=nan", "lr-min must be a finite number; got 'nan'"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_one_line_naming_its_key_and_value(
@@ -132,3 +147,31 @@ def test_every_key_names_its_type_in_words(key: str) -> None:
     assert str(error.value).startswith(f"{key} must be ")
     assert str(error.value).split(" must be ")[1] in {f"{rule}; got '[1]'"
                                                        for rule in RULES.split("|")}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("img-size=7000", "img-size=7000 with batch-size=32: one training batch needs at least "
+         "~268.4 GB (1000001 tokens x embed-dim 64 x depth 4 x 8 values x 4 bytes per example, "
+         "plus the input); this machine has 16.0 GB of memory in all"),
+        ("batch-size=10000000", "batch-size=10000000 with img-size=28: one training batch "
+         "needs at least ~1424.0 GB (17 tokens x embed-dim 64 x depth 4 x 8 values x 4 bytes "
+         "per example, plus the input); this machine has 16.0 GB of memory in all"),
+    ],
+)  # fmt: skip
+def test_a_batch_this_machine_cannot_hold_is_one_line_with_the_estimate(
+        override: str, message: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("reefl.config.machine_memory", lambda: 16 * 10**9)
+    assert _error_line(capsys, ["costs", "-c", override]) == message
+
+
+def test_the_estimate_names_the_file_that_set_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("reefl.config.machine_memory", lambda: 16 * 10**9)
+    path = tmp_path / "big.toml"
+    path.write_text("img-size = 7000\n")
+    assert _error_line(capsys, ["costs", "-c", str(path)]).endswith(
+        f"this machine has 16.0 GB of memory in all (set in {path})")

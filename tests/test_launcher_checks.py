@@ -117,6 +117,29 @@ def test_an_unwritable_output_dir_exits_2_before_flower(
     assert code == 2 and "output-dir" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize(
+    ("override", "start"),
+    [
+        ('dataset=""', "dataset must be a source name or a path, not empty"),
+        ('output-dir=""', "output-dir must be a folder, not empty"),
+        ("num-server-rounds=1000000000", "num-server-rounds must be an integer from 1 to "),
+        ("img-size=7000", "img-size=7000 with batch-size=32: one training batch needs at "
+                          "least ~268.4 GB"),
+        ("batch-size=10000000", "batch-size=10000000 with img-size=28: one training batch "),
+        ("seed=1180591620717411303424", "seed must be an integer from 0 to "),
+        ("dirichlet-alpha=inf", "dirichlet-alpha must be a finite number > 0"),
+    ],
+)
+def test_issue_24_values_start_nothing_and_write_nothing(
+        override: str, start: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], no_flower: None) -> None:
+    monkeypatch.chdir(tmp_path)  # where an empty output-dir or dataset would point
+    monkeypatch.setattr("reefl.config.machine_memory", lambda: 16 * 10**9)
+    assert cli.main(["run", "-c", override]) == 2
+    assert one_error_line(capsys).startswith(f"reefl: error: {start}")
+    assert not any(tmp_path.iterdir())
+
+
 # -- run-name -------------------------------------------------------------------------------
 
 

