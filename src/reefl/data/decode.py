@@ -18,6 +18,11 @@ import numpy as np
 from reefl.data.spec import DataError
 
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+MAX_PIXELS = 40_000_000
+"""Largest image decoded, in pixels (width x height): 40 megapixels, e.g. 8000 x 5000. A
+larger one is refused with one line naming the file and its size, read from its header
+before any pixel is decoded (a 20000 x 20000 PNG would take 1.2 GB as RGB; PIL calls images
+over 179 megapixels decompression bombs and warns from 89)."""
 
 
 def _open_source(item: Any) -> Any:
@@ -34,10 +39,21 @@ def decode_images(items: Sequence[Any], names: Sequence[str], size: int) -> np.n
     from PIL import Image, UnidentifiedImageError
 
     def opened(item: Any, name: str) -> Image.Image:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # opening reads the header only; MAX_PIXELS applies
         try:
-            return Image.open(_open_source(item))
+            image = Image.open(_open_source(item))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataError(f"cannot read image {name}: {_first_line(err)}") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            image.close()
+            raise DataError(f"image {name} is {width}x{height} pixels "
+                            f"({width * height / 1e6:.0f} megapixels), more than the "
+                            f"{MAX_PIXELS / 1e6:.0f} reefl decodes; downscale it")
+        return image
 
     if not items:
         raise DataError("no images to decode")

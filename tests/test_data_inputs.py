@@ -1,0 +1,85 @@
+"""Data inputs that used to slip through (issue 24): huge images, NaN or empty labels, long
+audio, data too small to measure anything, and pretraining on a run's test set.
+
+Every test builds its data in ``tmp_path`` and caches into ``tmp_path / "cache"``.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+from reefl.data import decode
+from reefl.data.hub import Columns
+from reefl.data.sources import SourceOptions, load_source
+from reefl.data.spec import DataError, DataSpec
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("REEFL_CACHE_DIR", str(root))
+    load_source.cache_clear()
+    yield root
+    load_source.cache_clear()
+
+
+def load(path: Path, img_size: int = 28, **columns: str) -> DataSpec:
+    return load_source(SourceOptions(str(path), Columns(**columns), img_size))
+
+
+def save_grey(path: Path, value: int, size: int = 4) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (size, size), value).save(path)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` grey pixels (the pixel data is one
+    row, so the file is tiny and only a decoder would notice)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0,
+                                                              0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
+
+
+# -- 1. images too large to decode ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", [20000, 10000])  # over PIL's error limit; over its warning
+def test_a_huge_image_is_one_line_naming_the_file_and_its_size(tmp_path: Path,
+                                                               side: int) -> None:
+    root = tmp_path / "pics"
+    for i in range(2):
+        save_grey(root / "a" / f"{i}.png", 10)
+        save_grey(root / "b" / f"{i}.png", 200)
+    (root / "b" / "huge.png").write_bytes(png_header_only(side, side))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        with pytest.raises(DataError) as caught:
+            load(root)
+    message = str(caught.value)
+    assert "\n" not in message and "huge.png" in message
+    assert f"{side}x{side} pixels" in message and "megapixels" in message
+
+
+def test_the_pixel_limit_is_checked_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    small = io.BytesIO()
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(small, "PNG")
+    assert decode.decode_images([small.getvalue()], ["ok.png"], 28).shape == (1, 3, 20, 30)
+    monkeypatch.setattr(decode, "MAX_PIXELS", 599)
+    with pytest.raises(DataError, match=r"image big\.png is 30x20 pixels"):
+        decode.decode_images([small.getvalue()], ["big.png"], 28)
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # PIL's own limit is left as it was
