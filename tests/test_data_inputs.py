@@ -83,3 +83,68 @@ def test_the_pixel_limit_is_checked_before_decoding(monkeypatch: pytest.MonkeyPa
     with pytest.raises(DataError, match=r"image big\.png is 30x20 pixels"):
         decode.decode_images([small.getvalue()], ["big.png"], 28)
     assert Image.MAX_IMAGE_PIXELS == pil_limit  # PIL's own limit is left as it was
+
+
+# -- 2. NaN and empty labels ----------------------------------------------------------------
+
+
+def labelled_folder(root: Path, labels: list[str]) -> Path:
+    for i in range(len(labels)):
+        save_grey(root / f"{i}.png", 20 * i)
+    rows = "".join(f"{i}.png,{label}\n" for i, label in enumerate(labels))
+    (root / "metadata.csv").write_text("file_name,kind\n" + rows)
+    return root
+
+
+@pytest.mark.parametrize(("label", "what"), [("NaN", "NaN"), ("nan", "NaN"), ("", "empty"),
+                                             ("  ", "empty")])
+def test_a_nan_or_empty_metadata_label_names_the_file_column_and_line(
+        tmp_path: Path, label: str, what: str) -> None:
+    root = labelled_folder(tmp_path / "pics", ["cat", "dog", label, "cat"])
+    with pytest.raises(DataError) as caught:
+        load(root, label="kind")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"{root / 'metadata.csv'} line 4: column 'kind' holds {what} label" in message
+    assert "for 2.png" in message
+
+
+def test_clean_metadata_labels_still_make_the_classes(tmp_path: Path) -> None:
+    spec = load(labelled_folder(tmp_path / "pics", ["cat", "dog", "dog", "cat"]), label="kind")
+    assert spec.class_names == ("cat", "dog") and spec.train.labels.tolist() == [0, 1, 1, 0]
+
+
+def saved_dataset(path: Path, labels: list, features: object = None) -> Path:
+    import datasets
+
+    pngs = []
+    for i in range(len(labels)):
+        stream = io.BytesIO()
+        Image.new("L", (4, 4), 30 * i).save(stream, "PNG")
+        pngs.append({"bytes": stream.getvalue(), "path": None})
+    data = datasets.Dataset.from_dict({"image": pngs, "label": labels})
+    data = data.cast_column("image", datasets.Image())
+    if features is not None:
+        data = data.cast_column("label", features)
+    data.save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("labels", [[0.0, 1.0, float("nan"), 1.0], ["a", "b", None, "a"],
+                                    ["a", "b", "", "a"]])
+def test_a_nan_or_empty_label_in_a_saved_dataset_names_the_split_column_and_row(
+        tmp_path: Path, labels: list) -> None:
+    path = saved_dataset(tmp_path / "saved", labels)
+    with pytest.raises(DataError, match=r"split 'train' row 2: column 'label' holds "
+                                        r"(NaN|empty) label") as caught:
+        load(path)
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_class_label_of_minus_one_is_a_missing_label(tmp_path: Path) -> None:
+    import datasets
+
+    path = saved_dataset(tmp_path / "saved", [0, 1, -1, 0],
+                         datasets.ClassLabel(names=["a", "b"]))
+    with pytest.raises(DataError, match=r"row 2: column 'label' holds class -1"):
+        load(path)

@@ -100,20 +100,41 @@ def decode_audio(items: Sequence[Any], names: Sequence[str]) -> np.ndarray:
     return clip_features(list(waves), list(rates))[:, None].astype(np.float16)
 
 
+def missing_label(value: Any) -> str:
+    """Why ``value`` is no label ("empty": None or blank text; "NaN": a float NaN or the
+    text nan in any case), or "" for a label."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "empty"
+    if isinstance(value, str):
+        return "NaN" if value.strip().lower() == "nan" else ""
+    if isinstance(value, (float, np.floating)) and np.isnan(value):
+        return "NaN"
+    return ""
+
+
+def check_labels(values: Sequence[Any], column: str, where: str) -> None:
+    """One DataError line naming ``where``, the column and the first row (0-based) whose
+    label is NaN or empty: such a row would otherwise become a class of its own."""
+    for row, value in enumerate(values):
+        if what := missing_label(value):
+            raise DataError(f"{where} row {row}: column '{column}' holds {what} label "
+                            f"{value!r}; every example needs a label (fill or drop the row)")
+
+
 def label_codes(values: Sequence[Any], column: str) -> tuple[np.ndarray, tuple[str, ...]]:
     """Labels as int64 codes 0..K-1 (sorted distinct values) and the class names."""
-    if any(v is None or (isinstance(v, str) and not v) for v in values):
-        raise DataError(f"column '{column}' has empty labels")
+    check_labels(values, column, "labels")
     distinct = sorted(set(values), key=lambda v: (str(type(v)), v))
     codes = {v: i for i, v in enumerate(distinct)}
     return np.array([codes[v] for v in values], dtype=np.int64), tuple(map(str, distinct))
 
 
 def group_codes(values: Sequence[Any]) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Natural ids as int32 codes into sorted distinct names; empty or None gives -1."""
-    names = sorted({str(v) for v in values if v is not None and str(v) != ""})
+    """Natural ids as int32 codes into sorted distinct names; empty, None or NaN gives
+    -1 (no natural id)."""
+    names = sorted({str(v) for v in values if not missing_label(v)})
     codes = {name: i for i, name in enumerate(names)}
-    return (np.array([codes.get(str(v), -1) if v is not None else -1 for v in values],
+    return (np.array([-1 if missing_label(v) else codes[str(v)] for v in values],
                      dtype=np.int32), tuple(names))
 
 

@@ -15,7 +15,14 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from reefl.data.decode import check_classes, decode_audio, decode_images, group_codes, label_codes
+from reefl.data.decode import (
+    check_classes,
+    decode_audio,
+    decode_images,
+    group_codes,
+    label_codes,
+    missing_label,
+)
 from reefl.data.hub import Columns
 from reefl.data.spec import DataError, DataSpec, Split
 
@@ -23,6 +30,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3"})
 SPLIT_NAMES = ("train", "test")
 METADATA = "metadata.csv"
+LINE = "\0line"  # a row's key for where its metadata came from ("<csv> line <n>")
 
 
 def is_folder_dataset(path: Path) -> bool:
@@ -45,10 +53,15 @@ def read_folder(root: Path, columns: Columns, img_size: int, **spec_options: Any
     kind = kinds.pop()
     label_key = columns.label or "label"
     all_rows = [r for split_rows in rows.values() for r in split_rows]
-    if any(label_key not in r or r[label_key] in ("", None) for r in all_rows):
-        missing = next(r for r in all_rows if r.get(label_key) in ("", None))
+    if any(label_key not in r for r in all_rows):
+        missing = next(r for r in all_rows if label_key not in r)
         raise DataError(f"{root}: no label for {missing['file_name']} (column '{label_key}'"
                         " in metadata.csv, or a class folder)")
+    for r in all_rows:
+        if what := missing_label(r[label_key]):
+            raise DataError(f"{r.get(LINE, root)}: column '{label_key}' holds {what} label "
+                            f"{r[label_key]!r} for {r['file_name']}; every file needs a label "
+                            "(fill or drop the row)")
     codes, class_names = label_codes([r[label_key] for r in all_rows], label_key)
     if columns.group and any(columns.group not in r for r in all_rows):
         raise DataError(f"{root}: no column '{columns.group}' (partition-by) in metadata.csv")
@@ -101,6 +114,7 @@ def _merge_metadata(csv_path: Path, rows: dict[Path, dict[str, Any]]) -> None:
             target = (csv_path.parent / record["file_name"]).resolve()
             if target in rows:
                 rows[target].update({k: v for k, v in record.items() if k != "file_name"})
+                rows[target][LINE] = f"{csv_path} line {line}"
             elif not target.exists():
                 raise DataError(f"{csv_path} line {line}: no file {record['file_name']}")
 
