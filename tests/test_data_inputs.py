@@ -148,3 +148,52 @@ def test_a_class_label_of_minus_one_is_a_missing_label(tmp_path: Path) -> None:
                          datasets.ClassLabel(names=["a", "b"]))
     with pytest.raises(DataError, match=r"row 2: column 'label' holds class -1"):
         load(path)
+
+
+# -- 3. long audio -----------------------------------------------------------------------
+
+
+def write_wav(path: Path, seconds: float, rate: int, channels: int = 2, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    chirp = 0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)
+    wave = np.stack([chirp + 0.05 * rng.standard_normal(len(t)) for _ in range(channels)], 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, wave.astype(np.float32), rate)
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000, 96000])
+def test_a_long_recording_is_read_only_as_far_as_its_features_need(tmp_path: Path,
+                                                                   rate: int) -> None:
+    from reefl.data.audio import clip_features
+
+    path = tmp_path / f"long-{rate}.wav"
+    write_wav(path, 8.0, rate)
+    wave, got_rate = decode.read_audio(str(path), path.name)
+    assert got_rate == rate and len(wave) == decode.frames_used(rate) < 8 * rate
+    whole, _ = soundfile.read(path, dtype="float32", always_2d=True)  # what was read before
+    expected = clip_features([whole.mean(axis=1)], [rate])[:, None].astype(np.float16)
+    assert np.array_equal(decode.decode_audio([str(path)], [path.name]), expected)
+
+
+def test_short_clips_are_read_whole_and_keep_their_features(tmp_path: Path) -> None:
+    from reefl.data.audio import clip_features
+
+    for seconds, rate in ((1.0, 16000), (0.4, 44100), (1.3, 48000)):
+        path = tmp_path / f"clip-{rate}.wav"
+        write_wav(path, seconds, rate, channels=1)
+        wave, _ = decode.read_audio(str(path), path.name)
+        whole, _ = soundfile.read(path, dtype="float32")
+        assert np.array_equal(wave, whole)
+        assert np.array_equal(clip_features([wave], [rate]), clip_features([whole], [rate]))
+
+
+def test_speech_commands_word_clips_are_read_only_as_far_as_used(tmp_path: Path) -> None:
+    from reefl.data import speech_commands as sc
+
+    path = tmp_path / "yes" / "abc_nohash_0.wav"
+    write_wav(path, 5.0, 16000, channels=1)
+    clip, _ = sc._read_wav(path, used_only=True)
+    whole, _ = sc._read_wav(path)
+    assert len(whole) == 5 * 16000 and len(clip) == decode.frames_used(16000)
+    assert np.array_equal(clip, whole[:len(clip)])

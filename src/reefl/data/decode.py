@@ -9,6 +9,7 @@ channel count and length becomes log-mel features (``reefl.data.audio``).
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,28 @@ def decode_images(items: Sequence[Any], names: Sequence[str], size: int) -> np.n
     return out
 
 
+def frames_used(rate: int) -> int:
+    """How many frames of a ``rate`` Hz recording the features can depend on: the 1.295 s
+    that ``NUM_FRAMES`` feature frames span, plus 0.1 s for the resampling filter to see past
+    the cut (``resample_poly``'s filter reaches 10 input samples, times the rate over 16 kHz
+    when that is larger, so 0.1 s covers any rate), plus 64. A longer file is read only this
+    far: its features are the ones the whole file would give, bit for bit."""
+    from reefl.data.audio import FRAME_LENGTH_MS, FRAME_SHIFT_MS, NUM_FRAMES
+
+    span_ms = (NUM_FRAMES - 1) * FRAME_SHIFT_MS + FRAME_LENGTH_MS
+    return math.ceil(span_ms * rate / 1000) + rate // 10 + 64
+
+
 def read_audio(item: Any, name: str) -> tuple[np.ndarray, int]:
-    """A mono float32 waveform and its sampling rate, from a file or bytes."""
+    """A mono float32 waveform and its sampling rate, from a file or bytes: its first
+    ``frames_used`` frames only, so memory does not grow with the recording's length."""
     import soundfile
 
     try:
-        wave, rate = soundfile.read(_open_source(item), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(_open_source(item)) as sound:
+            rate = sound.samplerate
+            wave = sound.read(frames=min(sound.frames, frames_used(rate)) if sound.frames > 0
+                              else -1, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError, TypeError) as err:  # soundfile.LibsndfileError
         raise DataError(f"cannot read audio {name}: {_first_line(err)}") from None
     if len(wave) == 0:
