@@ -197,3 +197,41 @@ def test_speech_commands_word_clips_are_read_only_as_far_as_used(tmp_path: Path)
     whole, _ = sc._read_wav(path)
     assert len(whole) == 5 * 16000 and len(clip) == decode.frames_used(16000)
     assert np.array_equal(clip, whole[:len(clip)])
+
+
+# -- 5. pretraining never sees the run's test set -------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{}, {"seed": 4, "test-fraction": 0.3},
+                                     {"test-examples": 700, "num-clients": 5}])
+def test_pretraining_leaves_out_exactly_what_the_run_tests_on(options: dict) -> None:
+    from reefl.config import RunConfig
+    from reefl.data import build_federated_data
+    from reefl.pretrain import central_data, run_test_indices
+
+    cfg = RunConfig.from_flat(options)
+    run = build_federated_data(cfg.data_options)
+    spec = load_source(cfg.data_options.source)
+    tested = np.unique(np.concatenate([run.test_indices, *run.client_test_indices]))
+    held_out = run_test_indices(cfg, spec)
+    assert np.array_equal(held_out, tested) and len(held_out) > 0
+    for limit in (None, 500):
+        trained = central_data(spec, cfg.seed, limit, exclude=held_out).client_indices[0]
+        assert len(np.intersect1d(trained, run.test_indices)) == 0
+    everything = central_data(spec, cfg.seed, None, exclude=held_out).client_indices[0]
+    assert len(everything) + len(held_out) == len(spec.train)  # nothing else is left out
+
+
+def test_pretraining_refuses_when_the_runs_test_set_cannot_be_made(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from reefl import pretrain
+    from reefl.config import RunConfig
+
+    def fails(options: object) -> None:
+        raise DataError("num-clients=9999 but the data has only 5 natural ids")
+
+    monkeypatch.setattr(pretrain, "build_federated_data", fails)
+    cfg = RunConfig.from_flat({})
+    with pytest.raises(pretrain.PretrainError, match=r"cannot tell which examples 'reefl run' "
+                                                    r"with these data options tests on"):
+        pretrain.run_test_indices(cfg, load_source(cfg.data_options.source))
