@@ -235,3 +235,51 @@ def test_pretraining_refuses_when_the_runs_test_set_cannot_be_made(
     with pytest.raises(pretrain.PretrainError, match=r"cannot tell which examples 'reefl run' "
                                                     r"with these data options tests on"):
         pretrain.run_test_indices(cfg, load_source(cfg.data_options.source))
+
+
+# -- 4. data that cannot measure anything is said so ----------------------------------------
+
+
+def writers_folder(root: Path, writers: int = 12) -> Path:
+    """Per writer: 3 images of class a and 1 of class b; metadata.csv names every file, the
+    first one twice."""
+    lines = []
+    for w in range(writers):
+        for i, label in enumerate("aaab"):
+            name = f"{label}/w{w}-{i}.png"
+            save_grey(root / name, (7 * w + 50 * i) % 256)
+            lines.append(f"{name},writer{w}\n")
+    (root / "metadata.csv").write_text("file_name,writer_id\n" + lines[0] + "".join(lines))
+    return root
+
+
+def test_a_summary_says_what_the_data_cannot_measure(tmp_path: Path,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    from reefl.data import DataOptions, build_federated_data
+    from reefl.data.summary import data_warnings, format_summary, partition_summary
+
+    root = writers_folder(tmp_path / "chars")
+    options = DataOptions(SourceOptions(str(root), Columns(group="writer_id")), num_clients=5)
+    data = build_federated_data(options)
+    assert capfd.readouterr().err == ""  # no flwr-datasets progress bar
+    warnings_ = data_warnings(data)
+    assert len(warnings_) == 5 and all("\n" not in w for w in warnings_)
+    duplicated, classes, small, ids, unused = warnings_
+    assert "metadata.csv: 1 lines name a file already named (e.g. line 3 repeats line 2)" \
+        in duplicated
+    assert classes.startswith("the global test set holds examples of 1 of the 2 classes")
+    assert "too small to rank methods: 5 examples, 5 of its rarest class" in small
+    assert ids == "the data has 12 natural ids (speakers, writers...); num-clients=5 uses 5 " \
+                  "of them"
+    assert unused.startswith("28 of the 48 training examples are in no client's data")
+    text = format_summary(partition_summary(data))
+    assert text.count("\nwarning         ") == 5 and "uses 5 of them" in text
+
+
+def test_a_sound_partition_has_no_warnings() -> None:
+    from reefl.data import DataOptions, build_federated_data
+    from reefl.data.summary import data_warnings, format_summary, partition_summary
+
+    data = build_federated_data(DataOptions())  # the embedded digits: 1,000 test examples
+    assert data_warnings(data) == []
+    assert "warning" not in format_summary(partition_summary(data))

@@ -45,7 +45,8 @@ def read_folder(root: Path, columns: Columns, img_size: int, **spec_options: Any
         raise DataError(f"{root} has a test folder but no train folder")
     if not split_dirs:
         split_dirs = {"train": root}
-    rows = {split: _rows(folder, root) for split, folder in split_dirs.items()}
+    notes: list[str] = []
+    rows = {split: _rows(folder, root, notes) for split, folder in split_dirs.items()}
     kinds = {_suffix_kind(Path(r["file_name"])) for split_rows in rows.values()
              for r in split_rows}
     if len(kinds) != 1:
@@ -81,10 +82,11 @@ def read_folder(root: Path, columns: Columns, img_size: int, **spec_options: Any
     check_classes(splits["train"].labels, root)
     return DataSpec(name=str(root), kind=kind, train=splits["train"], test=splits.get("test"),
                     num_classes=len(class_names), class_names=class_names,
-                    group_names=group_names, **spec_options)
+                    group_names=group_names, notes=tuple(dict.fromkeys(notes)),
+                    **spec_options)
 
 
-def _rows(folder: Path, root: Path) -> list[dict[str, Any]]:
+def _rows(folder: Path, root: Path, notes: list[str]) -> list[dict[str, Any]]:
     """One dict per data file under ``folder``: ``path``, ``file_name``, ``label`` (its
     class folder, if it is in one) and the metadata.csv columns."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and _suffix_kind(p)
@@ -100,23 +102,35 @@ def _rows(folder: Path, root: Path) -> list[dict[str, Any]]:
         rows[path.resolve()] = row
     for csv_path in sorted({folder / METADATA, root / METADATA}):
         if csv_path.is_file():
-            _merge_metadata(csv_path, rows)
+            _merge_metadata(csv_path, rows, notes)
     return list(rows.values())
 
 
-def _merge_metadata(csv_path: Path, rows: dict[Path, dict[str, Any]]) -> None:
-    """Add metadata.csv's columns to the rows of the files it names (relative to it)."""
+def _merge_metadata(csv_path: Path, rows: dict[Path, dict[str, Any]],
+                    notes: list[str]) -> None:
+    """Add metadata.csv's columns to the rows of the files it names (relative to it); a
+    file named again replaces its earlier line, said in ``notes``."""
+    seen: dict[Path, int] = {}
+    duplicates: list[tuple[int, int]] = []
     with csv_path.open(newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
         if "file_name" not in (reader.fieldnames or []):
             raise DataError(f"{csv_path} has no 'file_name' column")
         for line, record in enumerate(reader, start=2):
             target = (csv_path.parent / record["file_name"]).resolve()
+            if target in seen:
+                duplicates.append((seen[target], line))
+            seen[target] = line
             if target in rows:
                 rows[target].update({k: v for k, v in record.items() if k != "file_name"})
                 rows[target][LINE] = f"{csv_path} line {line}"
             elif not target.exists():
                 raise DataError(f"{csv_path} line {line}: no file {record['file_name']}")
+    if duplicates:
+        first, again = duplicates[0]
+        notes.append(f"{csv_path}: {len(duplicates)} lines name a file already named (e.g. "
+                     f"line {again} repeats line {first}); each file's last line is used, "
+                     "the earlier ones are dropped")
 
 
 def _suffix_kind(path: Path) -> str:
