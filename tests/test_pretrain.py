@@ -236,6 +236,8 @@ def test_pretrain_writes_a_checkpoint_and_its_json(tmp_path: Path,
     assert info["config"]["depth"] == 2 and info["config"]["seed"] == 3
     assert info["in_chans"] == 3 and info["num_classes"] == 10
     assert info["final_test_accuracy"] is None  # the embedded digits have no test split
+    assert info["run_test_examples_left_out"] == 1000  # what reefl run tests on: 20 %
+    assert "1000 left out: the test examples of 'reefl run' on this data" in out
     assert [h["epoch"] for h in info["history"]] == [1, 2]
     assert f'pretrained="{path}"' in info["run_config"]
     state = load_file(str(path))

@@ -5,6 +5,12 @@ What a server that holds public data can do before federating: train the ViT on 
 set's whole training split (no partition, no clients), then hand it to every client as the
 frozen or fine-tuned backbone. Choices made:
 
+* **Never the run's test set.** A source without a test split (the embedded digits, a
+  folder) has its test examples carved from the training split by ``reefl run``; those
+  (global and local tests, as a run with the same data options and seed makes them) are
+  left out of pretraining (``run_test_indices``), or pretraining refuses when the partition
+  cannot be made.
+
 * **The same input as the run.** Batches go through ``input_pipeline`` exactly as in a run
   with ``pretrained`` set (3 channels, grey repeated; images normalised with ImageNet's
   mean/std, audio with its own statistics), so the features the backbone learns are the ones
@@ -41,13 +47,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from reefl.config import RunConfig
-from reefl.data import DataSpec, FederatedData, Split, load_source
+from reefl.data import DataError, DataSpec, FederatedData, Split, load_source
 from reefl.data.federated import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     _stats,
+    build_federated_data,
     input_pipeline,
     sample_indices,
+    tested_train_indices,
 )
 from reefl.data.loaders import client_loader, test_loader
 from reefl.data.summary import dataset_slug
@@ -169,13 +177,36 @@ def _subset(length: int, limit: int | None, seed: int) -> np.ndarray:
     return sample_indices(np.arange(length), limit or 0, [seed, 7])
 
 
-def central_data(spec: DataSpec, seed: int, max_examples: int | None = None) -> FederatedData:
-    """The source as one "client" holding its whole training split (or a seeded
-    ``max_examples`` of it), and its test split (as many at most) as the test set; no test
-    split gives an empty test set. In this form the project's ``input_pipeline`` and loaders
-    apply unchanged. Images get ImageNet's statistics, as ``input_pipeline`` uses for a
-    pretrained run anyway; audio those of the training examples."""
-    train = _subset(len(spec.train), max_examples, seed)
+def run_test_indices(cfg: RunConfig, spec: DataSpec) -> np.ndarray:
+    """The examples of ``spec``'s training split that ``reefl run`` with ``cfg``'s data
+    options (same seed, test-fraction, test-examples, num-clients, partitioner...) tests
+    on, which pretraining must not train on; none when the source has a test split (the run
+    tests on that). Found by partitioning exactly as the run does; a partition that cannot
+    be made is a PretrainError saying why, rather than a guess."""
+    if spec.test is not None:
+        return np.zeros(0, np.int64)
+    try:
+        run = build_federated_data(cfg.data_options)
+    except DataError as err:
+        raise PretrainError(f"cannot tell which examples 'reefl run' with these data options "
+                            f"tests on ({err}), so pretraining would risk training on them; "
+                            "fix the data options first") from None
+    return tested_train_indices(run)
+
+
+def central_data(spec: DataSpec, seed: int, max_examples: int | None = None,
+                 exclude: np.ndarray | None = None) -> FederatedData:
+    """The source as one "client" holding its whole training split but ``exclude`` (the
+    run's test examples, ``run_test_indices``), or a seeded ``max_examples`` of it, and its
+    test split (as many at most) as the test set; no test split gives an empty test set. In
+    this form the project's ``input_pipeline`` and loaders apply unchanged. Images get
+    ImageNet's statistics, as ``input_pipeline`` uses for a pretrained run anyway; audio
+    those of the training examples."""
+    if exclude is None or len(exclude) == 0:
+        train = _subset(len(spec.train), max_examples, seed)
+    else:
+        pool = np.setdiff1d(np.arange(len(spec.train)), exclude)
+        train = sample_indices(pool, max_examples or 0, [seed, 7])
     test: Split = spec.test if spec.test is not None else spec.train
     test_idx = (_subset(len(spec.test), max_examples, seed) if spec.test is not None
                 else np.arange(0))
@@ -314,10 +345,11 @@ def _format_epoch(result: EpochResult, epochs: int) -> str:
 def pretrain(cfg: RunConfig, epochs: int, output: Path | None = None,
              max_examples: int | None = None, threads: int | None = None,
              log: Callable[[str], None] = print) -> PretrainResult:
-    """Train ``cfg``'s backbone (+ norm + head) on the whole training split of ``cfg``'s data
-    set for ``epochs`` epochs and write it as a DeiT checkpoint at ``output`` (default
-    ``default_output``) with a JSON beside it; one ``log`` line per epoch. ``threads``: torch's
-    CPU threads (default: torch's own).
+    """Train ``cfg``'s backbone (+ norm + head) on the training split of ``cfg``'s data set,
+    less the examples a run with ``cfg``'s data options tests on, for ``epochs`` epochs and
+    write it as a DeiT checkpoint at ``output`` (default ``default_output``) with a JSON
+    beside it; one ``log`` line per epoch. ``threads``: torch's CPU threads (default:
+    torch's own).
 
     Raises PretrainError (bad options, checked first; OutputError if writing fails),
     DataError (the data) and CheckpointError (a ``pretrained`` start that does not fit)."""
@@ -326,7 +358,8 @@ def pretrain(cfg: RunConfig, epochs: int, output: Path | None = None,
         torch.set_num_threads(threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     spec = load_source(cfg.data_options.source)
-    data = central_data(spec, cfg.seed, max_examples)
+    held_out = run_test_indices(cfg, spec)
+    data = central_data(spec, cfg.seed, max_examples, exclude=held_out)
     pipeline = input_pipeline(data, cfg.img_size, pretrained=True, augment=cfg.augment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_classifier(cfg, spec.num_classes, pipeline.channels).to(device)
@@ -343,7 +376,9 @@ def pretrain(cfg: RunConfig, epochs: int, output: Path | None = None,
     log(f"pretraining the {cfg.model} backbone ({len(model.backbone.blocks)} blocks, "
         f"width {model.backbone.embed_dim}, {n_params:,} parameters, {pipeline.channels} "
         f"input channels) on {spec.name}: {len(data.client_indices[0])} training examples, "
-        f"{len(data.test_indices) or 'no'} test examples, {spec.num_classes} classes, "
+        f"{len(data.test_indices) or 'no'} test examples"
+        + (f" ({len(held_out)} left out: the test examples of 'reefl run' on this data)"
+           if len(held_out) else "") + f", {spec.num_classes} classes, "
         f"{len(train_batches)} steps per epoch, {device.type}; {precision_line(cfg, device)}")
     history: list[EpochResult] = []
     step = 0
@@ -375,6 +410,7 @@ def pretrain(cfg: RunConfig, epochs: int, output: Path | None = None,
         "max_examples": max_examples,
         "train_examples": len(data.client_indices[0]),
         "test_examples": len(data.test_indices),
+        "run_test_examples_left_out": len(held_out),
         "steps": step,
         "history": [dataclasses.asdict(r) for r in history],
         "final_test_accuracy": history[-1].test_accuracy,

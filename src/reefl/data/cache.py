@@ -93,7 +93,7 @@ def read(path: Path) -> DataSpec:
         test=split("test") if "test" in meta["splits"] else None,
         group_names=tuple(meta["group_names"]), natural=meta["natural"],
         augmentation=meta["augmentation"], crop_scale=tuple(meta["crop_scale"]),
-        flip=meta["flip"], noise=load("noise"),
+        flip=meta["flip"], noise=load("noise"), notes=tuple(meta.get("notes", ())),
     )  # fmt: skip
 
 
@@ -103,5 +103,5 @@ def _meta(spec: DataSpec, splits: list[str]) -> dict[str, Any]:
         "num_classes": spec.num_classes, "class_names": list(spec.class_names),
         "group_names": list(spec.group_names), "natural": spec.natural,
         "augmentation": spec.augmentation, "crop_scale": list(spec.crop_scale),
-        "flip": spec.flip,
+        "flip": spec.flip, "notes": list(spec.notes),
     }  # fmt: skip

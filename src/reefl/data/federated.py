@@ -212,6 +212,17 @@ def _label_skew(spec: DataSpec, options: DataOptions, partitioner: str) -> Feder
                          validation_indices=validation)
 
 
+def tested_train_indices(data: FederatedData) -> np.ndarray:
+    """Sorted indices of the source's training split that a run on ``data`` tests on: its
+    global test set and the clients' local tests, where these come from the training split
+    (a source without a test split); empty when the run tests on the source's test split."""
+    parts = [data.test_indices] if data.test is data.spec.train else []
+    if data.local_test is data.spec.train:
+        parts += list(data.client_test_indices)
+    return (np.unique(np.concatenate(parts)).astype(np.int64) if parts
+            else np.zeros(0, np.int64))
+
+
 def hold_out_validation(pool: np.ndarray, labels: np.ndarray, fraction: float,
                         seed: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """(rest, validation): ``fraction`` of every class of ``pool`` (indices into

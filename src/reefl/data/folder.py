@@ -15,7 +15,14 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from reefl.data.decode import check_classes, decode_audio, decode_images, group_codes, label_codes
+from reefl.data.decode import (
+    check_classes,
+    decode_audio,
+    decode_images,
+    group_codes,
+    label_codes,
+    missing_label,
+)
 from reefl.data.hub import Columns
 from reefl.data.spec import DataError, DataSpec, Split
 
@@ -23,6 +30,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3"})
 SPLIT_NAMES = ("train", "test")
 METADATA = "metadata.csv"
+LINE = "\0line"  # a row's key for where its metadata came from ("<csv> line <n>")
 
 
 def is_folder_dataset(path: Path) -> bool:
@@ -37,7 +45,8 @@ def read_folder(root: Path, columns: Columns, img_size: int, **spec_options: Any
         raise DataError(f"{root} has a test folder but no train folder")
     if not split_dirs:
         split_dirs = {"train": root}
-    rows = {split: _rows(folder, root) for split, folder in split_dirs.items()}
+    notes: list[str] = []
+    rows = {split: _rows(folder, root, notes) for split, folder in split_dirs.items()}
     kinds = {_suffix_kind(Path(r["file_name"])) for split_rows in rows.values()
              for r in split_rows}
     if len(kinds) != 1:
@@ -45,10 +54,15 @@ def read_folder(root: Path, columns: Columns, img_size: int, **spec_options: Any
     kind = kinds.pop()
     label_key = columns.label or "label"
     all_rows = [r for split_rows in rows.values() for r in split_rows]
-    if any(label_key not in r or r[label_key] in ("", None) for r in all_rows):
-        missing = next(r for r in all_rows if r.get(label_key) in ("", None))
+    if any(label_key not in r for r in all_rows):
+        missing = next(r for r in all_rows if label_key not in r)
         raise DataError(f"{root}: no label for {missing['file_name']} (column '{label_key}'"
                         " in metadata.csv, or a class folder)")
+    for r in all_rows:
+        if what := missing_label(r[label_key]):
+            raise DataError(f"{r.get(LINE, root)}: column '{label_key}' holds {what} label "
+                            f"{r[label_key]!r} for {r['file_name']}; every file needs a label "
+                            "(fill or drop the row)")
     codes, class_names = label_codes([r[label_key] for r in all_rows], label_key)
     if columns.group and any(columns.group not in r for r in all_rows):
         raise DataError(f"{root}: no column '{columns.group}' (partition-by) in metadata.csv")
@@ -68,10 +82,11 @@ def read_folder(root: Path, columns: Columns, img_size: int, **spec_options: Any
     check_classes(splits["train"].labels, root)
     return DataSpec(name=str(root), kind=kind, train=splits["train"], test=splits.get("test"),
                     num_classes=len(class_names), class_names=class_names,
-                    group_names=group_names, **spec_options)
+                    group_names=group_names, notes=tuple(dict.fromkeys(notes)),
+                    **spec_options)
 
 
-def _rows(folder: Path, root: Path) -> list[dict[str, Any]]:
+def _rows(folder: Path, root: Path, notes: list[str]) -> list[dict[str, Any]]:
     """One dict per data file under ``folder``: ``path``, ``file_name``, ``label`` (its
     class folder, if it is in one) and the metadata.csv columns."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and _suffix_kind(p)
@@ -87,22 +102,35 @@ def _rows(folder: Path, root: Path) -> list[dict[str, Any]]:
         rows[path.resolve()] = row
     for csv_path in sorted({folder / METADATA, root / METADATA}):
         if csv_path.is_file():
-            _merge_metadata(csv_path, rows)
+            _merge_metadata(csv_path, rows, notes)
     return list(rows.values())
 
 
-def _merge_metadata(csv_path: Path, rows: dict[Path, dict[str, Any]]) -> None:
-    """Add metadata.csv's columns to the rows of the files it names (relative to it)."""
+def _merge_metadata(csv_path: Path, rows: dict[Path, dict[str, Any]],
+                    notes: list[str]) -> None:
+    """Add metadata.csv's columns to the rows of the files it names (relative to it); a
+    file named again replaces its earlier line, said in ``notes``."""
+    seen: dict[Path, int] = {}
+    duplicates: list[tuple[int, int]] = []
     with csv_path.open(newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
         if "file_name" not in (reader.fieldnames or []):
             raise DataError(f"{csv_path} has no 'file_name' column")
         for line, record in enumerate(reader, start=2):
             target = (csv_path.parent / record["file_name"]).resolve()
+            if target in seen:
+                duplicates.append((seen[target], line))
+            seen[target] = line
             if target in rows:
                 rows[target].update({k: v for k, v in record.items() if k != "file_name"})
+                rows[target][LINE] = f"{csv_path} line {line}"
             elif not target.exists():
                 raise DataError(f"{csv_path} line {line}: no file {record['file_name']}")
+    if duplicates:
+        first, again = duplicates[0]
+        notes.append(f"{csv_path}: {len(duplicates)} lines name a file already named (e.g. "
+                     f"line {again} repeats line {first}); each file's last line is used, "
+                     "the earlier ones are dropped")
 
 
 def _suffix_kind(path: Path) -> str:

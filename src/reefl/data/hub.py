@@ -16,7 +16,14 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from reefl.data.decode import check_classes, decode_audio, decode_images, group_codes, label_codes
+from reefl.data.decode import (
+    check_classes,
+    check_labels,
+    decode_audio,
+    decode_images,
+    group_codes,
+    label_codes,
+)
 from reefl.data.spec import DataError, DataSpec, Split
 
 HUB_TIMEOUT_S = 5.0
@@ -109,7 +116,8 @@ def to_spec(loaded: Any, name: str, columns: Columns, img_size: int, where: str,
         needed = [input_column, label_column] + ([columns.group] if columns.group else [])
         _require_columns(part, needed, f"{where} split '{split_name}'")
     labels_all = [list(parts[k][label_column]) for k in parts]
-    codes, class_names = _classes(train, label_column, labels_all)
+    codes, class_names = _classes(train, label_column, labels_all,
+                                  [f"{where} split '{k}'" for k in parts])
     group_values = [list(parts[k][columns.group]) for k in parts] if columns.group else None
     group_names: tuple[str, ...] = ()
     if group_values is not None:
@@ -164,14 +172,24 @@ def _label_column(dataset: Any, given: str, where: str) -> str:
                     f"{', '.join(class_labels) or 'none'}); set label-column")
 
 
-def _classes(train: Any, column: str, values: list[list[Any]]
+def _classes(train: Any, column: str, values: list[list[Any]], wheres: list[str]
              ) -> tuple[list[np.ndarray], tuple[str, ...]]:
-    """Per-split int64 codes and class names: a ClassLabel keeps its own numbering."""
+    """Per-split int64 codes and class names: a ClassLabel keeps its own numbering. A
+    missing label (None, NaN, empty text, a ClassLabel's -1) is a DataError naming the split,
+    the column and the row."""
     import datasets
 
+    for part, where in zip(values, wheres, strict=True):
+        check_labels(part, column, where)
     feature = train.features[column]
     if isinstance(feature, datasets.ClassLabel):
-        return [np.asarray(v, dtype=np.int64) for v in values], tuple(feature.names)
+        codes = [np.asarray(v, dtype=np.int64) for v in values]
+        for part, where in zip(codes, wheres, strict=True):
+            if len(bad := np.flatnonzero((part < 0) | (part >= feature.num_classes))):
+                raise DataError(f"{where} row {bad[0]}: column '{column}' holds class "
+                                f"{part[bad[0]]}, not one of its {feature.num_classes} "
+                                "(-1 is a missing label); every example needs a label")
+        return codes, tuple(feature.names)
     flat_values = [v for part in values for v in part]
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
            for v in flat_values):  # integer labels keep their numbers (FEMNIST's 0..61)

@@ -1,12 +1,35 @@
 """Index-level splits: a stratified global test set and Dirichlet label skew over clients."""
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
 # Smallest client we ask flwr-datasets for: enough for a few SGD steps, small enough that
 # alpha = 0.1 over 20 clients of a 4,000-example pool is normally met on the first draws.
 MIN_PARTITION_SIZE = 10
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No progress bars from flwr-datasets (its NaturalIdPartitioner runs a bare ``tqdm``,
+    given ``disable=True`` here) nor from Hugging Face ``datasets`` while partitioning: they
+    would leak onto reefl's stderr. Both are restored afterwards."""
+    from functools import partial
+
+    import datasets
+    from flwr_datasets.partitioner import natural_id_partitioner as natural
+
+    bar, bars_were_on = natural.tqdm, datasets.is_progress_bar_enabled()
+    natural.tqdm = partial(bar, disable=True)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        natural.tqdm = bar
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def stratified_split(
@@ -68,7 +91,7 @@ def _flwr_dirichlet(
         seed=seed,
     )
     partitioner.dataset = Dataset.from_dict({"label": labels, "index": np.arange(len(labels))})
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_progress():
         warnings.simplefilter("ignore")  # it warns on every re-draw; we report the outcome
         return [
             np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
@@ -156,7 +179,7 @@ def natural_partition(groups: np.ndarray, chosen: np.ndarray, seed: int) -> list
     used = np.flatnonzero(client_of >= 0)
     partitioner = NaturalIdPartitioner(partition_by="client")
     partitioner.dataset = Dataset.from_dict({"client": client_of[used], "index": used})
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_progress():
         warnings.simplefilter("ignore")
         return [np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
                 for i in range(len(chosen))]

@@ -59,6 +59,8 @@ class DataSpec:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     noise: np.ndarray | None = field(default=None, repr=False)
+    notes: tuple[str, ...] = ()
+    """What reading the data dropped, one line each (e.g. duplicated metadata.csv rows)."""
 
     @property
     def channels(self) -> int:

@@ -241,10 +241,17 @@ def download_archive(cache_dir: Path, url: str = URL) -> Path:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """One WAV file as float32 mono in [-1, 1] and its sample rate; multi-channel is averaged."""
+def _read_wav(path: Path, used_only: bool = False) -> tuple[np.ndarray, int]:
+    """One WAV file as float32 mono in [-1, 1] and its sample rate; multi-channel is averaged.
+    ``used_only``: only the frames a clip's features can depend on (``frames_used``), so a
+    long recording among the word clips costs no more memory than a 1-s one."""
+    from reefl.data.decode import frames_used
+
     try:
-        wave, rate = sf.read(path, dtype="float32", always_2d=False)
+        with sf.SoundFile(path) as sound:
+            rate = sound.samplerate
+            frames = min(sound.frames, frames_used(rate)) if used_only else -1
+            wave = sound.read(frames=frames, dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, OSError) as error:
         raise SpeechCommandsError(f"cannot read {path}: {_one_line(error)}") from error
     if wave.ndim > 1:
@@ -330,7 +337,7 @@ def read_speech_commands(root: Path, num_classes: int = 12) -> SpeechClips:
     for folder in _word_folders(root):
         for path in sorted(folder.glob("*.wav")):
             speaker = _speaker_of(path)
-            wave, rate = _read_wav(path)
+            wave, rate = _read_wav(path, used_only=True)
             waves.append(wave)
             rates.append(rate)
             labels.append(label_of[folder.name])

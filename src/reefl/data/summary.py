@@ -10,6 +10,12 @@ import numpy as np
 
 from reefl.data.federated import DataOptions, FederatedData
 
+MIN_TEST_EXAMPLES = 100
+MIN_TEST_PER_CLASS = 10
+"""A global test set with fewer examples than ``MIN_TEST_EXAMPLES``, or fewer than
+``MIN_TEST_PER_CLASS`` of one of its classes, is too small to rank methods: one example is
+1 % of accuracy at 100, and a class with under 10 examples moves in steps of 10 %."""
+
 
 def dataset_slug(dataset: str) -> str:
     """A file-name part for ``dataset`` (a name, or a path's last component), with anything
@@ -22,6 +28,42 @@ def label_counts(data: FederatedData) -> np.ndarray:
     labels = np.asarray(data.train.labels)
     return np.stack([np.bincount(labels[shard], minlength=data.num_classes)
                      for shard in data.client_indices])
+
+
+def data_warnings(data: FederatedData) -> list[str]:
+    """One line for each reason the data may not measure what a run reports: what reading
+    it dropped, a global test set lacking classes or too small to rank methods
+    (``MIN_TEST_EXAMPLES``, ``MIN_TEST_PER_CLASS``), natural ids left unused, and training
+    examples that no client, test or validation split holds. Empty when all is well."""
+    lines = list(data.spec.notes)
+    test_labels = np.asarray(data.test.labels)[np.asarray(data.test_indices, dtype=np.int64)]
+    present, counts = np.unique(test_labels, return_counts=True)
+    if len(present) < data.num_classes:
+        lines.append(f"the global test set holds examples of {len(present)} of the "
+                     f"{data.num_classes} classes; accuracy says nothing of the others")
+    if len(test_labels) < MIN_TEST_EXAMPLES or (len(counts) and counts.min()
+                                                 < MIN_TEST_PER_CLASS):
+        fewest = f", {int(counts.min())} of its rarest class" if len(counts) else ""
+        lines.append(f"the global test set is too small to rank methods: "
+                     f"{len(test_labels)} examples{fewest} (wanted: at least "
+                     f"{MIN_TEST_EXAMPLES}, and {MIN_TEST_PER_CLASS} per class)")
+    groups = data.train.groups
+    if data.partitioner == "natural" and groups is not None:
+        total = len(np.unique(np.asarray(groups)[np.asarray(groups) >= 0]))
+        if len(data.client_groups) < total:
+            lines.append(f"the data has {total} natural ids (speakers, writers...); "
+                         f"num-clients={len(data.client_groups)} uses "
+                         f"{len(data.client_groups)} of them")
+    held = [*data.client_indices, data.validation_indices]
+    if data.test is data.spec.train:
+        held.append(data.test_indices)
+    if data.local_test is data.spec.train:
+        held += list(data.client_test_indices)
+    used = len(np.unique(np.concatenate([np.asarray(h, np.int64) for h in held])))
+    if used < len(data.train):
+        lines.append(f"{len(data.train) - used} of the {len(data.train)} training examples "
+                     "are in no client's data, no test and no validation split")
+    return lines
 
 
 def partition_summary(data: FederatedData) -> dict[str, Any]:
@@ -42,6 +84,7 @@ def partition_summary(data: FederatedData) -> dict[str, Any]:
         "examples_per_client": spread(sizes), "local_test_per_client": spread(local),
         "classes_per_client": spread((counts > 0).sum(axis=1)),
         "input_shape": list(data.train.inputs.shape[1:]),
+        "warnings": data_warnings(data),
     }
 
 
@@ -60,6 +103,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"classes/client  {spread('classes_per_client')}",
         f"local test      {spread('local_test_per_client')} examples per client",
         f"global test     {summary['test_examples']} examples",
+        *(f"warning         {line}" for line in summary.get("warnings", ())),
     ])
 
 
