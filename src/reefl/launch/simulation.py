@@ -259,9 +259,11 @@ def check_output_dir(output_dir: Path) -> None:
 def _prepare_data(config: dict[str, Any], quiet: bool) -> None:
     """Load, decode (into the on-disk cache, once per machine) and partition the run's data
     now, so that bad data stops the run with one line before any Flower process starts,
-    and the Flower processes only memory-map what is already there."""
+    and the Flower processes only memory-map what is already there. What the data cannot
+    measure (``data_warnings``) is said on stderr, one line each, even with ``quiet``."""
     from reefl.config import RunConfig
     from reefl.data import DataError, build_federated_data
+    from reefl.data.summary import data_warnings
 
     cfg = RunConfig.from_flat(config)
     started = time.monotonic()
@@ -273,6 +275,8 @@ def _prepare_data(config: dict[str, Any], quiet: bool) -> None:
     say(f"data {cfg.dataset}: {data.spec.kind}, {data.num_classes} classes, "
          f"{len(sizes)} clients ({data.partitioner}; {sizes[0]}-{sizes[-1]} examples each), "
          f"{len(data.test_indices)} test examples ({time.monotonic() - started:.1f} s)", quiet)
+    for line in data_warnings(data):
+        print(f"reefl: warning: {line}", file=sys.stderr, flush=True)
 
 
 def _check_pretrained(config: dict[str, Any], quiet: bool) -> None:
