@@ -257,8 +257,16 @@ def _interrupted_run(tmp_path: Path, checkpoint: bool = True) -> PreparedRun:
     prepared.run_dir.mkdir(parents=True)
     flat = RunConfig.from_flat(prepared.config).to_flat()
     (prepared.run_dir / "config.json").write_text(json.dumps(flat))
-    if checkpoint:
-        (prepared.run_dir / run_folder.CHECKPOINT_FILE).write_bytes(b"saved")
+    if checkpoint:  # a real one: a resume checks it, and the config.json it recorded
+        import torch
+
+        from reefl.federation.checkpoint import Checkpoint, save_checkpoint
+        from reefl.outputs.files import sha256_file
+
+        assert prepared.digest is not None
+        save_checkpoint(prepared.run_dir, Checkpoint(
+            1, prepared.digest, {"w": torch.zeros(2)},
+            config_sha256=sha256_file(prepared.run_dir / "config.json")))
     return prepared
 
 

@@ -16,9 +16,19 @@ never half of one. It holds
   (``client_store``). The states themselves are files of their own, written when a client
   returns one, so the checkpoint does not grow with (or rewrite) the states of idle clients.
 
+Digests (``reefl-checkpoint-3``): the file carries its own (``outputs.files.DIGEST_KEY``,
+over its header and tensor data, sealed into it before the rename, so it is atomic with the
+checkpoint), and records the SHA-256 of the run's config.json (``config_sha256``) and the
+content digest of every client state its index names (``client_digests``). A resume checks
+them all before anything starts (``outputs.run_folder.check_resumable``: the launcher, and
+the ServerApp again), so a changed bit, a truncation, a missing state or another config is
+one line naming the file.
+
 A checkpoint of the first format (``reefl-checkpoint-1``) held those states itself, as
 ``client/<partition id>/<name>`` tensors; it still loads, with them in
-``Checkpoint.legacy_client_states`` (moved into the store on resume).
+``Checkpoint.legacy_client_states`` (moved into the store on resume). Formats 1 and 2
+recorded no digests: they resume after the checks their content allows (structure, config
+digest, the client states' presence), with a warning; the next checkpoint records them.
 
 Client sampling and local training are seeded by (seed, round[, partition id]) and keep no
 random state across rounds, so the round number is all the randomness a resume needs.
@@ -35,8 +45,9 @@ import torch
 
 from reefl.outputs.files import write_atomically
 from reefl.outputs.run_folder import CHECKPOINT_FILE as CHECKPOINT_NAME
+from reefl.outputs.run_folder import CHECKPOINT_FORMATS, SEALED_FORMAT
 
-FORMAT = "reefl-checkpoint-2"
+FORMAT = SEALED_FORMAT
 LEGACY_FORMAT = "reefl-checkpoint-1"
 """Client states as ``client/<pid>/<name>`` tensors in the checkpoint, no ``client_rounds``."""
 
@@ -64,6 +75,10 @@ class Checkpoint:
     elapsed_seconds: float = 0.0
     legacy_client_states: dict[int, Tensors] = field(default_factory=dict)
     """The client states a ``reefl-checkpoint-1`` file held itself (never written)."""
+    config_sha256: str = ""
+    """The SHA-256 of the run's config.json ("" in formats 1 and 2)."""
+    client_digests: dict[int, str] = field(default_factory=dict)
+    """Partition id -> content digest of its state file (``client_rounds``'); {} in 1, 2."""
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -79,15 +94,20 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
         "last_eval": json.dumps(checkpoint.last_eval),
         "totals": json.dumps(checkpoint.totals),
         "elapsed_seconds": repr(checkpoint.elapsed_seconds),
+        "config_sha256": checkpoint.config_sha256,
+        "client_digests": json.dumps({str(k): v for k, v in
+                                      checkpoint.client_digests.items()}),
     }
     path = run_dir / CHECKPOINT_NAME
     write_atomically(path, tensors, metadata)
     return path
 
 
-def load_checkpoint(run_dir: Path, config_digest: str) -> Checkpoint:
+def load_checkpoint(run_dir: Path, config_digest: str | tuple[str, ...]) -> Checkpoint:
     """The checkpoint in ``run_dir``; CheckpointError (one line) if there is none, it cannot
-    be read, or it was saved by a run of another config."""
+    be read, or it was saved by a run of another config (``config_digest``: the digest of
+    the run's config, or those it may have, ``run_folder.config_digests``). The files it
+    relies on are checked by ``run_folder.check_resumable``, not here."""
     from safetensors import safe_open
 
     path = run_dir / CHECKPOINT_NAME
@@ -99,9 +119,10 @@ def load_checkpoint(run_dir: Path, config_digest: str) -> Checkpoint:
             tensors = {k: stream.get_tensor(k) for k in stream.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read {path}: {err}") from None
-    if metadata.get("format") not in (FORMAT, LEGACY_FORMAT):
+    if metadata.get("format") not in CHECKPOINT_FORMATS:
         raise CheckpointError(f"{path} is not a reefl checkpoint ({FORMAT})")
-    if metadata["config_digest"] != config_digest:
+    accepted = (config_digest,) if isinstance(config_digest, str) else config_digest
+    if metadata["config_digest"] not in accepted:
         raise CheckpointError(f"{path} was saved by a run of another config; resume with the "
                               "run folder's own config.json")
     return Checkpoint(
@@ -116,6 +137,9 @@ def load_checkpoint(run_dir: Path, config_digest: str) -> Checkpoint:
         totals=json.loads(metadata["totals"]),
         elapsed_seconds=float(metadata["elapsed_seconds"]),
         legacy_client_states=_legacy_client_states(tensors),
+        config_sha256=metadata.get("config_sha256", ""),
+        client_digests={int(k): str(v)
+                        for k, v in json.loads(metadata.get("client_digests", "{}")).items()},
     )
 
 

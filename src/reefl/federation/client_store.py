@@ -13,7 +13,12 @@ A newer state is a new file (its round is in the name), so the files the last ch
 names stay as they are until the next checkpoint is saved; ``prune`` then deletes those it
 superseded. Opening the store with a checkpoint's index deletes every state file the index
 does not name: states of a round after the checkpoint (which the resumed run redoes), older
-files a crash before ``prune`` left behind, and half-written files.
+files a crash before ``prune`` left behind, and the temporary files of a write a crash
+cut short (``outputs.files.remove_orphans``).
+
+Every state file's content digest (``outputs.files.content_digest``) is kept with the index
+and saved in the checkpoint (``Checkpoint.client_digests``), so a resume finds a state file
+that changed after it was written (``outputs.run_folder.check_resumable``).
 """
 
 from __future__ import annotations
@@ -25,17 +30,13 @@ from pathlib import Path
 import torch
 
 from reefl.federation.checkpoint import Checkpoint, CheckpointError
-from reefl.outputs.files import PARTIAL, write_atomically
+from reefl.outputs.files import DamagedFile, remove_orphans, verify_safetensors, write_atomically
+from reefl.outputs.run_folder import CLIENT_STATES_DIR as STORE_DIR
+from reefl.outputs.run_folder import client_state_name as state_file_name
 
-STORE_DIR = "client-states"
 _STATE_FILE = re.compile(r"(\d+)\.r(\d+)\.safetensors")
 
 Tensors = dict[str, torch.Tensor]
-
-
-def state_file_name(partition_id: int, server_round: int) -> str:
-    """The file name of ``partition_id``'s state as returned in ``server_round``."""
-    return f"{partition_id}.r{server_round}.safetensors"
 
 
 def _parse(name: str) -> tuple[int, int] | None:
@@ -52,32 +53,52 @@ class ClientStateStore:
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = folder
         self._rounds: dict[int, int] = {}  # partition id -> round of its latest state
+        self._digests: dict[int, str] = {}  # partition id -> content digest of that file
         self._in_memory: dict[int, Tensors] = {}  # only when folder is None
         self._superseded: list[Path] = []  # files to delete once a checkpoint no longer needs
 
     @classmethod
-    def open(cls, folder: Path, index: Mapping[int, int]) -> ClientStateStore:
+    def open(cls, folder: Path, index: Mapping[int, int],
+             digests: Mapping[int, str] | None = None) -> ClientStateStore:
         """The store in ``folder`` as a checkpoint with ``index`` (partition id -> round)
-        left it: files the index does not name, or half written, are deleted. CheckpointError
-        if a file the index names is missing."""
+        and ``digests`` (partition id -> content digest; None: a checkpoint that recorded
+        none) left it: files the index does not name, and temporary files, are deleted.
+        CheckpointError if a file the index names is missing, damaged, or (with
+        ``digests``) not the one recorded."""
         store = cls(folder)
         store._rounds = dict(index)
+        remove_orphans(folder)
         found: set[int] = set()
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
             key = _parse(path.name)
             if key is not None and index.get(key[0]) == key[1]:
                 found.add(key[0])
-            elif key is not None or path.name.endswith(PARTIAL):
+            elif key is not None:
                 path.unlink()
         missing = sorted(set(index) - found)
         if missing:
             raise CheckpointError(f"{folder} lacks the client states the checkpoint names "
                                   f"(partition ids {missing[:12]}, {len(missing)} in all)")
+        for pid in sorted(index):
+            path = store._path(pid, index[pid])
+            try:
+                _, digest = verify_safetensors(path)
+            except DamagedFile as err:
+                raise CheckpointError(f"{path} is damaged: {err}") from None
+            if digests is not None and digests.get(pid) != digest:
+                raise CheckpointError(f"{path} is not the client state the checkpoint "
+                                      "recorded (it changed since)")
+            store._digests[pid] = digest
         return store
 
     def index(self) -> dict[int, int]:
         """Partition id -> round of its latest state (a copy: what a checkpoint saves)."""
         return dict(self._rounds)
+
+    def digests(self) -> dict[int, str]:
+        """Partition id -> content digest of its latest state file (what a checkpoint saves
+        beside ``index``; {} in memory)."""
+        return dict(self._digests)
 
     def get(self, partition_id: int) -> Tensors:
         """The latest state of ``partition_id`` ({} if it has none)."""
@@ -96,7 +117,8 @@ class ClientStateStore:
             self._in_memory[partition_id] = state
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
-            write_atomically(self._path(partition_id, server_round), state)
+            self._digests[partition_id] = write_atomically(
+                self._path(partition_id, server_round), state)
             old = self._rounds.get(partition_id)
             if old is not None and old != server_round:
                 self._superseded.append(self._path(partition_id, old))
@@ -121,7 +143,9 @@ def open_run_store(run_dir: Path, checkpoint: Checkpoint | None) -> ClientStateS
     one replaces it, so a crash before then loses nothing."""
     if checkpoint is None:
         return ClientStateStore.open(run_dir / STORE_DIR, {})
-    store = ClientStateStore.open(run_dir / STORE_DIR, checkpoint.client_rounds)
+    sealed = bool(checkpoint.config_sha256)  # a checkpoint that recorded digests
+    store = ClientStateStore.open(run_dir / STORE_DIR, checkpoint.client_rounds,
+                                  checkpoint.client_digests if sealed else None)
     for pid, state in checkpoint.legacy_client_states.items():
         store.put(pid, checkpoint.round, state)
     return store

@@ -38,7 +38,17 @@ from reefl.federation.replies import RoundRecord
 from reefl.federation.strategy import NO_NODE, ClientInfo, Roster, TieredStrategy
 from reefl.methods import build_method
 from reefl.outputs.accounting import write_accounting
-from reefl.outputs.run_folder import RunFolder, RunFolderError, config_digest, default_run_name
+from reefl.outputs.files import remove_orphans, sha256_file
+from reefl.outputs.run_folder import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    RunFolder,
+    RunFolderError,
+    check_resumable,
+    config_digest,
+    config_digests,
+    default_run_name,
+)
 from reefl.training import precision_line, server_learning_rate
 
 app = ServerApp()
@@ -87,25 +97,36 @@ class RunState:
     last_eval: dict[str, Any] = field(default_factory=dict)
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
     elapsed_before: float = 0.0  # seconds spent by earlier runs of this run (resumed)
+    config_sha256: str = ""  # of the run folder's config.json, which checkpoints record
 
 
 TOTALS = ("sampled", "used", "failed", "rejected", "clipped", "rounds_unchanged")
 
 
-def _open_run(cfg: RunConfig, digest: str, initial: dict[str, torch.Tensor]
+def _open_run(cfg: RunConfig, initial: dict[str, torch.Tensor]
               ) -> tuple[RunFolder, RunState, Checkpoint | None]:
-    """The run folder (new, or reopened to resume) and the state to start from."""
+    """The run folder (new, or reopened to resume) and the state to start from. A resume
+    first checks every file it reads against the digests the checkpoint recorded (the
+    launcher did so before Flower started; this is for any other way in), then clears the
+    temporary files a killed write left."""
     run_dir = (Path(cfg.output_dir).expanduser() / cfg.run_name).resolve()
     if not cfg.resume:
         folder = RunFolder.create(run_dir)
-        folder.write_json("config.json", cfg.to_flat())
-        return folder, RunState(0, initial), None
-    checkpoint = load_checkpoint(run_dir, digest)
+        folder.write_json(CONFIG_FILE, cfg.to_flat())
+        return folder, RunState(0, initial, config_sha256=sha256_file(run_dir / CONFIG_FILE)
+                                ), None
+    digests = config_digests(cfg)
+    if (run_dir / CHECKPOINT_FILE).is_file():  # else load_checkpoint says there is none
+        for warning in check_resumable(run_dir, digests):
+            log(WARNING, "reefl: %s", warning)
+    remove_orphans(run_dir)
+    checkpoint = load_checkpoint(run_dir, digests)
     folder = RunFolder.reopen(run_dir, checkpoint.round)
     log(INFO, "reefl: resuming after round %s of %s", checkpoint.round, cfg.num_server_rounds)
     totals = {**dict.fromkeys(TOTALS, 0), **checkpoint.totals}
     return folder, RunState(checkpoint.round, checkpoint.global_state, checkpoint.last_eval,
-                            totals, checkpoint.elapsed_seconds), checkpoint
+                            totals, checkpoint.elapsed_seconds,
+                            sha256_file(run_dir / CONFIG_FILE)), checkpoint
 
 
 @app.main()
@@ -128,7 +149,7 @@ def run_server(grid: Grid, cfg: RunConfig,
     data, pipeline, task = run_data(cfg)
     method = build_method(cfg, task)
     try:
-        folder, run, checkpoint = _open_run(cfg, digest, method.initial_state())
+        folder, run, checkpoint = _open_run(cfg, method.initial_state())
         client_store = open_run_store(folder.path, checkpoint)
     except (RunFolderError, CheckpointError) as err:
         raise RuntimeError(str(err)) from None
@@ -155,7 +176,8 @@ def run_server(grid: Grid, cfg: RunConfig,
             client_store.index(),
             {pid: {"tier": c.tier, "num-examples": c.num_examples}
              for pid, c in roster.clients.items()},
-            run.last_eval, run.totals, run.elapsed_before + time.monotonic() - started))
+            run.last_eval, run.totals, run.elapsed_before + time.monotonic() - started,
+            config_sha256=run.config_sha256, client_digests=client_store.digests()))
         client_store.prune()  # after the checkpoint's rename: until then the old one needs them
 
     if checkpoint is None:

@@ -217,9 +217,9 @@ def existing_run(prepared: PreparedRun, resume: bool) -> str | None:
         raise RunConfigError(f"run folder {run_dir} already holds a run; pass --resume to reuse "
                              "finished runs of the same config and continue interrupted ones, "
                              "or choose another --output-dir")
-    if finished_final(run_dir, prepared.digest) is not None:
+    if finished_final(run_dir, prepared.digests) is not None:
         return "reuse"
-    if can_resume(run_dir, prepared.digest):
+    if can_resume(run_dir, prepared.digests):
         return "resume"
     raise RunConfigError(f"run folder {run_dir} holds neither a finished run of this config nor "
                          "a checkpoint of it to continue; remove it or choose another "

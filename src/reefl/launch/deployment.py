@@ -291,7 +291,9 @@ def deploy(overrides: Sequence[str], num_nodes: int, tiers: Sequence[int] | None
     from reefl.outputs.run_folder import FLOWER_LOG
 
     prepared = prepare_deploy_run(overrides, num_nodes, tiers, app_dir, resume=resume)
-    if finished_final(prepared.run_dir, prepared.digest) is not None:
+    for warning in prepared.warnings:
+        say(f"warning: {warning}", quiet)
+    if finished_final(prepared.run_dir, prepared.digests) is not None:
         say(f"run {prepared.run_dir} has already finished", quiet)
         print_final(prepared)
         return prepared.run_dir

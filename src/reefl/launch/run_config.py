@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reefl.launch.errors import RunConfigError, one_line
-from reefl.outputs.run_folder import CHECKPOINT_FILE, holds_run_files
+from reefl.outputs.run_folder import (
+    CHECKPOINT_FILE,
+    CLIENT_STATES_DIR,
+    RunFolderError,
+    check_resumable,
+    holds_run_files,
+)
 
 if TYPE_CHECKING:
     from reefl.config import RunConfig
@@ -237,17 +243,18 @@ def is_reefl_app(app_dir: Path) -> bool:
     return str(components.get("serverapp", "")).startswith("reefl.")
 
 
-def _validate(merged: dict[str, Any]) -> str:
+def _validate(merged: dict[str, Any]) -> tuple[str, str]:
     """``reefl.config``'s checks of a merged flat config (``RunConfig.from_flat``), turned
-    into the launcher's one-line error; returns the config's ``config_digest``, computed as
-    the ServerApp computes it (over ``RunConfig.from_flat(merged).to_flat()``)."""
+    into the launcher's one-line error; returns the config's ``config_digests`` (today's
+    and the legacy one), computed as the ServerApp computes them (over
+    ``RunConfig.from_flat(merged).to_flat()``)."""
     from reefl.config import ConfigError, RunConfig
-    from reefl.outputs.run_folder import config_digest
+    from reefl.outputs.run_folder import config_digests
 
     try:
         config = RunConfig.from_flat(merged)
         config.check_machine()  # one batch must fit this machine's memory
-        return config_digest(config)
+        return config_digests(config)
     except ConfigError as err:
         raise RunConfigError(one_line(str(err))) from None
 
@@ -271,6 +278,13 @@ class PreparedRun:
     federation_overrides: tuple[str, ...]  # the user's --federation-config (a simulation's)
     run_dir: Path
     digest: str | None = None  # config_digest of a reefl run config, as the ServerApp has it
+    legacy_digest: str | None = None  # the digest older reefl wrote for it (config_digest)
+    warnings: tuple[str, ...] = ()  # to print before the run starts (one line each)
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        """The config digests a final.json or checkpoint of this run may hold."""
+        return tuple(d for d in (self.digest, self.legacy_digest) if d is not None)
 
 
 def prepare_run(
@@ -299,21 +313,41 @@ def prepare_resume(
     cwd: Path | None = None,
 ) -> PreparedRun:
     """The run that continues ``run_dir``: exactly its config.json (the resolved flat config
-    the ServerApp wrote) plus ``resume = true``, so the same output-dir and run-name.
-    RunConfigError if there is no readable config.json, or it names another folder."""
+    the ServerApp wrote) plus ``resume = true``, in the folder where it is now: its
+    output-dir and run-name say where a run lives, not what it computes (they are no part
+    of ``config_digest``), so a moved folder resumes in its new place (config.json keeps
+    the place where the run started). RunConfigError if there is no readable config.json."""
     cwd = (cwd or Path.cwd()).resolve()
     folder = (cwd / Path(run_dir).expanduser()).resolve()
     try:
         stored = json.loads((folder / "config.json").read_text())
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
         raise RunConfigError(f"--resume: {folder} has no readable config.json, so it is no run "
                              f"folder ({one_line(str(err))})") from None
     app = resolve_app_dir(app_dir, cwd)
-    prepared = _prepare(app, {**stored, "resume": True}, federation_overrides, cwd, None, True)
-    if prepared.run_dir != folder:
-        raise RunConfigError(f"--resume: {folder}/config.json is of run folder "
-                             f"{prepared.run_dir} (was the folder moved?)")
-    return prepared
+    here = {"output-dir": str(folder.parent), "run-name": folder.name}
+    return _prepare(app, {**stored, **here, "resume": True}, federation_overrides, cwd, None,
+                    True)
+
+
+def _started_in(run_dir: Path, app_dir: Path) -> tuple[Path, str] | None:
+    """Where ``run_dir``'s config.json says the run started, with the legacy digest of the
+    run there, if that is another place; else None."""
+    from reefl.config import ConfigError, RunConfig
+    from reefl.outputs.run_folder import config_digest
+
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+        started = Path(str(stored["output-dir"])) / str(stored["run-name"])
+        if started == run_dir or not is_reefl_app(app_dir):
+            return None
+        defaults = app_defaults(app_dir)
+        merged = {**defaults, **pack_method_options(defaults, stored)}
+        return started, config_digest(RunConfig.from_flat(merged), legacy=True)
+    except (OSError, ValueError, TypeError, KeyError, ConfigError):
+        return None
 
 
 def _prepare(app: Path, user: dict[str, Any], federation_overrides: Sequence[str], cwd: Path,
@@ -345,14 +379,14 @@ def _prepare(app: Path, user: dict[str, Any], federation_overrides: Sequence[str
     sent["output-dir"] = merged["output-dir"] = str(output_dir)
     sent["run-name"] = merged["run-name"] = run_name
     try:
-        digest = _validate(merged) if is_reefl_app(app) else None
+        digest, legacy = _validate(merged) if is_reefl_app(app) else (None, None)
     except RunConfigError as err:  # "<key> must be ...": name the file that set the key
         key = str(err).split(" ", 1)[0].split("=", 1)[0]
         if origins and key in origins:
             raise RunConfigError(f"{err} (set in {origins[key]})") from None
         raise
     return PreparedRun(app, merged, sent, tuple(federation_overrides), output_dir / run_name,
-                       digest)
+                       digest, legacy)
 
 
 def _check_run_folder(output_dir: Path, run_name: str, existing_ok: bool) -> None:
@@ -366,29 +400,35 @@ def _check_run_folder(output_dir: Path, run_name: str, existing_ok: bool) -> Non
                          "another run-name")
 
 
-def finished_final(run_dir: Path, digest: str | None) -> dict[str, Any] | None:
+def _accepted(digest: str | Sequence[str] | None) -> tuple[str, ...]:
+    return () if digest is None else (digest,) if isinstance(digest, str) else tuple(digest)
+
+
+def finished_final(run_dir: Path, digest: str | Sequence[str] | None
+                   ) -> dict[str, Any] | None:
     """``run_dir``'s final.json if it is there and says it is of the config with ``digest``
-    (its ``config_digest``), else None."""
+    (its ``config_digest``; or one of several, ``PreparedRun.digests``), else None."""
     try:
         final = json.loads((run_dir / "final.json").read_text())
     except (OSError, ValueError):
         return None
-    ok = isinstance(final, dict) and digest is not None and final.get("config_digest") == digest
+    ok = isinstance(final, dict) and final.get("config_digest") in _accepted(digest)
     return final if ok else None
 
 
-def can_resume(run_dir: Path, digest: str | None) -> bool:
-    """Whether ``run_dir`` holds a checkpoint of a run whose config.json has ``digest``."""
+def can_resume(run_dir: Path, digest: str | Sequence[str] | None) -> bool:
+    """Whether ``run_dir`` holds a checkpoint of a run whose config.json has ``digest`` (or
+    one of several). Whether its files are whole is ``prepare_resumable``'s to check."""
     from reefl.config import ConfigError, RunConfig
-    from reefl.outputs.run_folder import config_digest
+    from reefl.outputs.run_folder import config_digests
 
-    if digest is None or not (run_dir / CHECKPOINT_FILE).is_file():
+    if not _accepted(digest) or not (run_dir / CHECKPOINT_FILE).is_file():
         return False
     try:
         stored = RunConfig.from_flat(json.loads((run_dir / "config.json").read_text()))
     except (OSError, ValueError, TypeError, ConfigError):
         return False
-    return config_digest(stored) == digest
+    return bool(set(config_digests(stored)) & set(_accepted(digest)))
 
 
 
@@ -411,13 +451,33 @@ def prepare_resumable(overrides: Sequence[str], run_dir: Path | str,
                       app_dir: Path | str | None = None,
                       federation_overrides: Sequence[str] = ()) -> PreparedRun:
     """``prepare_resume``, after checking that no other run config was asked for, and that
-    the folder can be continued: it finished, or it has a checkpoint."""
+    the folder can be continued: it finished, or it has a checkpoint whose files are whole
+    (``run_folder.check_resumable``: the checkpoint, config.json and every client state it
+    names, against the digests it recorded; one RunConfigError naming the file if not).
+    Then the temporary files a killed write left in the folder are deleted (the run
+    stopped: nothing writes there). The warnings of an older checkpoint are in
+    ``PreparedRun.warnings``."""
+    import dataclasses
+
+    from reefl.outputs.files import remove_orphans
+
     if any(overrides):
         raise RunConfigError("--resume runs the folder's own config.json; --run-config and "
                              "--preset cannot be given with it (--federation-config can)")
     prepared = prepare_resume(run_dir, app_dir, federation_overrides)
-    if finished_final(prepared.run_dir, prepared.digest) is None and not (
-            prepared.run_dir / CHECKPOINT_FILE).is_file():
-        raise RunConfigError(f"--resume: {prepared.run_dir} has no {CHECKPOINT_FILE} (no "
+    folder = prepared.run_dir
+    if finished_final(folder, prepared.digests) is not None:
+        return prepared
+    if not (folder / CHECKPOINT_FILE).is_file():
+        raise RunConfigError(f"--resume: {folder} has no {CHECKPOINT_FILE} (no "
                              "round was saved), so there is nothing to resume")
-    return prepared
+    if prepared.digest is None:  # not reefl's app: its checkpoint is its own affair
+        return prepared
+    try:
+        warnings = check_resumable(folder, prepared.digests,
+                                   _started_in(folder, prepared.app_dir))
+    except RunFolderError as err:
+        raise RunConfigError(f"--resume: {err}") from None
+    remove_orphans(folder)
+    remove_orphans(folder / CLIENT_STATES_DIR)
+    return dataclasses.replace(prepared, warnings=tuple(warnings))

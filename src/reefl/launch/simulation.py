@@ -140,7 +140,9 @@ def run_app(
         prepared = prepare_run(overrides, app_dir, federation_overrides)
     else:
         prepared = prepare_resumable(overrides, resume, app_dir, federation_overrides)
-        if finished_final(prepared.run_dir, prepared.digest) is not None:
+        for warning in prepared.warnings:
+            say(f"warning: {warning}", quiet)
+        if finished_final(prepared.run_dir, prepared.digests) is not None:
             say(f"run {prepared.run_dir} has already finished", quiet)
             if table:
                 print_final(prepared)

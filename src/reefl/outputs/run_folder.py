@@ -14,20 +14,32 @@ if TYPE_CHECKING:
     from reefl.outputs.tables import Table
 
 
-RUN_CONTROL_KEYS = ("resume",)
+RUN_LOCATION_KEYS = ("output-dir", "run-name")
+"""Run-config keys that say where a run lives, not what it computes: a run folder that was
+moved is the same run, resumed in its new place."""
+RUN_CONTROL_KEYS = ("resume", *RUN_LOCATION_KEYS)
 """Run-config keys that say how a run is driven, not what it computes: left out when two
-runs' configs are compared (a resumed run is the same run)."""
+runs' configs are compared (a resumed run, or a moved one, is the same run)."""
 
 
-def config_digest(cfg: RunConfig) -> str:
+def config_digest(cfg: RunConfig, legacy: bool = False) -> str:
     """A short fingerprint of a run config (``RunConfig.identity``) without the
     ``RUN_CONTROL_KEYS``: the first 16 hex digits (64 bits) of its SHA-256. Equal digests,
-    same run. Written into final.json and the
-    checkpoint, so a finished or saved run is only reused or resumed for the same config."""
+    same run. Written into final.json and the checkpoint, so a finished or saved run is only
+    reused or resumed for the same config. ``legacy``: the digest reefl wrote before the
+    run's location (``RUN_LOCATION_KEYS``) was left out of it, which final.json files and
+    checkpoints of older runs hold (still accepted, for a folder that was not moved)."""
     import hashlib
 
-    kept = {k: v for k, v in cfg.identity().items() if k not in RUN_CONTROL_KEYS}
+    left_out = ("resume",) if legacy else RUN_CONTROL_KEYS
+    kept = {k: v for k, v in cfg.identity().items() if k not in left_out}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_digests(cfg: RunConfig) -> tuple[str, str]:
+    """The digests a final.json or checkpoint of ``cfg`` may hold: today's, and the legacy
+    one (``config_digest``) of a run in ``cfg``'s location."""
+    return config_digest(cfg), config_digest(cfg, legacy=True)
 
 
 def default_run_name(method: str, seed: int, now: float | None = None) -> str:
@@ -39,6 +51,83 @@ FLOWER_LOG = "flower.log"
 """Flower's log of the run, which ``reefl run`` writes into the run folder from before the
 ServerApp starts: a folder holding only it holds no run yet."""
 CHECKPOINT_FILE = "checkpoint.safetensors"  # what the ServerApp saves after every round
+CONFIG_FILE = "config.json"
+CLIENT_STATES_DIR = "client-states"  # the server's per-client states (federation.client_store)
+SEALED_FORMAT = "reefl-checkpoint-3"
+"""The checkpoint format that records digests (``federation.checkpoint``): its own, in its
+metadata (``files.DIGEST_KEY``), config.json's SHA-256 and the digest of every client state
+it names. Formats 1 and 2 (older reefl) recorded none."""
+CHECKPOINT_FORMATS = ("reefl-checkpoint-1", "reefl-checkpoint-2", SEALED_FORMAT)
+
+
+def client_state_name(partition_id: int, server_round: int) -> str:
+    """The file name (in CLIENT_STATES_DIR) of ``partition_id``'s state returned in
+    ``server_round``."""
+    return f"{partition_id}.r{server_round}.safetensors"
+
+
+def check_resumable(run_dir: Path, digests: tuple[str, ...],
+                    moved_from: tuple[Path, str] | None = None) -> list[str]:
+    """Check every file a resume of ``run_dir`` reads, without loading a tensor: the
+    checkpoint (whole, of a config with one of ``digests``), config.json (the very file the
+    run started with) and every client state the checkpoint names (there, whole, the very
+    file it recorded). RunFolderError (one line naming the file) if one is not; else the
+    warnings to print (a checkpoint of an older reefl, which recorded no digests, is checked
+    as far as it can be: structure, config, the client states' presence). ``moved_from``:
+    (where config.json says the run was, the legacy digest of the run there), to name it
+    when a legacy checkpoint is resumed in another place."""
+    from reefl.outputs.files import DIGEST_KEY, DamagedFile, sha256_file, verify_safetensors
+
+    checkpoint = run_dir / CHECKPOINT_FILE
+    try:
+        metadata, _ = verify_safetensors(checkpoint)
+    except DamagedFile as err:
+        raise RunFolderError(f"{checkpoint} is damaged: {err}; the run cannot be resumed "
+                             "from it") from None
+    form = metadata.get("format")
+    if form not in CHECKPOINT_FORMATS:
+        raise RunFolderError(f"{checkpoint} is damaged or no reefl checkpoint (format "
+                             f"{form!r})")
+    sealed = form == SEALED_FORMAT
+    config = run_dir / CONFIG_FILE
+    try:
+        index = {int(k): int(v) for k, v in json.loads(metadata.get("client_rounds", "{}")
+                                                       ).items()}
+        recorded = ({int(k): str(v) for k, v in json.loads(metadata["client_digests"]).items()}
+                    if sealed else {})
+        if sealed and (DIGEST_KEY not in metadata or "config_sha256" not in metadata):
+            raise KeyError(DIGEST_KEY)
+    except (ValueError, TypeError, AttributeError, KeyError):
+        raise RunFolderError(f"{checkpoint} is damaged: its metadata is not what reefl "
+                             "writes") from None
+    if sealed and sha256_file(config) != metadata["config_sha256"]:
+        raise RunFolderError(f"{config} is not the config the run was saved with (it changed "
+                             f"since {CHECKPOINT_FILE} was written); resume needs the run's "
+                             "own config.json")
+    if metadata.get("config_digest") not in digests:
+        if moved_from is not None and metadata.get("config_digest") == moved_from[1]:
+            raise RunFolderError(f"{checkpoint} was saved by an older reefl, which tied a run "
+                                 f"to its folder: move {run_dir} back to {moved_from[0]} to "
+                                 "resume it")
+        raise RunFolderError(f"{checkpoint} was saved by a run of another config than {config} "
+                             "holds (edited since?); resume with the run folder's own "
+                             "config.json")
+    for pid, server_round in sorted(index.items()):
+        state = run_dir / CLIENT_STATES_DIR / client_state_name(pid, server_round)
+        if not state.is_file():
+            raise RunFolderError(f"{state} is missing: the checkpoint needs this client "
+                                 "state to resume")
+        try:
+            _, digest = verify_safetensors(state)
+        except DamagedFile as err:
+            raise RunFolderError(f"{state} is damaged: {err}") from None
+        if sealed and recorded.get(pid) != digest:
+            raise RunFolderError(f"{state} is not the client state the checkpoint recorded "
+                                 "(it changed since)")
+    if sealed:
+        return []
+    return [f"{checkpoint} was saved by an older reefl, without digests: checked for "
+            "truncation, its config and its client states' presence only"]
 
 
 def holds_run_files(path: Path) -> bool:
