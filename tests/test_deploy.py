@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from reefl.cli import build_parser
-from reefl.launch.certificates import make_node_keys, make_tls_certificates
+from reefl.launch.certificates import NodeKeys, make_node_keys, make_tls_certificates
 from reefl.launch.deployment import CONNECTION, LocalDeployment, parse_tiers, prepare_deploy_run
 from reefl.launch.errors import RunConfigError
 from reefl.launch.superlink import SuperLink, SuperNode, write_flower_config
@@ -217,3 +217,103 @@ def test_reefl_deploy_writes_flower_log_and_prints_the_table(
     assert "reefl · seed 0 · 1 round · 2 s of training" in out
     log = (tmp_path / "d" / "flower.log").read_text()
     assert log == "INFO :      Starting Flower ServerApp\n"
+
+
+# -- a stranger on another host ---------------------------------------------------------------
+
+
+@pytest.fixture
+def stranger_namespace():  # noqa: ANN201 - yields (namespace, host-side address)
+    """A network namespace joined to this host by a veth pair: 10.231.<n>.1 here, .2 there.
+    Processes run in it with ``ip netns exec`` are another host as far as the network goes:
+    they reach only this host's veth address (not its loopback interface)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 (ip netns)")
+    n = os.getpid() % 250
+    name, here, there = f"reefl-stranger-{n}", f"rflh{n}", f"rfls{n}"
+
+    def ip(*args: str, check: bool = True) -> None:
+        subprocess.run(["ip", *args], check=check, capture_output=True)
+
+    ip("netns", "del", name, check=False)
+    ip("link", "del", here, check=False)
+    try:
+        ip("netns", "add", name)
+        ip("link", "add", here, "type", "veth", "peer", "name", there)
+        ip("link", "set", there, "netns", name)
+        ip("addr", "add", f"10.231.{n}.1/30", "dev", here)
+        ip("link", "set", here, "up")
+        ip("netns", "exec", name, "ip", "addr", "add", f"10.231.{n}.2/30", "dev", there)
+        ip("netns", "exec", name, "ip", "link", "set", there, "up")
+        ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
+        yield name, f"10.231.{n}.1"
+    finally:
+        ip("link", "del", here, check=False)
+        ip("netns", "del", name, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_a_stranger_can_neither_register_a_key_nor_join(
+        tmp_path: Path, stranger_namespace: tuple[str, str]) -> None:
+    """From another host (a network namespace) that knows the Fleet address and holds the
+    public ca.crt: `flwr supernode register` fails, through the Fleet gateway and at the
+    SuperLink's port; a SuperNode with its own key cannot join; a SuperNode whose key the
+    operator registered joins from there (the Fleet API is reachable)."""
+    import subprocess
+
+    namespace, host = stranger_namespace
+    with LocalDeployment(0, tls=True, auth=True, workdir=tmp_path / "work",
+                         fleet_host=host) as deployment:
+        tls = deployment.superlink.tls
+        assert tls is not None and deployment.fleet_address.startswith(f"{host}:")
+        link_port = deployment.superlink.port
+        env = {**os.environ, "FLWR_HOME": str(tmp_path / "stranger-home")}
+
+        def stranger(*command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["ip", "netns", "exec", namespace, *command], env=env,
+                                  capture_output=True, text=True, timeout=timeout,
+                                  check=False)
+
+        own = make_node_keys(tmp_path / "stranger-keys", "own")
+        for address in (deployment.fleet_address, f"{host}:{link_port}"):
+            write_flower_config(tmp_path / "stranger-home", address, "there", tls.ca_cert)
+            result = stranger(deployment.superlink.exe("flwr"), "supernode", "register",
+                              str(own.public_key), "there", "--format", "json")
+            assert result.returncode != 0, (address, result.stdout)
+        assert deployment.superlink.list_nodes() == []  # nothing was registered
+
+        def supernode(keys: NodeKeys, port: int) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                ["ip", "netns", "exec", namespace, deployment.superlink.exe("flower-supernode"),
+                 "--superlink", deployment.fleet_address, "--root-certificates",
+                 str(tls.ca_cert), "--auth-supernode-private-key", str(keys.private_key),
+                 "--node-config", "partition-id=0", "--host", "127.0.0.1", "--port",
+                 str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True)
+
+        refused = supernode(own, 9201)
+        try:
+            out = refused.communicate(timeout=90)[0]
+        finally:
+            refused.kill()
+        assert refused.returncode != 0 and "Failed to activate SuperNode" in out
+
+        invited = make_node_keys(tmp_path / "stranger-keys", "invited")
+        node_id = deployment.superlink.register(invited)
+        joined = supernode(invited, 9202)
+        try:
+            deadline, out = time.monotonic() + 90, ""
+            assert joined.stdout is not None
+            while time.monotonic() < deadline and "SuperNode ID" not in out:
+                line = joined.stdout.readline()
+                if not line:
+                    break
+                out += line
+            assert f"SuperNode ID: {node_id}" in out, out
+        finally:
+            joined.terminate()
+            joined.wait(30)

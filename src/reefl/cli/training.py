@@ -67,6 +67,11 @@ def _add_deploy(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("--auth", action="store_true",
                         help="SuperNode authentication: a key pair per SuperNode, registered "
                              "with `flwr supernode register` (implies --tls)")
+    deploy.add_argument("--fleet-address", default="127.0.0.1", metavar="IP[:PORT]",
+                        help="where SuperNodes connect: the Fleet gateway, which serves only "
+                             "the Fleet API (default 127.0.0.1, a free port); the SuperLink "
+                             "itself, whose Control API registers keys and starts runs, "
+                             "listens on this host's loopback only")
     deploy.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                         help="keep FLWR_HOME, certificates, keys and every process's log in "
                              "DIR (default: a temporary folder, removed afterwards)")
@@ -201,7 +206,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return _launched(lambda: deploy(
         args.run_config, args.nodes, parse_tiers(args.tiers, args.nodes),
         tls=args.tls or args.auth, auth=args.auth, app_dir=args.app, workdir=args.workdir,
-        resume=args.resume, quiet=args.quiet, view=_view(args)),
+        resume=args.resume, quiet=args.quiet, view=_view(args),
+        fleet_address=args.fleet_address),
         workdir_hint=args.workdir is None)
 
 

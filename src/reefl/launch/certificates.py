@@ -42,9 +42,11 @@ def _write_private(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def make_tls_certificates(directory: Path, days: int = 30) -> TlsFiles:
+def make_tls_certificates(directory: Path, days: int = 30, hosts: tuple[str, ...] = ()
+                          ) -> TlsFiles:
     """A new CA (``ca.crt``) and a server certificate (``server.pem``, key ``server.key``)
-    signed by it, valid for CERT_NAMES for ``days`` days. For one machine's own use."""
+    signed by it, valid for CERT_NAMES and ``hosts`` (the addresses SuperNodes connect to:
+    IP addresses or DNS names) for ``days`` days."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -72,8 +74,7 @@ def make_tls_certificates(directory: Path, days: int = 30) -> TlsFiles:
                                        key_agreement=False, key_cert_sign=True, crl_sign=True,
                                        encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    names = [x509.DNSName("localhost"), *(x509.IPAddress(ipaddress.ip_address(ip))
-                                          for ip in CERT_NAMES[1:])]
+    names = [_san(name) for name in dict.fromkeys([*CERT_NAMES, *hosts])]
     server = (certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]),
                           server_key)
               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -94,6 +95,16 @@ def make_tls_certificates(directory: Path, days: int = 30) -> TlsFiles:
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption()))
     return files
+
+
+def _san(name: str):  # noqa: ANN202 - a cryptography GeneralName
+    """``name`` as a subject alternative name: an IP address, else a DNS name."""
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def make_node_keys(directory: Path, name: str) -> NodeKeys:

@@ -98,7 +98,8 @@ class LocalDeployment:
 
     def __init__(self, num_nodes: int, *, tls: bool = False, auth: bool = False,
                  tiers: Sequence[int] | None = None, app_dir: Path | str | None = None,
-                 workdir: Path | None = None) -> None:
+                 workdir: Path | None = None, fleet_host: str = "127.0.0.1",
+                 fleet_port: int = 0) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it without)")
         if tiers is not None and len(tiers) != num_nodes:
@@ -107,6 +108,7 @@ class LocalDeployment:
         self.tls, self.auth = tls, auth
         self.tiers = list(tiers) if tiers is not None else None
         self.app_dir = app_dir
+        self.fleet_host, self.fleet_port = fleet_host, fleet_port
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="reefl-deploy-")
         self.workdir = (workdir or Path(self._tmp.name)).resolve()
         flwr_home = self.workdir / "flwr-home"
@@ -135,9 +137,11 @@ class LocalDeployment:
         authentication is on); returns once all of them joined."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.tls:
-            self.superlink.tls = make_tls_certificates(self.workdir / "certificates")
+            self.superlink.tls = make_tls_certificates(self.workdir / "certificates",
+                                                       hosts=(self.fleet_host,))
             self.superlink.auth = self.auth
         self.superlink.start()
+        self.superlink.start_gateway(self.fleet_host, self.fleet_port)
         for partition in range(self.num_nodes):
             self.add_supernode(partition, self.tiers[partition] if self.tiers else None,
                                wait=False)
@@ -153,8 +157,14 @@ class LocalDeployment:
 
     @property
     def address(self) -> str:
-        """The SuperLink's address (Fleet, Control and Runtime API share one port)."""
+        """The SuperLink's loopback address (Fleet, Control and Runtime API share one port):
+        the operator's ``flwr`` commands go there."""
         return self.superlink.address
+
+    @property
+    def fleet_address(self) -> str:
+        """Where SuperNodes connect: the Fleet gateway, which serves the Fleet API only."""
+        return self.superlink.fleet_address
 
     # -- SuperNodes
 
@@ -263,6 +273,28 @@ class LocalDeployment:
         return self.submit(self.prepare(overrides), echo).wait()
 
 
+def parse_fleet_address(text: str) -> tuple[str, int]:
+    """``--fleet-address HOST[:PORT]`` (IPv6 in brackets): the host SuperNodes connect to and
+    its port (0: a free one). RunConfigError if it is not an address."""
+    import ipaddress
+
+    host, port = text, "0"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or "0"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+        if not 0 <= number < 65536:
+            raise ValueError(port)
+    except ValueError:
+        raise RunConfigError(f"--fleet-address must be IP[:PORT] of this host (e.g. "
+                             f"192.168.1.10:9092); got '{text}'") from None
+    return host, number
+
+
 def parse_tiers(text: str | None, num_nodes: int) -> list[int] | None:
     """``--tiers 0,1,2``: one tier per SuperNode (partition order); None if not given."""
     if not text:
@@ -279,6 +311,7 @@ def parse_tiers(text: str | None, num_nodes: int) -> list[int] | None:
 def deploy(overrides: Sequence[str], num_nodes: int, tiers: Sequence[int] | None = None, *,
            tls: bool = False, auth: bool = False, app_dir: Path | str | None = None,
            workdir: Path | None = None, resume: Path | str | None = None,
+           fleet_address: str = "127.0.0.1",
            quiet: bool = False, view: LogView | None = None) -> Path:
     """``reefl deploy``: the run on a LocalDeployment of ``num_nodes`` SuperNodes; the run
     folder. As ``reefl run``: Flower's log goes to flower.log in the run folder, the terminal
@@ -297,9 +330,12 @@ def deploy(overrides: Sequence[str], num_nodes: int, tiers: Sequence[int] | None
         say(f"run {prepared.run_dir} has already finished", quiet)
         print_final(prepared)
         return prepared.run_dir
+    host, port = parse_fleet_address(fleet_address)
     with LocalDeployment(num_nodes, tls=tls or auth, auth=auth, tiers=tiers, app_dir=app_dir,
-                         workdir=workdir) as deployment:
-        say(f"SuperLink {deployment.address} ({'TLS' if tls or auth else 'insecure'}"
+                         workdir=workdir, fleet_host=host, fleet_port=port) as deployment:
+        say(f"SuperLink {deployment.address} (Control API, this host only); SuperNodes "
+            f"connect to the Fleet gateway {deployment.fleet_address} "
+            f"({'TLS' if tls or auth else 'insecure'}"
             f"{', SuperNode authentication' if auth else ''}); SuperNodes "
             + ", ".join(f"{n.node_config} (node {n.node_id})" for n in deployment.supernodes),
             quiet)

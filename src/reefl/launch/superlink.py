@@ -14,6 +14,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ class SuperLink:
         self.tls, self.auth = tls, auth
         self.port = 0
         self.process: TrackedProcess | None = None
+        self.fleet_address = ""  # where SuperNodes connect: the gateway (start_gateway)
 
     @property
     def address(self) -> str:
@@ -91,7 +93,7 @@ class SuperLink:
         return found
 
     def command(self) -> list[str]:
-        """``flower-superlink`` on our port with apps run in the user's environment; a
+        """``flower-superlink`` on our loopback port with apps run in the user's environment; a
         simulation's with ``--simulation``, a deployment's with its TLS files (or
         ``--insecure``) and ``--enable-supernode-auth``."""
         command = [self.exe("flower-superlink"), "--host", HOST, "--port", str(self.port),
@@ -121,8 +123,29 @@ class SuperLink:
         raise SuperLinkError(f"flower-superlink did not start: "
                              f"{self.process.log_tail(1) or 'no output'}")
 
-    def _wait_healthy(self, process: TrackedProcess) -> bool:
-        """Whether the SuperLink answers ``/health`` within START_TIMEOUT."""
+    def start_gateway(self, host: str, port: int = 0) -> str:
+        """Start the Fleet gateway (``launch.gateway``) on ``host:port`` (a free port if 0),
+        in front of this SuperLink; SuperNodes connect there. Its address."""
+        for _ in range(3 if port == 0 else 1):
+            listen = f"{host}:{port or free_port(host)}"
+            shown = f"[{host}]:{listen.rsplit(':', 1)[1]}" if ":" in host else listen
+            command = [sys.executable, "-m", "reefl.launch.gateway", shown,
+                       f"{'https' if self.tls else 'http'}://{self.address}"]
+            if self.tls:
+                command += ["--certfile", str(self.tls.server_cert), "--keyfile",
+                            str(self.tls.server_key), "--cafile", str(self.tls.ca_cert)]
+            process = self.group.spawn("fleet-gateway", command,
+                                       self.log_dir / "fleet-gateway.log")
+            if self._wait_healthy(process, shown):
+                self.fleet_address = shown
+                return shown
+            process.stop()
+        raise SuperLinkError(f"the Fleet gateway did not start on {host}: "
+                             f"{process.log_tail(1) or 'no output'}")
+
+    def _wait_healthy(self, process: TrackedProcess, address: str | None = None) -> bool:
+        """Whether ``address`` (default: the SuperLink's) answers ``/health`` within
+        START_TIMEOUT while ``process`` runs."""
         import httpx
 
         scheme = "https" if self.tls else "http"
@@ -131,8 +154,8 @@ class SuperLink:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and process.running():
             with contextlib.suppress(httpx.HTTPError):
-                response = httpx.get(f"{scheme}://{self.address}/health", verify=verify,
-                                     timeout=1.0)
+                response = httpx.get(f"{scheme}://{address or self.address}/health",
+                                     verify=verify, timeout=1.0)
                 if response.is_success:
                     return True
             time.sleep(0.1)
@@ -198,7 +221,8 @@ class SuperNode:
         """``flower-supernode`` for this partition: the SuperLink's address, TLS trust (or
         ``--insecure``), the private key with authentication, its node config and its own
         Runtime API port."""
-        command = [superlink.exe("flower-supernode"), "--superlink", superlink.address,
+        command = [superlink.exe("flower-supernode"), "--superlink",
+                   superlink.fleet_address or superlink.address,
                    "--node-config", self.node_config, "--host", HOST, "--port", str(self.port)]
         if superlink.tls is None:
             command.append("--insecure")
