@@ -3,12 +3,14 @@ the failure report, the Ray session's place; and one real run (slow) that shows 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -331,12 +333,47 @@ def test_ray_temp_root_is_where_ray_goes(monkeypatch: pytest.MonkeyPatch,
 
 def test_the_ray_session_goes_into_the_private_flower_home(tmp_path: Path) -> None:
     home = Path("/tmp/reefl-flwr-abcdefgh")  # as tempfile names it (nothing is made)
-    assert simulation.ray_env(home) == {"RAY_TMPDIR": str(home)}
+    assert simulation.ray_env(home)["RAY_TMPDIR"] == str(home)
     # where Ray's socket paths would not fit, Ray keeps its own place
-    assert simulation.ray_env(Path("/" + "x" * 40)) == {}
+    assert simulation.ray_env(Path("/" + "x" * 40)) == simulation.RAY_LOOPBACK
 
 
 # -- one real run -------------------------------------------------------------------------------
+
+
+def _is_loopback(ip: str) -> bool:
+    """Whether ``ip`` (as psutil shows a listening address) is a loopback address, the IPv4
+    one mapped into IPv6 included."""
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def _listening_sockets(groups: list[processes.ProcessGroup]
+                       ) -> tuple[set[tuple[str, str]], threading.Event]:
+    """(process name, address) of every socket a process of ``groups`` listens on, sampled
+    twice a second in a thread until the returned event is cleared."""
+    import psutil
+
+    seen: set[tuple[str, str]] = set()
+    running = threading.Event()
+    running.set()
+
+    def sample() -> None:
+        while running.is_set():
+            for group in list(groups):
+                for tracked in list(group.processes):
+                    for process in tracked.alive():
+                        with contextlib.suppress(psutil.Error):
+                            for c in process.net_connections(kind="inet"):
+                                if c.status == psutil.CONN_LISTEN:
+                                    seen.add((process.name(), c.laddr.ip))
+            time.sleep(0.5)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return seen, running
 
 
 def _mode_problems(folder: Path, umask: int) -> list[str]:
@@ -357,7 +394,9 @@ def test_a_real_run_shows_progress_and_leaves_nothing_behind(
     """`reefl run` as a person starts it (not on a terminal: plain progress lines): the
     rounds on stderr, the table on stdout, Flower's log in flower.log only, the Ray session
     made in the private FLWR_HOME and gone with it, run folder and cache files with the
-    modes of the umask (027 here: 0640 files, 0750 folders)."""
+    modes of the umask (027 here: 0640 files, 0750 folders), and every port that any process
+    of the run listened on (SuperLink, simulation, Ray's servers, ClientApps) on the
+    loopback interface only."""
     from test_end_to_end import TINY_RUN
 
     # short, as Ray's socket paths go below it (tmp_path is too long: ray_env)
@@ -373,12 +412,22 @@ def test_a_real_run_shows_progress_and_leaves_nothing_behind(
         stop(self)
 
     monkeypatch.setattr(processes.ProcessGroup, "stop", recording_stop)
+    groups: list[processes.ProcessGroup] = []
+    spawn = processes.ProcessGroup.spawn
+
+    def recording_spawn(self: processes.ProcessGroup, *args: Any, **kwargs: Any) -> Any:
+        groups.append(self)
+        return spawn(self, *args, **kwargs)
+
+    monkeypatch.setattr(processes.ProcessGroup, "spawn", recording_spawn)
+    listening, running = _listening_sockets(groups)
     previous = os.umask(0o027)
     try:
         code = cli.main(["run", "-c", f'{TINY_RUN} output-dir="{tmp_path / "out"}" '
                                       'run-name="r"'])
     finally:
         os.umask(previous)
+        running.clear()
         left = list(ray_root.iterdir())
         shutil.rmtree(ray_root)
     captured = capsys.readouterr()
@@ -394,6 +443,9 @@ def test_a_real_run_shows_progress_and_leaves_nothing_behind(
     assert "reefl: round 2/2 | " in log and "\x1b[" not in log
     assert json.loads((run_dir / "final.json").read_text())["rounds"] == 2
 
+    names = {name for name, _ in listening}
+    assert {"gcs_server", "raylet"} <= names and any("ClientAppActor" in n for n in names)
+    assert [(name, ip) for name, ip in listening if not _is_loopback(ip)] == []
     assert sessions, "Ray made no session in the private FLWR_HOME"
     assert left == []  # the private FLWR_HOME, and Ray's session in it, are gone
     assert _mode_problems(run_dir, 0o027) == []

@@ -75,15 +75,24 @@ def private_home_parent() -> Path | None:
     return root if os.access(root, os.W_OK | os.X_OK) else None
 
 
+# Ray (2.55) gives its one-node "cluster" the machine's LAN address, and its GCS server,
+# raylets, workers (the ClientApps) and agents listen on every interface; Ray has no
+# authentication. With "cluster" support off (the switch Ray keeps for Windows and macOS,
+# ray_constants.ENABLE_RAY_CLUSTER, read on every platform) the node's address is the
+# loopback one and every server binds to it (measured: no other listening socket).
+RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def ray_env(flwr_home: Path) -> dict[str, str]:
-    """``RAY_TMPDIR`` = ``flwr_home`` for the Flower processes of a run: the Ray session that
-    the simulation starts (its ``ray/session_*`` folder, ~0.7 MB, which Ray leaves behind)
-    is then made in the run's private FLWR_HOME and removed with it, and no other session
-    (another user's, another run's) is touched. Nothing (Ray's default place) where Ray's
-    socket paths would get too long there."""
+    """Ray's environment for the Flower processes of a run: RAY_LOOPBACK, so that nothing of
+    the simulation listens beyond this host; and ``RAY_TMPDIR`` = ``flwr_home``, so that the
+    Ray session the simulation starts (its ``ray/session_*`` folder, ~0.7 MB, which Ray
+    leaves behind) is made in the run's private FLWR_HOME and removed with it, and no other
+    session (another user's, another run's) is touched; not where Ray's socket paths would
+    get too long there (Ray's default place then)."""
     if len(str(flwr_home)) + len(RAY_SOCKET_TAIL) > MAX_SOCKET_PATH:
-        return {}
-    return {"RAY_TMPDIR": str(flwr_home)}
+        return dict(RAY_LOOPBACK)
+    return {**RAY_LOOPBACK, "RAY_TMPDIR": str(flwr_home)}
 
 
 def flwr_run_command(
