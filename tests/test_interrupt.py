@@ -125,3 +125,38 @@ def test_sigint_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: P
     assert [r["round"] for r in rounds] == list(range(1, 11))  # none twice
     # no round was saved with clients missing because they were being stopped
     assert all(r["clients"]["used"] == [0, 1, 2] for r in rounds), [r["clients"] for r in rounds]
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_a_dead_server_app_is_noticed_at_once(tmp_path: Path) -> None:
+    """SIGKILL the ServerApp's process (flwr-simulation) once round 1 is saved: `reefl run`
+    says so within 10 s (flwr run alone waits a minute or more), with the resume command,
+    and leaves nothing running."""
+    run_dir = tmp_path / "runs" / "dead"
+    run = _reefl("run", "-q", "-c", f"{TINY} output-dir='{tmp_path / 'runs'}' run-name='dead'")
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / CHECKPOINT_NAME).is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (run_dir / CHECKPOINT_NAME).is_file(), "no round was saved"
+        family = psutil.Process(run.pid).children(recursive=True)
+        server_apps = [p for p in family if any(Path(arg).name == "flwr-simulation"
+                                                for arg in p.cmdline()[:2])]
+        assert len(server_apps) == 1
+        server_apps[0].kill()
+        killed = time.monotonic()
+        assert run.stdout is not None
+        err = ""
+        while "ServerApp's process ended" not in err and (line := run.stdout.readline()):
+            err += line  # stderr goes with stdout
+        noticed = time.monotonic() - killed
+        err += run.communicate(timeout=120)[0]
+    finally:
+        run.kill()
+        run.wait()
+    print(f"dead ServerApp noticed after {noticed:.1f} s")
+    assert run.returncode == 1 and noticed <= 10, (noticed, err)
+    assert "the ServerApp's process ended without finishing the run" in err
+    assert f"reefl run --resume {run_dir}" in err
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -36,9 +36,14 @@ class RunInterrupted(KeyboardInterrupt):
         self.run_dir = run_dir
 
     def hint(self) -> str:
-        if (self.run_dir / CHECKPOINT_FILE).is_file():
-            return f"continue it with `reefl run --resume {self.run_dir}`"
-        return f"no round was saved in {self.run_dir}, so it cannot be resumed"
+        return resume_hint(self.run_dir)
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How a stopped run goes on: the resume command, or why there is none."""
+    if (run_dir / CHECKPOINT_FILE).is_file():
+        return f"continue it with `reefl run --resume {run_dir}`"
+    return f"no round was saved in {run_dir}, so it cannot be resumed"
 
 
 def one_line(message: object) -> str:

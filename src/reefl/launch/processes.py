@@ -139,6 +139,11 @@ class TrackedProcess:
             for proc in family:
                 self._seen.setdefault(proc.pid, proc)
 
+    def known(self) -> list[psutil.Process]:
+        """The process and every descendant seen while it ran."""
+        with self._lock:
+            return list(self._seen.values())
+
     def alive(self) -> list[psutil.Process]:
         """The remembered processes that still run (zombies excluded)."""
         with self._lock:
@@ -221,6 +226,12 @@ class ProcessGroup:
         self.processes.append(process)
         self._watchdog.watch(process.pid)
         return process
+
+    def seen(self) -> list[psutil.Process]:
+        """Every process of the group seen so far (started ones and their descendants)."""
+        for process in list(self.processes):
+            process.refresh()
+        return [proc for process in self.processes for proc in process.known()]
 
     def _start_refresher(self) -> None:
         """Record every process tree twice a second, so that a grandchild whose parent

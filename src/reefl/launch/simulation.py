@@ -19,8 +19,10 @@ What it adds on top of ``flwr run <app-dir>``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,9 +30,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from reefl.launch.app_files import stage_app
-from reefl.launch.errors import RunConfigError, RunFailed, RunInterrupted, one_line
-from reefl.launch.processes import ProcessGroup, flower_bin_dir, flower_env
+from reefl.launch.errors import (
+    RunConfigError,
+    RunFailed,
+    RunInterrupted,
+    one_line,
+    resume_hint,
+)
+from reefl.launch.processes import ProcessGroup, TrackedProcess, flower_bin_dir, flower_env
 from reefl.launch.resources import federation_arg, federation_config
 from reefl.launch.run_config import (
     PreparedRun,
@@ -40,6 +50,7 @@ from reefl.launch.run_config import (
     prepare_run,
 )
 from reefl.launch.superlink import SuperLink
+from reefl.launch.watchdog import hosts_server_app, still_running
 from reefl.outputs.progress import FlowerLog, LogView, ProgressView
 from reefl.outputs.run_folder import FLOWER_LOG
 
@@ -177,8 +188,8 @@ def run_app(
     reason = run_failure(prepared, returncode, started)
     if reason is not None:
         _show_failure(log, superlink_log if returncode != 0 else "")
-        raise RunFailed(f"run failed ({reason}); run folder {run_dir}; Flower's log {log.path}",
-                        run_dir)
+        raise RunFailed(f"run failed ({reason}); Flower's log {log.path}; "
+                        f"{resume_hint(run_dir)}", run_dir)
     if table:
         print_final(prepared)
     say(f"run folder {run_dir} · {time.monotonic() - begun:.0f} s in all", quiet)
@@ -221,7 +232,12 @@ def _run_flower(prepared: PreparedRun, federation: dict[str, Any], log: FlowerLo
                 _write_run_config(home / "run-config.toml", prepared.overrides),
                 federation,
             )
-            returncode = group.spawn("flwr-run", command, None, echo=log).wait()
+            flwr_run = group.spawn("flwr-run", command, None, echo=log)
+            returncode = wait_for_flower(flwr_run, group, prepared.run_dir / "final.json")
+            if returncode == SERVER_APP_DIED:
+                log.view.stopping()
+                print("reefl: the ServerApp's process ended without finishing the run; "
+                      "stopping Flower processes...", file=sys.stderr, flush=True)
         except BaseException:
             log.view.stopping()
             log.view.note("stopping Flower processes...")
@@ -232,10 +248,40 @@ def _run_flower(prepared: PreparedRun, federation: dict[str, Any], log: FlowerLo
         return returncode, superlink.process.log_tail(40)
 
 
+SERVER_APP_DEAD_AFTER = 2.0  # seconds after the ServerApp ended without final.json
+FINISH_GRACE = 30.0  # seconds flwr run gets to end after the ServerApp finished the run
+SERVER_APP_DIED = -1  # what wait_for_flower returns when the ServerApp died mid-run
+
+
+def wait_for_flower(flwr_run: TrackedProcess, group: ProcessGroup, final: Path,
+                    poll: float = 0.5) -> int:
+    """``flwr run``'s exit code, or SERVER_APP_DIED within SERVER_APP_DEAD_AFTER seconds once
+    the ServerApp's process (``flwr-simulation``) has ended without writing ``final``:
+    ``flwr run`` itself only notices after a minute or more (it waits on the run's status),
+    and by then the user has long wondered. A ServerApp that finished gives flwr run
+    FINISH_GRACE seconds to stream the last lines and end (0 after that)."""
+    started = time.time()
+    server_apps: list[psutil.Process] = []
+    ended_at: float | None = None
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return flwr_run.wait(poll)
+        server_apps = server_apps or [p for p in group.seen() if hosts_server_app(p)]
+        if not server_apps or any(still_running(p) for p in server_apps):
+            continue
+        ended_at = ended_at or time.monotonic()
+        finished = final.is_file() and final.stat().st_mtime >= started - 1
+        waited = time.monotonic() - ended_at
+        if (not finished and waited >= SERVER_APP_DEAD_AFTER) or waited >= FINISH_GRACE:
+            return 0 if finished else SERVER_APP_DIED
+
+
 def run_failure(prepared: PreparedRun, returncode: int, started: float) -> str | None:
     """Why the run failed, or None. ``flwr run`` may exit 0 although the ServerApp failed,
     so success is also a final.json written after ``started`` (time.time()) whose
     ``config_digest``, once the ServerApp writes one, is that of the config sent."""
+    if returncode == SERVER_APP_DIED:
+        return "the ServerApp's process ended without finishing the run"
     if returncode != 0:
         return f"flwr run exited with {returncode}"
     path = prepared.run_dir / "final.json"
