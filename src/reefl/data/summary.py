@@ -30,11 +30,12 @@ def label_counts(data: FederatedData) -> np.ndarray:
                      for shard in data.client_indices])
 
 
-def data_warnings(data: FederatedData) -> list[str]:
+def data_warnings(data: FederatedData, sampled: bool = False) -> list[str]:
     """One line for each reason the data may not measure what a run reports: what reading
     it dropped, a global test set lacking classes or too small to rank methods
     (``MIN_TEST_EXAMPLES``, ``MIN_TEST_PER_CLASS``), natural ids left unused, and training
-    examples that no client, test or validation split holds. Empty when all is well."""
+    examples that no client, test or validation split holds (unless ``sampled``: the options
+    draw a sample of the pool on purpose, ``train-examples``). Empty when all is well."""
     lines = list(data.spec.notes)
     test_labels = np.asarray(data.test.labels)[np.asarray(data.test_indices, dtype=np.int64)]
     present, counts = np.unique(test_labels, return_counts=True)
@@ -60,13 +61,13 @@ def data_warnings(data: FederatedData) -> list[str]:
     if data.local_test is data.spec.train:
         held += list(data.client_test_indices)
     used = len(np.unique(np.concatenate([np.asarray(h, np.int64) for h in held])))
-    if used < len(data.train):
+    if used < len(data.train) and not sampled:
         lines.append(f"{len(data.train) - used} of the {len(data.train)} training examples "
                      "are in no client's data, no test and no validation split")
     return lines
 
 
-def partition_summary(data: FederatedData) -> dict[str, Any]:
+def partition_summary(data: FederatedData, sampled: bool = False) -> dict[str, Any]:
     """Clients, examples per client (min/median/max, train and local test), classes per
     client, and the global test set's size."""
     counts = label_counts(data)
@@ -84,7 +85,7 @@ def partition_summary(data: FederatedData) -> dict[str, Any]:
         "examples_per_client": spread(sizes), "local_test_per_client": spread(local),
         "classes_per_client": spread((counts > 0).sum(axis=1)),
         "input_shape": list(data.train.inputs.shape[1:]),
-        "warnings": data_warnings(data),
+        "warnings": data_warnings(data, sampled),
     }
 
 
@@ -152,6 +153,6 @@ def write_summary(options: DataOptions, output_dir: Path,
 
     data = build_federated_data(options)
     path = output or histogram_path(options, output_dir)
-    summary = partition_summary(data)
+    summary = partition_summary(data, sampled=options.train_examples > 0)
     plot_label_histogram(data, path)
     return (json.dumps(summary, indent=2) if as_json else format_summary(summary)), path

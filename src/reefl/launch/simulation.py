@@ -332,7 +332,7 @@ def _prepare_data(config: dict[str, Any], quiet: bool) -> None:
     say(f"data {cfg.dataset}: {data.spec.kind}, {data.num_classes} classes, "
          f"{len(sizes)} clients ({data.partitioner}; {sizes[0]}-{sizes[-1]} examples each), "
          f"{len(data.test_indices)} test examples ({time.monotonic() - started:.1f} s)", quiet)
-    for line in data_warnings(data):
+    for line in data_warnings(data, sampled=cfg.data_options.train_examples > 0):
         print(f"reefl: warning: {line}", file=sys.stderr, flush=True)
 
 
