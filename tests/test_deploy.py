@@ -179,6 +179,7 @@ class _FakeDeployment:
     writes the run's final.json, as a finished flwr run would."""
 
     address = "127.0.0.1:9093"
+    fleet_address = "127.0.0.1:9092"
     supernodes: list = []
 
     def __init__(self, *args: object, **kwargs: object) -> None:

@@ -339,7 +339,12 @@ def test_validation_runs_on_the_merged_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[dict] = []
-    monkeypatch.setattr(run_config, "_validate", seen.append)
+
+    def validate(merged: dict) -> tuple[str, str]:
+        seen.append(merged)
+        return "digest", "legacy digest"
+
+    monkeypatch.setattr(run_config, "_validate", validate)
     app = make_app(tmp_path / "reefl-app", method="reefl", package="reefl.federation")
     run_config.prepare_run(["seed=4"], app_dir=app, cwd=tmp_path)
     assert seen and seen[0]["seed"] == 4 and seen[0]["run-name"].startswith("reefl-s4-")

@@ -298,7 +298,8 @@ def test_a_failed_run_shows_the_end_of_flowers_log_and_where_it_is(
     assert code == 1 and log.read_text().count("\n") == 61
     error = captured.err.splitlines()[-1]
     assert error.startswith("reefl: error: run failed (flwr run exited with 1)")
-    assert error.endswith(f"; Flower's log {log}")
+    assert error.endswith(f"; Flower's log {log}; no round was saved in {log.parent}, so it "
+                          "cannot be resumed")
     assert "--- flower-superlink output (last lines) ---\nsuperlink said bye" in captured.err
     if verbose:  # the whole log was on stdout already
         assert "line 0" in captured.out and "line 0" not in captured.err
