@@ -234,7 +234,8 @@ def test_a_method_with_its_own_merge_is_refused_unless_it_declares_privacy() -> 
         private_aggregate = True
 
     cfg = RunConfig.from_flat({"method": "depthfl", "dp-clip-norm": 1.0})
-    with pytest.raises(ConfigError, match="^dp-clip-norm must be 0 for method depthfl: its server update"):
+    with pytest.raises(ConfigError,
+                       match="^dp-clip-norm must be 0 for method depthfl: its server update"):
         OwnMerge._check_all(cfg)
     PrivateMerge._check_all(cfg)
     for name in ("reefl", "depthfl", "inclusivefl", "scalefl", "exclusivefl"):
