@@ -219,6 +219,9 @@ class RunConfig:
     round_timeout: float = 3600.0
     roll_call_timeout: float = 60.0
     max_update_norm: float = 0.0
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
     personalised_epochs: int = 0
     stop_on_divergence: bool = False
     exit_standardise: bool = False
@@ -395,6 +398,14 @@ class RunConfig:
                  self.roll_call_timeout)
         _require("max-update-norm", self.max_update_norm >= 0,
                  "a number >= 0 (0 turns the bound off)", self.max_update_norm)
+        _require("dp-clip-norm", self.dp_clip_norm >= 0,
+                 "a number >= 0 (0 turns differential privacy off)", self.dp_clip_norm)
+        _require("dp-noise-multiplier", self.dp_noise_multiplier >= 0, "a number >= 0",
+                 self.dp_noise_multiplier)
+        _require("dp-noise-multiplier", self.dp_noise_multiplier == 0 or self.dp_clip_norm > 0,
+                 "0 while dp-clip-norm is 0 (noise without a clip bound protects nothing)",
+                 self.dp_noise_multiplier)
+        _require("dp-delta", 0 < self.dp_delta < 1, "a number in (0, 1)", self.dp_delta)
         _require("server-update", not (self.exit_standardise and self.server_update != "fedavg"),
                  "fedavg when exit-standardise is true (a server optimiser would step the exit "
                  "inputs' running statistics like weights)", self.server_update)

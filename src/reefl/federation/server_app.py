@@ -8,6 +8,7 @@ where an uninterrupted run ends."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,8 +36,15 @@ from reefl.federation.divergence import find_divergence
 from reefl.federation.inputs import run_data
 from reefl.federation.personalised import evaluate_personalised, log_summary
 from reefl.federation.replies import RoundRecord
-from reefl.federation.strategy import NO_NODE, ClientInfo, Roster, TieredStrategy
+from reefl.federation.strategy import (
+    NO_NODE,
+    ClientInfo,
+    Roster,
+    TieredStrategy,
+    sampling_rate,
+)
 from reefl.methods import build_method
+from reefl.methods.privacy import MISSING_ACCOUNTANT, accountant_available, epsilon_over_rounds
 from reefl.outputs.accounting import write_accounting
 from reefl.outputs.files import remove_orphans, sha256_file
 from reefl.outputs.run_folder import (
@@ -147,6 +155,8 @@ def run_server(grid: Grid, cfg: RunConfig,
     if not cfg.run_name:
         cfg = dataclasses.replace(cfg, run_name=default_run_name(cfg.method, cfg.seed))
     digest = config_digest(cfg)
+    if cfg.dp_clip_norm > 0 and not accountant_available():
+        raise RuntimeError(MISSING_ACCOUNTANT)
     data, pipeline, task = run_data(cfg)
     method = build_method(cfg, task)
     try:
@@ -204,6 +214,9 @@ def run_server(grid: Grid, cfg: RunConfig,
                 **strategy.last_train_metrics, "model_updated": new_state is not None,
                 **record.as_json(),
             }
+            if method.privacy.on:
+                line.update(_privacy_spent(cfg, records, sampling_rate(
+                    cfg, roster.tiers, method.takes_part)))
             if diverged is None:
                 diverged = find_divergence([*records, line], task.num_classes)
                 if diverged is not None:
@@ -250,6 +263,8 @@ def run_server(grid: Grid, cfg: RunConfig,
         "rounds_run": run.round,
         "wall_seconds": run.elapsed_before + time.monotonic() - started,
         "simulation_poll": poll, **personalised,
+        **({"dp_epsilon": records[-1]["dp_epsilon"] if records else 0.0,
+            "dp_delta": cfg.dp_delta} if method.privacy.on else {}),
         "timings": {**timings, "server_finished": time.time()},
     }
     folder.write_json("final.json", final)
@@ -257,6 +272,16 @@ def run_server(grid: Grid, cfg: RunConfig,
         final.get("mean_accuracy", float("nan")), final.get("ensemble_accuracy", float("nan")))
     log(INFO, "reefl: run folder %s", folder.path)
     return folder.path
+
+
+def _privacy_spent(cfg: RunConfig, records: list[dict[str, Any]], rate: float
+                   ) -> dict[str, Any]:
+    """This round's sampling rate q and the ε spent at ``dp-delta`` by every round so far
+    (``records``, a resumed run's included, and this one), docs/privacy.md; ε is null
+    (infinite: no guarantee) when ``dp-noise-multiplier`` is 0."""
+    rates = [r["dp_sampling_rate"] for r in records if "dp_sampling_rate" in r] + [rate]
+    spent = epsilon_over_rounds(cfg.dp_noise_multiplier, rates, cfg.dp_delta)
+    return {"dp_sampling_rate": rate, "dp_epsilon": spent if math.isfinite(spent) else None}
 
 
 def _add_totals(totals: dict[str, int], record: RoundRecord, updated: bool) -> None:

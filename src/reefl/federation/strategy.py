@@ -71,6 +71,18 @@ def round_participants(cfg: RunConfig, server_round: int, tiers: dict[int, int],
     return sample_clients(cfg, server_round, list(tiers), eligible)
 
 
+def sampling_rate(cfg: RunConfig, tiers: dict[int, int],
+                  takes_part: Callable[[int], bool]) -> float:
+    """Each eligible client's chance of being trained in a round (``round_participants``):
+    the round's quota over the clients whose tier ``takes_part``, at most 1; what the
+    privacy accountant takes as its sampling rate q (docs/privacy.md)."""
+    eligible = sum(1 for tier in tiers.values() if takes_part(tier))
+    if not eligible:
+        return 0.0
+    count = max(1, round(cfg.fraction_train * len(tiers)))
+    return min(count, eligible) / eligible
+
+
 def train_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
     """The training metrics of a client's reply (``train-*``), as floats."""
     return {k: float(v) for k, v in metrics.items() if k.startswith("train-")}
@@ -315,6 +327,8 @@ class TieredStrategy:
             if state:
                 self.client_store.put(pid, server_round, state)
         self.last_train_metrics = weighted_metrics(updates)
+        if self.method.privacy.on:  # the round's noise, seeded by (seed, round)
+            self.method.privacy.start_round(server_round)
         return self.method.aggregate(global_state, updates)
 
     def run_round(self, grid: Grid, server_round: int, global_state: dict[str, torch.Tensor],

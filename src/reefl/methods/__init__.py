@@ -12,7 +12,7 @@ import pkgutil
 from reefl.config import RunConfig, registered_methods
 from reefl.methods.base import ClientUpdate, Method, TaskSpec, TierModels
 
-_FRAMEWORK_MODULES = {"aggregate", "base", "losses"}
+_FRAMEWORK_MODULES = {"aggregate", "base", "losses", "privacy"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _FRAMEWORK_MODULES:
         importlib.import_module(f"{__name__}.{_module.name}")

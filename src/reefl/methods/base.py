@@ -30,8 +30,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from reefl.config import MethodSpec, RunConfig, Setting, register_method
+from reefl.config import ConfigError, MethodSpec, RunConfig, Setting, register_method
 from reefl.methods.aggregate import AdamHyperParams, FedAdam, slice_to, weighted_mean_per_key
+from reefl.methods.privacy import GaussianMechanism
 from reefl.models import EarlyExitModel, PerExitHeads, VisionTransformer
 from reefl.models.checkpoints import backbone_weights, fit_to
 from reefl.models.finetune import Regime, apply_regime
@@ -213,6 +214,12 @@ class Method(TierModels, ABC):
     server holds it, sends it with each training message and checkpoints it, so that it
     survives restarts of clients and of the run."""
 
+    private_aggregate: ClassVar[bool] = True
+    """Whether the server update clips and noises every aggregate it uses with
+    ``self.privacy`` when DP is on (docs/privacy.md): true of ``Method``'s own. A class that
+    overrides ``merge`` or ``aggregate`` must set it again (true once it does so), or it is
+    refused with ``dp-clip-norm`` > 0."""
+
     held_out_fraction: float = 0.0
     """Share of each client's training data split off (seeded, the same every round) and not
     trained on; when > 0, ``new_loss_state`` receives the CE on it (``held_out``)."""
@@ -226,7 +233,29 @@ class Method(TierModels, ABC):
     @classmethod
     def spec(cls) -> MethodSpec:
         """What ``reefl.config`` needs to validate and build this method."""
-        return MethodSpec(cls.name, cls.settings, cls.server_updates, cls.check_config, cls)
+        return MethodSpec(cls.name, cls.settings, cls.server_updates, cls._check_all, cls)
+
+    @classmethod
+    def _check_all(cls, cfg: RunConfig) -> None:
+        """The framework's rules for every method, then the method's ``check_config``."""
+        if cfg.dp_clip_norm > 0 and not cls._aggregates_privately():
+            raise ConfigError(
+                f"dp-clip-norm must be 0 for method {cfg.method}: its server "
+                "update (merge/aggregate) is its own and does not declare "
+                f"private_aggregate; got '{cfg.dp_clip_norm}'")
+        cls.check_config(cfg)
+
+    @classmethod
+    def _aggregates_privately(cls) -> bool:
+        """Whether no class from ``cls`` up to ``Method`` overrides ``merge`` or
+        ``aggregate`` before (below) one that declares ``private_aggregate`` (which vouches
+        for what it inherits)."""
+        for klass in cls.__mro__:
+            if "private_aggregate" in klass.__dict__ or klass is Method:
+                return bool(klass.__dict__["private_aggregate"])
+            if "merge" in klass.__dict__ or "aggregate" in klass.__dict__:
+                return False
+        return True
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -295,7 +324,11 @@ class Method(TierModels, ABC):
     def merge(self, global_state: dict[str, torch.Tensor],
               updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         """The replies merged into one state: per-parameter example-weighted mean over the
-        clients holding it (docs/method.md §4); a parameter nobody returned keeps its value."""
+        clients holding it (docs/method.md §4); a parameter nobody returned keeps its value.
+        With DP on (``dp-clip-norm`` > 0): the unweighted mean of the clipped updates plus
+        the seeded Gaussian noise (``privacy``, docs/privacy.md)."""
+        if self.privacy.on:
+            return self.privacy.mean(global_state, [u.state for u in updates])
         return weighted_mean_per_key(
             global_state, [(u.state, u.num_examples) for u in updates]
         )
@@ -305,7 +338,8 @@ class Method(TierModels, ABC):
         """The server update: ``merge``, then the ``server-update``: ``fedavg`` takes the
         merged state; ``fedadam`` takes one FedAdam step (``methods.aggregate.FedAdam``,
         moments per parameter, kept across rounds) along the pseudo-gradient merged − w of
-        every parameter some client returned."""
+        every parameter some client returned. With DP on, ``merge`` has noised the mean
+        already, so FedAdam's moments see only the noised aggregate."""
         merged = self.merge(global_state, updates)
         if self.cfg.server_update != "fedadam":
             return merged
@@ -327,6 +361,13 @@ class Method(TierModels, ABC):
                 if k.startswith("fedadam/")}
         if adam:
             self.fedadam.load_state_dict(adam)
+
+    @functools.cached_property
+    def privacy(self) -> GaussianMechanism:
+        """Clipping and noise of the server's aggregates (``dp-clip-norm``,
+        ``dp-noise-multiplier``, seeded by (``seed``, round): ``start_round``); off at 0."""
+        cfg = self.cfg
+        return GaussianMechanism(cfg.dp_clip_norm, cfg.dp_noise_multiplier, cfg.seed)
 
     @functools.cached_property
     def fedadam(self) -> FedAdam:

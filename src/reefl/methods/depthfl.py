@@ -39,7 +39,7 @@ from collections import Counter
 
 import torch
 
-from reefl.config import RunConfig, Setting
+from reefl.config import ConfigError, RunConfig, Setting
 from reefl.methods.aggregate import weighted_mean_per_key
 from reefl.methods.base import ClientUpdate, HeldOutCE, Method, TaskSpec
 from reefl.methods.losses import exit_cross_entropies, kd_weight, mutual_distillation
@@ -80,6 +80,18 @@ class DepthFL(Method):
     name = "depthfl"
     settings = (Setting("feddyn-alpha", 0.1, "a number > 0", lambda v: v > 0),)
     server_updates = ("fedavg", "fedadam", "feddyn")
+    private_aggregate = True  # FedAvg/FedAdam go through Method.merge; FedDyn is refused
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """FedDyn cannot be made private here (docs/privacy.md): the server keeps every
+        client's g_i, built from its raw updates, in the checkpoint, and h = mean g_i breaks
+        once updates are clipped and noised."""
+        if cfg.server_update == "feddyn" and cfg.dp_clip_norm > 0:
+            raise ConfigError(
+                "server-update must be fedavg or fedadam when dp-clip-norm > 0 (FedDyn keeps "
+                "each client's g_i, built from its raw updates, on the server and in the "
+                "checkpoint); got 'feddyn'")
 
     def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
         super().__init__(cfg, task)

@@ -25,7 +25,8 @@ mixes their updates (the frozen block weights never change).
 ``InclusiveFL.aggregate_fit``), ``aggregate``: the sampled tiers are processed shallowest
 first; for each tier t with clients,
 
-1. the example-weighted mean of its clients (``weighted_mean_per_key``), and its
+1. the example-weighted mean of its clients (``weighted_mean_per_key``; with DP on, the
+   unweighted mean of their clipped updates plus noise, docs/privacy.md), and its
    pseudo-gradients g_t = mean_t − w over every parameter the tier returned, shared or its
    own (w the global value, the tier's own copy for its top block and head);
 2. momentum distillation on its top block (t < K − 1 only; heads and shared blocks are left
@@ -161,6 +162,7 @@ class InclusiveFL(Method):
     and head apart, shares the rest, and distils deep tiers' top-block updates downwards."""
 
     name = "inclusivefl"
+    private_aggregate = True  # each tier's mean is clipped and noised before anything uses it
     settings = (Setting("inclusivefl-beta", 0.2, "a number in [0, 1]", lambda v: 0 <= v <= 1),)
 
     def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
@@ -267,7 +269,10 @@ class InclusiveFL(Method):
                     for u in clients]
         keys = list(dict.fromkeys(k for state, _ in renamed for k in state))
         weights = {k: global_state[k] for k in keys}
-        mean = weighted_mean_per_key(weights, renamed)
+        if self.privacy.on:  # the tier's noised mean: momentum and FedAdam see only it
+            mean = self.privacy.mean(weights, [state for state, _ in renamed])
+        else:
+            mean = weighted_mean_per_key(weights, renamed)
         deltas = {k: mean[k] - w for k, w in weights.items()}
         mixed = self._distil(tier, deltas)
         deltas.update(mixed)

@@ -123,6 +123,7 @@ class ScaleFL(Method):
     """Width- and depth-scaled tiers with per-exit heads, element-wise count-based averaging."""
 
     name = "scalefl"
+    private_aggregate = True  # merge noises per element when DP is on
     settings = (
         Setting("scalefl-widths", ""),
         Setting("scalefl-kd-weight", 0.05, "a number >= 0", lambda v: v >= 0),
@@ -182,5 +183,9 @@ class ScaleFL(Method):
     def merge(self, global_state: dict[str, torch.Tensor],
               updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         """Each element: the mean over the clients whose slice covers it, one count per
-        client (see the module docstring); uncovered elements keep their value."""
+        client (see the module docstring); uncovered elements keep their value. With DP
+        on, the mean of the clipped updates plus noise of std z·C/n per element, n the
+        clients covering it (``privacy``, docs/privacy.md)."""
+        if self.privacy.on:
+            return self.privacy.mean(global_state, [u.state for u in updates])
         return sliced_mean(global_state, [(u.state, 1.0) for u in updates])
