@@ -10,7 +10,6 @@ import io
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +20,8 @@ from PIL import Image
 from reefl.data import decode
 from reefl.data.hub import Columns
 from reefl.data.sources import SourceOptions, load_source
-from reefl.data.spec import DataError, DataSpec
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("REEFL_CACHE_DIR", str(root))
-    load_source.cache_clear()
-    yield root
-    load_source.cache_clear()
-
-
-def load(path: Path, img_size: int = 28, **columns: str) -> DataSpec:
-    return load_source(SourceOptions(str(path), Columns(**columns), img_size))
+from reefl.data.spec import DataError
+from test_sources import load, private_cache  # noqa: E402, F401 - the same cache fixture
 
 
 def save_grey(path: Path, value: int, size: int = 4) -> None:
